@@ -1,0 +1,16 @@
+//! The real-time contract: events, their validation, groups and routing.
+//!
+//! Pure: it imports nothing but serde, uuid and chrono, does no I/O and knows nothing of
+//! SignalR framing, sockets or Redis. Both the gateway and every publishing backend use it, so an
+//! event is judged by the same rules wherever it enters.
+
+mod event;
+mod group;
+mod validate;
+
+pub use event::{Event, EventKind, JobAssigned, RecommendationReady, Source};
+pub use group::{Group, GroupKind, InvalidGroup, MAX_GROUP_ID_LEN};
+pub use validate::{MAX_EVENT_BYTES, ValidationError};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+use super::*;
+
+const RECOMMENDATION: &str = r#"{"type":"RecommendationReady","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","region":"west","configVersion":1,"generatedAt":"2025-11-08T12:34:56Z"}"#;
+const ASSIGNMENT: &str = r#"{"type":"JobAssigned","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","contractorId":"11111111-2222-4333-8444-555555555555","assignmentId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","startUtc":"2025-11-08T15:00:00Z","endUtc":"2025-11-08T17:00:00Z","region":"west","source":"manual","auditId":"9e8d7c6b-5a49-4382-9170-fedcba987654"}"#;
+
+/// Replaces `"field":<old value>` in `json` by `"field":<value>` (value is raw JSON).
+fn with(json: &str, field: &str, value: &str) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v[field] = serde_json::from_str(value).unwrap();
+    v.to_string()
+}
+
+fn without(json: &str, field: &str) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v.as_object_mut().unwrap().remove(field);
+    v.to_string()
+}
+
+/// Reads `json` and compares the outcome with `expected` (`Ok` = the error message).
+fn check(json: &str, expected: Result<EventKind, &str>) {
+    let got = Event::from_json(json.as_bytes())
+        .map(|e| e.kind())
+        .map_err(|e| e.to_string());
+    assert_eq!(got, expected.map_err(str::to_owned), "for {json}");
+}
+
+#[test]
+fn both_contract_examples_are_accepted() {
+    check(RECOMMENDATION, Ok(EventKind::RecommendationReady));
+    check(ASSIGNMENT, Ok(EventKind::JobAssigned));
+    check(
+        &with(ASSIGNMENT, "source", r#""auto""#),
+        Ok(EventKind::JobAssigned),
+    );
+    check(
+        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08T12:34:56.123+00:00""#),
+        Ok(EventKind::RecommendationReady),
+    );
+}
+
+#[test]
+fn fields_a_newer_backend_adds_are_accepted() {
+    check(
+        &with(RECOMMENDATION, "schemaVersion", "2"),
+        Ok(EventKind::RecommendationReady),
+    );
+    check(
+        &with(ASSIGNMENT, "notes", r#"{"nested":[1,2]}"#),
+        Ok(EventKind::JobAssigned),
+    );
+}
+
+#[test]
+fn each_broken_rule_is_named() {
+    check(
+        &with(RECOMMENDATION, "jobId", r#""not-a-uuid""#),
+        Err("field `jobId`: UUID parsing failed: invalid character: found `n` at 0"),
+    );
+    check(
+        &without(ASSIGNMENT, "auditId"),
+        Err("field `auditId`: is required"),
+    );
+    check(
+        &with(ASSIGNMENT, "source", r#""robot""#),
+        Err("field `source`: unknown variant `robot`, expected `auto` or `manual`"),
+    );
+    check(
+        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08T12:34:56+02:00""#),
+        Err("field `generatedAt`: `2025-11-08T12:34:56+02:00` is not in UTC; use a `Z` suffix"),
+    );
+    check(
+        &with(RECOMMENDATION, "generatedAt", r#""yesterday""#),
+        Err("field `generatedAt`: `yesterday` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z"),
+    );
+    check(
+        &with(ASSIGNMENT, "endUtc", r#""2025-11-08T14:00:00Z""#),
+        Err("field `endUtc`: must be after startUtc"),
+    );
+    check(
+        &with(RECOMMENDATION, "region", r#""west/east""#),
+        Err("field `region`: may contain only letters, digits, '-', '_' and '.'"),
+    );
+    check(
+        &with(RECOMMENDATION, "configVersion", "-1"),
+        Err("field `configVersion`: invalid value: integer `-1`, expected u32"),
+    );
+}
+
+#[test]
+fn the_discriminator_is_required_and_closed() {
+    check(
+        &without(RECOMMENDATION, "type"),
+        Err("field `type` is missing; expected RecommendationReady or JobAssigned"),
+    );
+    check(
+        &with(RECOMMENDATION, "type", r#""JobCancelled""#),
+        Err("unknown event type `JobCancelled`; expected RecommendationReady or JobAssigned"),
+    );
+    check(
+        "[1,2]",
+        Err("event is not a JSON object: invalid type: sequence, expected a map"),
+    );
+}
+
+#[test]
+fn events_over_two_kilobytes_are_refused() {
+    let padded = with(RECOMMENDATION, "padding", &format!("\"{}\"", "x".repeat(2048)));
+    let got = Event::from_json(padded.as_bytes()).unwrap_err();
+    assert!(matches!(got, ValidationError::TooLarge { bytes } if bytes == padded.len()));
+}
+
+#[test]
+fn recommendations_route_to_the_dispatch_group_of_their_region() {
+    let event = Event::from_json(RECOMMENDATION.as_bytes()).unwrap();
+    let names: Vec<_> = event.groups().iter().map(|g| g.name().to_owned()).collect();
+    assert_eq!(names, ["/dispatch/west"]);
+}
+
+#[test]
+fn assignments_route_to_the_region_and_the_contractor() {
+    let event = Event::from_json(ASSIGNMENT.as_bytes()).unwrap();
+    let names: Vec<_> = event.groups().iter().map(|g| g.name().to_owned()).collect();
+    assert_eq!(
+        names,
+        [
+            "/dispatch/west",
+            "/contractor/11111111-2222-4333-8444-555555555555"
+        ]
+    );
+}
+
+#[test]
+fn typed_events_encode_to_what_the_contract_shows() {
+    let event = Event::from_json(ASSIGNMENT.as_bytes()).unwrap();
+    let json = event.to_json().unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&json).unwrap(),
+        serde_json::from_str::<serde_json::Value>(ASSIGNMENT).unwrap()
+    );
+    assert_eq!(Event::from_json(&json).unwrap(), event);
+}
+
+#[test]
+fn group_names_are_validated() {
+    fn check(name: &str, expected: Result<&str, InvalidGroup>) {
+        let got = Group::try_from_name(name);
+        assert_eq!(got.as_ref().map(Group::name).map_err(Clone::clone), expected, "for {name}");
+    }
+    check("/dispatch/west", Ok("/dispatch/west"));
+    check("/dispatch/north-east_2.a", Ok("/dispatch/north-east_2.a"));
+    check(
+        "/contractor/AAAAAAAA-2222-4333-8444-555555555555",
+        Ok("/contractor/aaaaaaaa-2222-4333-8444-555555555555"),
+    );
+    check("/contractor/c-42", Ok("/contractor/c-42"));
+    check("/dispatch/", Err(InvalidGroup::Empty));
+    check("/dispatch/{west}", Err(InvalidGroup::BadCharacter));
+    check("/dispatch/we st", Err(InvalidGroup::BadCharacter));
+    check(&format!("/dispatch/{}", "a".repeat(65)), Err(InvalidGroup::TooLong(65)));
+    check("/admin/x", Err(InvalidGroup::UnknownPrefix));
+}
+
+#[test]
+fn a_group_knows_its_kind_and_id() {
+    let group = Group::try_contractor("c-42").unwrap();
+    assert_eq!(group.kind(), GroupKind::Contractor);
+    assert_eq!(group.id(), "c-42");
+    assert_eq!(group.to_string(), "/contractor/c-42");
+}

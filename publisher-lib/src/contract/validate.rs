@@ -1,0 +1,130 @@
+//! The rules an event must satisfy beyond its shape, and the errors that name them.
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::event::EventKind;
+use super::group::Group;
+
+/// Largest accepted encoding of one event, in bytes: the contract keeps payloads under 2 KB.
+pub const MAX_EVENT_BYTES: usize = 2047;
+
+/// Why an event was refused. The message names the field and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// The encoded event is too large.
+    #[error("event is {bytes} bytes; the contract allows at most {MAX_EVENT_BYTES}")]
+    TooLarge {
+        /// Size of the encoding that was refused.
+        bytes: usize,
+    },
+    /// The body is not a JSON object.
+    #[error("event is not a JSON object: {0}")]
+    NotJson(String),
+    /// The `type` discriminator is absent.
+    #[error("field `type` is missing; expected RecommendationReady or JobAssigned")]
+    MissingType,
+    /// The `type` discriminator names no event of the contract.
+    #[error("unknown event type `{0}`; expected RecommendationReady or JobAssigned")]
+    UnknownType(String),
+    /// A field is missing, has the wrong type or breaks a rule.
+    #[error("field `{field}`: {reason}")]
+    Field {
+        /// The contract's field name (camelCase).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+pub(super) fn size(bytes: usize) -> Result<(), ValidationError> {
+    if bytes > MAX_EVENT_BYTES {
+        return Err(ValidationError::TooLarge { bytes });
+    }
+    Ok(())
+}
+
+/// Reads only the `type` discriminator.
+pub(super) fn kind(json: &[u8]) -> Result<EventKind, ValidationError> {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
+        .map_err(|e| ValidationError::NotJson(strip_position(&e.to_string())))?;
+    match object.get("type") {
+        None => Err(ValidationError::MissingType),
+        Some(serde_json::Value::String(name)) => {
+            EventKind::from_name(name).ok_or_else(|| ValidationError::UnknownType(name.clone()))
+        }
+        Some(other) => Err(ValidationError::UnknownType(other.to_string())),
+    }
+}
+
+/// Reads the fields of one event, reporting the path of the first bad field.
+pub(super) fn fields<T: DeserializeOwned>(json: &[u8]) -> Result<T, ValidationError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let reason = strip_position(&inner.to_string());
+        if field == "." {
+            // Serde names a missing field in its message: pull it out as the field.
+            if let Some(name) = reason
+                .strip_prefix("missing field `")
+                .and_then(|s| s.split('`').next())
+            {
+                return ValidationError::Field {
+                    field: name.to_owned(),
+                    reason: "is required".to_owned(),
+                };
+            }
+            return ValidationError::NotJson(reason);
+        }
+        ValidationError::Field { field, reason }
+    })
+}
+
+pub(super) fn region(region: &str) -> Result<(), ValidationError> {
+    Group::try_dispatch(region)
+        .map(drop)
+        .map_err(|e| ValidationError::Field {
+            field: "region".to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+pub(super) fn slot(start: DateTime<Utc>, end: DateTime<Utc>) -> Result<(), ValidationError> {
+    if end <= start {
+        return Err(ValidationError::Field {
+            field: "endUtc".to_owned(),
+            reason: "must be after startUtc".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Deserializes an RFC 3339 / ISO 8601 timestamp that must be in UTC (`Z` or `+00:00`).
+pub(super) fn utc_timestamp<'de, D>(deserializer: D) -> Result<DateTime<Utc>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    let parsed = DateTime::parse_from_rfc3339(&text).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z"
+        ))
+    })?;
+    if parsed.offset().local_minus_utc() != 0 {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}` is not in UTC; use a `Z` suffix"
+        )));
+    }
+    Ok(parsed.with_timezone(&Utc))
+}
+
+/// Serde appends " at line 1 column 42"; the field path says more to a caller.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
