@@ -1,1 +1,186 @@
-fn main() {}
+//! The `gateway` binary: parse the command line, set up logging and metrics, run until
+//! SIGTERM or SIGINT, drain, exit. Also `gateway token`, which mints development tokens.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use gateway::auth::dev::{self, TokenClaims};
+use gateway::config::{Cli, Command, Config, ConfigError, DevCredentials, TokenArgs, TokenRole};
+
+/// Exit code for a bad configuration (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token(args)) => token(&cli.config, &args),
+        None => serve(cli.config),
+    }
+}
+
+fn serve(mut config: Config) -> ExitCode {
+    let dev = config.dev.then(|| config.apply_dev_defaults());
+    if let Err(e) = config.validate() {
+        eprintln!("gateway: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = gateway::telemetry::init(&config.log) {
+        eprintln!("gateway: cannot set up logging: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, dev)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(config_error) = e.downcast_ref::<ConfigError>() {
+                eprintln!("gateway: {config_error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            tracing::error!(error = format!("{e:#}"), "gateway failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, dev: Option<DevCredentials>) -> anyhow::Result<()> {
+    let metrics = gateway::metrics::install()?;
+    let issuer = config.auth.jwt_issuer.clone();
+    let audience = config.auth.jwt_audience.clone();
+    let gateway = gateway::start(config, metrics).await?;
+    if let Some(dev) = dev {
+        print_dev_banner(&dev, &gateway, issuer, audience)?;
+    }
+    wait_for_signal().await?;
+    gateway.shutdown();
+    gateway.wait().await
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        result = tokio::signal::ctrl_c() => {
+            result?;
+            tracing::info!(signal = "SIGINT", "signal received");
+        }
+    }
+    Ok(())
+}
+
+/// Prints what a newcomer needs to try the gateway: tokens, the service key, and curl lines.
+#[allow(clippy::print_stdout)] // The banner is this mode's intended output.
+fn print_dev_banner(
+    dev: &DevCredentials,
+    gateway: &gateway::Gateway,
+    iss: Option<String>,
+    aud: Option<String>,
+) -> anyhow::Result<()> {
+    let secret = dev.jwt_secret.expose().as_bytes();
+    let exp = unix_now() + 12 * 3600;
+    let dispatcher = dev::mint(
+        secret,
+        &TokenClaims {
+            sub: "dev-dispatcher".to_owned(),
+            role: "dispatcher".to_owned(),
+            regions: vec!["west".to_owned(), "east".to_owned()],
+            contractor_id: None,
+            exp,
+            iss: iss.clone(),
+            aud: aud.clone(),
+        },
+    )?;
+    let contractor_id = "11111111-2222-4333-8444-555555555555";
+    let contractor = dev::mint(
+        secret,
+        &TokenClaims {
+            sub: "dev-contractor".to_owned(),
+            role: "contractor".to_owned(),
+            regions: Vec::new(),
+            contractor_id: Some(contractor_id.to_owned()),
+            exp,
+            iss,
+            aud,
+        },
+    )?;
+    let public = gateway.public_addr();
+    let admin = gateway.admin_addr();
+    let key = dev.service_key.expose();
+    println!(
+        r#"
+gateway is running in DEVELOPMENT mode (ephemeral secrets, any origin allowed)
+
+  hub:      ws://{public}/hub/v1        (SignalR JSON protocol)
+  publish:  http://{public}/api/v1/events
+  admin:    http://{admin}/readyz  /metrics
+
+  GATEWAY_JWT_SECRET={jwt}
+  service key:       {key}
+  dispatcher token (regions west, east), valid 12 h:
+    {dispatcher}
+  contractor token ({contractor_id}), valid 12 h:
+    {contractor}
+
+publish an event:
+  curl -i -X POST http://{public}/api/v1/events \
+    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
+    -d '{{"type":"RecommendationReady","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","region":"west","configVersion":1,"generatedAt":"2025-11-08T12:34:56Z"}}'
+"#,
+        jwt = dev.jwt_secret.expose(),
+    );
+    Ok(())
+}
+
+/// `gateway token`: prints one HS256 token signed with the configured secret.
+#[allow(clippy::print_stdout)] // The token is this command's output.
+fn token(config: &Config, args: &TokenArgs) -> ExitCode {
+    let Some(secret) = &config.auth.jwt_secret else {
+        eprintln!(
+            "gateway token: set GATEWAY_JWT_SECRET (or --jwt-secret) to the gateway's HS256 secret"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let (role, regions) = match args.role {
+        TokenRole::Dispatcher if args.regions.is_empty() => {
+            eprintln!("gateway token: a dispatcher needs at least one --region");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        TokenRole::Dispatcher => ("dispatcher", args.regions.clone()),
+        TokenRole::Contractor => ("contractor", Vec::new()),
+    };
+    let claims = TokenClaims {
+        sub: args.sub.clone(),
+        role: role.to_owned(),
+        regions,
+        contractor_id: args.contractor_id.clone(),
+        exp: unix_now() + args.ttl.as_secs(),
+        iss: config.auth.jwt_issuer.clone(),
+        aud: config.auth.jwt_audience.clone(),
+    };
+    match dev::mint(secret.expose().as_bytes(), &claims) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}

@@ -33,7 +33,11 @@ fn both_contract_examples_are_accepted() {
         Ok(EventKind::JobAssigned),
     );
     check(
-        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08T12:34:56.123+00:00""#),
+        &with(
+            RECOMMENDATION,
+            "generatedAt",
+            r#""2025-11-08T12:34:56.123+00:00""#,
+        ),
         Ok(EventKind::RecommendationReady),
     );
 }
@@ -65,12 +69,18 @@ fn each_broken_rule_is_named() {
         Err("field `source`: unknown variant `robot`, expected `auto` or `manual`"),
     );
     check(
-        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08T12:34:56+02:00""#),
+        &with(
+            RECOMMENDATION,
+            "generatedAt",
+            r#""2025-11-08T12:34:56+02:00""#,
+        ),
         Err("field `generatedAt`: `2025-11-08T12:34:56+02:00` is not in UTC; use a `Z` suffix"),
     );
     check(
         &with(RECOMMENDATION, "generatedAt", r#""yesterday""#),
-        Err("field `generatedAt`: `yesterday` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z"),
+        Err(
+            "field `generatedAt`: `yesterday` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z",
+        ),
     );
     check(
         &with(ASSIGNMENT, "endUtc", r#""2025-11-08T14:00:00Z""#),
@@ -104,7 +114,11 @@ fn the_discriminator_is_required_and_closed() {
 
 #[test]
 fn events_over_two_kilobytes_are_refused() {
-    let padded = with(RECOMMENDATION, "padding", &format!("\"{}\"", "x".repeat(2048)));
+    let padded = with(
+        RECOMMENDATION,
+        "padding",
+        &format!("\"{}\"", "x".repeat(2048)),
+    );
     let got = Event::from_json(padded.as_bytes()).unwrap_err();
     assert!(matches!(got, ValidationError::TooLarge { bytes } if bytes == padded.len()));
 }
@@ -144,7 +158,11 @@ fn typed_events_encode_to_what_the_contract_shows() {
 fn group_names_are_validated() {
     fn check(name: &str, expected: Result<&str, InvalidGroup>) {
         let got = Group::try_from_name(name);
-        assert_eq!(got.as_ref().map(Group::name).map_err(Clone::clone), expected, "for {name}");
+        assert_eq!(
+            got.as_ref().map(Group::name).map_err(Clone::clone),
+            expected,
+            "for {name}"
+        );
     }
     check("/dispatch/west", Ok("/dispatch/west"));
     check("/dispatch/north-east_2.a", Ok("/dispatch/north-east_2.a"));
@@ -156,7 +174,10 @@ fn group_names_are_validated() {
     check("/dispatch/", Err(InvalidGroup::Empty));
     check("/dispatch/{west}", Err(InvalidGroup::BadCharacter));
     check("/dispatch/we st", Err(InvalidGroup::BadCharacter));
-    check(&format!("/dispatch/{}", "a".repeat(65)), Err(InvalidGroup::TooLong(65)));
+    check(
+        &format!("/dispatch/{}", "a".repeat(65)),
+        Err(InvalidGroup::TooLong(65)),
+    );
     check("/admin/x", Err(InvalidGroup::UnknownPrefix));
 }
 

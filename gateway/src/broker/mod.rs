@@ -1,0 +1,185 @@
+//! How publications reach this replica.
+//!
+//! A [`Broker`] takes publications from the HTTP endpoint and delivers publications for the
+//! groups this replica has subscribed to, by calling [`Fanout::fan_out`]. Subscriptions are
+//! requested through a narrow [`Subscriptions`] handle, acknowledged once they are live. The
+//! broker knows nothing of connections, sockets or SignalR framing: it moves contract bytes.
+//!
+//! Today the broker is the in-process loopback ([`memory`]); the Redis broker is the second
+//! variant of the same enum.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use publisher_lib::contract::{EventKind, Group};
+use tokio::sync::{mpsc, oneshot};
+
+/// Capacity of the subscription-control channel between groups and the broker.
+pub const SUBSCRIPTION_QUEUE: usize = 1024;
+
+/// One event for one group, as the broker hands it to fan-out.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    /// The group it is addressed to.
+    pub group: Group,
+    /// Which event it is; the SignalR target.
+    pub kind: EventKind,
+    /// The event's JSON exactly as it entered the system.
+    pub payload: Bytes,
+    /// When it was published (wall clock, comparable across replicas).
+    pub published_at: SystemTime,
+}
+
+/// What the broker calls for each publication; implemented by the group registry.
+///
+/// It is synchronous on purpose: fan-out must never wait, so a slow client cannot stall the
+/// broker.
+pub trait Fanout: Send + Sync + 'static {
+    /// Delivers a publication to this replica's members of its group.
+    fn fan_out(&self, publication: &Publication);
+}
+
+/// Why the broker could not do something. Never surfaced to clients as-is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker is not connected.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker has stopped (shutdown).
+    #[error("broker stopped")]
+    Stopped,
+}
+
+/// The closed set of brokers.
+#[derive(Debug, Clone)]
+pub enum Broker {
+    /// In-process delivery: one replica, no Redis.
+    Memory(memory::MemoryBroker),
+}
+
+impl Broker {
+    /// Publishes an event's bytes to each of `groups`.
+    ///
+    /// # Errors
+    /// [`BrokerError`] when the broker cannot take it.
+    pub async fn publish(
+        &self,
+        kind: EventKind,
+        payload: Bytes,
+        groups: &[Group],
+    ) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(broker) => {
+                broker.publish(kind, payload, groups);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the broker can deliver right now (readiness).
+    pub fn is_healthy(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+        }
+    }
+
+    /// Low-cardinality name for logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Memory(_) => "memory",
+        }
+    }
+}
+
+/// The group registry's handle for asking the broker to (un)subscribe.
+#[derive(Debug, Clone)]
+pub struct Subscriptions {
+    tx: mpsc::Sender<SubscriptionRequest>,
+}
+
+/// The broker's end of the subscription-control channel.
+#[derive(Debug)]
+pub struct SubscriptionRequests {
+    rx: mpsc::Receiver<SubscriptionRequest>,
+}
+
+/// A request to start or stop receiving a group's publications.
+///
+/// `generation` orders requests for the same group: the registry gives each new local life of a
+/// group a higher number, and an unsubscribe for an older generation than the one subscribed is
+/// ignored, so a leave racing a re-join can never drop a wanted subscription.
+#[derive(Debug)]
+pub enum SubscriptionRequest {
+    /// Start; answer on `ack` once publications for the group will arrive.
+    Subscribe {
+        /// The group.
+        group: Group,
+        /// Its local life.
+        generation: u64,
+        /// Where to acknowledge.
+        ack: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    /// Stop, unless a newer generation subscribed meanwhile.
+    Unsubscribe {
+        /// The group.
+        group: Group,
+        /// The local life that ended.
+        generation: u64,
+    },
+}
+
+/// A bounded subscription-control channel.
+pub fn subscriptions(capacity: usize) -> (Subscriptions, SubscriptionRequests) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (Subscriptions { tx }, SubscriptionRequests { rx })
+}
+
+impl Subscriptions {
+    /// Subscribes and waits until the subscription is live.
+    ///
+    /// # Errors
+    /// [`BrokerError`] when the broker refuses or has stopped.
+    pub async fn subscribe(&self, group: Group, generation: u64) -> Result<(), BrokerError> {
+        let (ack, answer) = oneshot::channel();
+        self.tx
+            .send(SubscriptionRequest::Subscribe {
+                group,
+                generation,
+                ack,
+            })
+            .await
+            .map_err(|_| BrokerError::Stopped)?;
+        answer.await.map_err(|_| BrokerError::Stopped)?
+    }
+
+    /// Asks the broker to unsubscribe; does not wait for it.
+    pub async fn unsubscribe(&self, group: Group, generation: u64) {
+        // A stopped broker has no subscriptions left to drop.
+        let _ = self
+            .tx
+            .send(SubscriptionRequest::Unsubscribe { group, generation })
+            .await;
+    }
+}
+
+impl SubscriptionRequests {
+    /// The next request; `None` once every handle is gone.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub async fn recv(&mut self) -> Option<SubscriptionRequest> {
+        self.rx.recv().await
+    }
+}
+
+/// Starts the in-process broker, delivering to `fanout`.
+pub fn start_memory(
+    fanout: Arc<dyn Fanout>,
+    requests: SubscriptionRequests,
+    shutdown: &crate::shutdown::Shutdown,
+) -> Broker {
+    Broker::Memory(memory::MemoryBroker::start(fanout, requests, shutdown))
+}

@@ -1,0 +1,440 @@
+//! The configuration tree: flags and `GATEWAY_*` environment variables, defaults, validation.
+//!
+//! Pure: parses and checks, reads no files (key files are read by [`crate::start`]). Every
+//! problem is reported at once, so an operator fixes a bad deployment in one round.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::Algorithm;
+use crate::auth::dev;
+
+/// Default public listener (WebSocket hub, negotiate, HTTP publish).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Default admin listener (`/healthz`, `/readyz`, `/metrics`); loopback unless configured.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Default keep-alive interval; the official client's 30 s server timeout needs pings well within it.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Longest keep-alive interval accepted.
+pub const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Default time without any message after which a client is closed.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client has to complete the SignalR handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default time one socket write may take before the client counts as slow.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time shutdown waits for connections to close.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default largest message a client may send, in bytes (as ASP.NET Core).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 * 1024;
+/// Default number of frames queued per connection before it counts as slow.
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+/// Default number of groups one connection may be in.
+pub const DEFAULT_MAX_GROUPS_PER_CONNECTION: usize = 64;
+
+/// `gateway`: real-time fan-out over the SignalR protocol.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; without a subcommand the gateway runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings of the running gateway.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mint an HS256 user token (for development and tests; production tokens come from your identity provider).
+    Token(TokenArgs),
+}
+
+/// Arguments of `gateway token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Role of the user.
+    #[arg(long, value_enum)]
+    pub role: TokenRole,
+    /// Region a dispatcher may join (repeat for several).
+    #[arg(long = "region")]
+    pub regions: Vec<String>,
+    /// Contractor id (defaults to the subject).
+    #[arg(long)]
+    pub contractor_id: Option<String>,
+    /// Subject (user id).
+    #[arg(long, default_value = "dev-user")]
+    pub sub: String,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+}
+
+/// Roles `gateway token` can mint.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TokenRole {
+    /// May join the dispatch groups of its regions.
+    Dispatcher,
+    /// May join its own contractor group.
+    Contractor,
+}
+
+/// Everything the running gateway needs to know.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Development mode: mint an ephemeral secret and service key when none is given, allow any
+    /// origin, and print ready-to-use tokens. Never use in production.
+    #[arg(long, env = "GATEWAY_DEV")]
+    pub dev: bool,
+    /// Listeners.
+    #[command(flatten)]
+    pub listen: ListenConfig,
+    /// User tokens, service key and connection tokens.
+    #[command(flatten)]
+    pub auth: AuthConfig,
+    /// Which browser origins may connect.
+    #[command(flatten)]
+    pub cors: CorsConfig,
+    /// Sizes and counts.
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+    /// Keep-alive, timeouts and drain.
+    #[command(flatten)]
+    pub timeouts: TimeoutsConfig,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone, Args)]
+pub struct ListenConfig {
+    /// Address of the public listener: the hub at /hub/v1 and POST /api/v1/events.
+    #[arg(long = "listen", env = "GATEWAY_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub public: SocketAddr,
+    /// Address of the admin listener: /healthz, /readyz, /metrics.
+    #[arg(long = "admin-listen", env = "GATEWAY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin: SocketAddr,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Args)]
+pub struct AuthConfig {
+    /// Signature algorithm user tokens must use (pinned; anything else is refused): HS256, RS256 or ES256.
+    #[arg(long, env = "GATEWAY_JWT_ALGORITHM", default_value = "HS256")]
+    pub jwt_algorithm: Algorithm,
+    /// HS256 secret for user tokens (at least 32 bytes).
+    #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+    /// File holding the HS256 secret (trailing newline ignored).
+    #[arg(long, env = "GATEWAY_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256 or ES256 user tokens.
+    #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Service key backends present as `Authorization: Bearer` on POST /api/v1/events; without
+    /// one, HTTP publishing is disabled.
+    #[arg(long, env = "GATEWAY_SERVICE_KEY", hide_env_values = true)]
+    pub service_key: Option<Secret>,
+    /// File holding the service key (trailing newline ignored).
+    #[arg(long, env = "GATEWAY_SERVICE_KEY_FILE")]
+    pub service_key_file: Option<PathBuf>,
+    /// Key that signs negotiate's connection tokens. Give every replica the same one so a
+    /// client may negotiate with one replica and connect to another; random per process when unset.
+    #[arg(long, env = "GATEWAY_CONNECTION_TOKEN_SECRET", hide_env_values = true)]
+    pub connection_token_secret: Option<Secret>,
+}
+
+/// Origin checks for negotiate (CORS) and the WebSocket upgrade.
+#[derive(Debug, Clone, Args)]
+pub struct CorsConfig {
+    /// Browser origins allowed to negotiate and connect, comma-separated (e.g.
+    /// `https://app.example.com`); `*` allows any origin (development only).
+    #[arg(
+        long = "cors-origins",
+        env = "GATEWAY_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub origins: Vec<String>,
+    /// Accept WebSocket upgrades that carry no Origin header (non-browser clients such as
+    /// backends or Node; browsers always send one).
+    #[arg(long, env = "GATEWAY_ALLOW_MISSING_ORIGIN")]
+    pub allow_missing_origin: bool,
+}
+
+/// Sizes and counts.
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Largest message a client may send (bytes; `KiB`/`MiB` suffixes accepted).
+    #[arg(long = "max-message-size", env = "GATEWAY_MAX_MESSAGE_SIZE", default_value = "32KiB", value_parser = parse_bytes)]
+    pub max_message_bytes: usize,
+    /// Frames queued for one connection before it is closed as a slow consumer.
+    #[arg(long, env = "GATEWAY_OUTBOUND_QUEUE", default_value_t = DEFAULT_OUTBOUND_QUEUE)]
+    pub outbound_queue: usize,
+    /// Groups one connection may be in at once.
+    #[arg(long, env = "GATEWAY_MAX_GROUPS_PER_CONNECTION", default_value_t = DEFAULT_MAX_GROUPS_PER_CONNECTION)]
+    pub max_groups_per_connection: usize,
+}
+
+/// Keep-alive, timeouts and drain.
+#[derive(Debug, Clone, Args)]
+pub struct TimeoutsConfig {
+    /// Send a ping when nothing was sent for this long (at most 15s).
+    #[arg(long, env = "GATEWAY_KEEPALIVE_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+    /// Close a client from which nothing was received for this long.
+    #[arg(long, env = "GATEWAY_CLIENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub client_timeout: Duration,
+    /// Close a client that has not completed the SignalR handshake after this long.
+    #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Close a client as slow when one socket write takes longer than this.
+    #[arg(long, env = "GATEWAY_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+    /// On SIGTERM, how long to wait for connections to close before exiting.
+    #[arg(long, env = "GATEWAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct LogConfig {
+    /// Log format.
+    #[arg(
+        long = "log-format",
+        env = "GATEWAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub format: LogFormat,
+    /// Log filter in tracing's env-filter syntax (e.g. `info,gateway=debug`).
+    #[arg(long = "log", env = "GATEWAY_LOG", default_value = "info")]
+    pub filter: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A secret value whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// What `--dev` filled in, for the banner.
+#[derive(Debug, Clone)]
+pub struct DevCredentials {
+    /// The HS256 secret in force.
+    pub jwt_secret: Secret,
+    /// The service key in force.
+    pub service_key: Secret,
+}
+
+impl Config {
+    /// Parses a configuration from command-line words (the first is the program name).
+    /// Environment variables are read too, as in the binary.
+    ///
+    /// # Errors
+    /// clap's error when the words do not parse.
+    pub fn try_from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Cli::try_parse_from(args).map(|cli| cli.config)
+    }
+
+    /// Fills in what development mode promises: an ephemeral secret and service key when none
+    /// is configured, any origin, clients without an Origin header.
+    pub fn apply_dev_defaults(&mut self) -> DevCredentials {
+        let auth = &mut self.auth;
+        if auth.jwt_secret.is_none() && auth.jwt_secret_file.is_none() {
+            auth.jwt_secret = Some(Secret(dev::random_secret()));
+        }
+        if auth.service_key.is_none() && auth.service_key_file.is_none() {
+            auth.service_key = Some(Secret(dev::random_secret()));
+        }
+        if self.cors.origins.is_empty() {
+            self.cors.origins = vec!["*".to_owned()];
+        }
+        self.cors.allow_missing_origin = true;
+        DevCredentials {
+            jwt_secret: auth.jwt_secret.clone().unwrap_or(Secret(String::new())),
+            service_key: auth.service_key.clone().unwrap_or(Secret(String::new())),
+        }
+    }
+
+    /// Checks the configuration and reports every problem.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing each problem on its own line.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let auth = &self.auth;
+        match auth.jwt_algorithm {
+            Algorithm::Hs256 => match (&auth.jwt_secret, &auth.jwt_secret_file) {
+                (None, None) => problems.push(
+                    "HS256 needs --jwt-secret or --jwt-secret-file (or use --dev to try the gateway)"
+                        .to_owned(),
+                ),
+                (Some(_), Some(_)) => problems
+                    .push("give either --jwt-secret or --jwt-secret-file, not both".to_owned()),
+                (Some(secret), None) if secret.0.len() < crate::auth::token::MIN_SECRET_BYTES => {
+                    problems.push(format!(
+                        "--jwt-secret must be at least {} bytes",
+                        crate::auth::token::MIN_SECRET_BYTES
+                    ));
+                }
+                _ => {}
+            },
+            Algorithm::Rs256 | Algorithm::Es256 => {
+                if auth.jwt_public_key_file.is_none() {
+                    problems.push(format!(
+                        "{:?} needs --jwt-public-key-file with a PEM public key",
+                        auth.jwt_algorithm
+                    ));
+                }
+                if auth.jwt_secret.is_some() || auth.jwt_secret_file.is_some() {
+                    problems.push(format!(
+                        "--jwt-secret is for HS256; the pinned algorithm is {:?}",
+                        auth.jwt_algorithm
+                    ));
+                }
+            }
+        }
+        if auth.service_key.is_some() && auth.service_key_file.is_some() {
+            problems.push("give either --service-key or --service-key-file, not both".to_owned());
+        }
+        if let Some(key) = &auth.service_key
+            && key.0.len() < 16
+        {
+            problems.push("--service-key must be at least 16 characters".to_owned());
+        }
+        for origin in &self.cors.origins {
+            if origin != "*" && !valid_origin(origin) {
+                problems.push(format!(
+                    "--cors-origins: `{origin}` is not an origin like https://app.example.com"
+                ));
+            }
+        }
+        let t = &self.timeouts;
+        if t.keepalive_interval.is_zero() || t.keepalive_interval > MAX_KEEPALIVE_INTERVAL {
+            problems.push(format!(
+                "--keepalive-interval must be between 1ms and {}s: the official client gives up after 30s of silence",
+                MAX_KEEPALIVE_INTERVAL.as_secs()
+            ));
+        }
+        if t.client_timeout <= t.keepalive_interval {
+            problems.push("--client-timeout must be longer than --keepalive-interval".to_owned());
+        }
+        for (name, value) in [
+            ("--handshake-timeout", t.handshake_timeout),
+            ("--write-timeout", t.write_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{name} must be more than zero"));
+            }
+        }
+        let l = &self.limits;
+        if l.max_message_bytes < 1024 {
+            problems.push("--max-message-size must be at least 1KiB".to_owned());
+        }
+        if l.outbound_queue == 0 {
+            problems.push("--outbound-queue must be at least 1".to_owned());
+        }
+        if l.max_groups_per_connection == 0 {
+            problems.push("--max-groups-per-connection must be at least 1".to_owned());
+        }
+        if self.listen.public == self.listen.admin && self.listen.public.port() != 0 {
+            problems.push("--listen and --admin-listen must differ".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+}
+
+/// Parses a byte size: `32768`, `32KiB`, `1MiB` (also `KB`/`MB`, read as binary units).
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 32768, 32KiB or 1MiB"))?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("`{text}` is not a size like 32768, 32KiB or 1MiB")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains('/')
+        && !rest.contains(char::is_whitespace)
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

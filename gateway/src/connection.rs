@@ -1,0 +1,438 @@
+//! One task per WebSocket: handshake, then one `select!` loop over the socket, the outbound
+//! queue, the keep-alive timer and shutdown.
+//!
+//! The task owns everything about its connection (socket, queue, timers, the list of its
+//! groups), so there is no shared per-connection state. Frames are written in batches: whatever
+//! is queued when the socket is ready goes out in one flush. The loop is generic over the
+//! socket so its edge cases can be driven in memory.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{self, CloseFrame, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use publisher_lib::contract::Group;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+use crate::config::Config;
+use crate::groups::{ConnId, Groups};
+use crate::hub::{self, Outcome};
+use crate::metrics;
+use crate::outbound::{self, Frame, Inbox, Outbound};
+use crate::protocol::codec::{self, Message};
+use crate::protocol::handshake::{self, HandshakeError};
+use crate::protocol::{CloseReason, ProtocolError, RecordBuffer};
+
+/// Frames written per flush at most, so one busy connection cannot starve its own reads.
+const MAX_BATCH: usize = 64;
+/// How long the final Close message and close frame may take to write.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The per-connection settings, taken once from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Ping after this long without sending.
+    pub keepalive_interval: Duration,
+    /// Close after this long without receiving.
+    pub client_timeout: Duration,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for one batch of writes.
+    pub write_timeout: Duration,
+    /// Largest message accepted from the client.
+    pub max_message_bytes: usize,
+    /// Outbound queue capacity in frames.
+    pub outbound_queue: usize,
+    /// Groups one connection may be in.
+    pub max_groups: usize,
+}
+
+impl Settings {
+    /// The connection slice of the configuration.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            keepalive_interval: config.timeouts.keepalive_interval,
+            client_timeout: config.timeouts.client_timeout,
+            handshake_timeout: config.timeouts.handshake_timeout,
+            write_timeout: config.timeouts.write_timeout,
+            max_message_bytes: config.limits.max_message_bytes,
+            outbound_queue: config.limits.outbound_queue,
+            max_groups: config.limits.max_groups_per_connection,
+        }
+    }
+}
+
+/// Everything a connection task needs besides its socket.
+#[derive(Debug)]
+pub struct Connection {
+    /// Its id in the registry.
+    pub id: ConnId,
+    /// Who is connected.
+    pub principal: Principal,
+    /// The registry it joins groups in.
+    pub groups: Arc<Groups>,
+    /// Its settings.
+    pub settings: Arc<Settings>,
+    /// Cancelled when the gateway shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a write failed.
+enum WriteError {
+    /// The socket is gone.
+    Gone,
+    /// The client did not take the bytes in time.
+    TimedOut,
+}
+
+impl Connection {
+    /// Runs the connection to its end.
+    pub async fn serve<S>(self, mut socket: S)
+    where
+        S: Stream<Item = Result<ws::Message, axum::Error>>
+            + Sink<ws::Message, Error = axum::Error>
+            + Unpin,
+    {
+        metrics::connection_opened();
+        let (outbound, mut inbox) = outbound::channel(self.settings.outbound_queue);
+        let mut joined = Vec::new();
+        let reason = match self.handshake(&mut socket).await {
+            Ok(pending) => {
+                self.run(&mut socket, &outbound, &mut inbox, &mut joined, pending)
+                    .await
+            }
+            Err(reason) => reason,
+        };
+        for group in &joined {
+            self.groups.leave(self.id, group).await;
+        }
+        tracing::debug!(reason = reason.label(), "connection closed");
+        metrics::connection_closed(reason.label());
+        if reason != CloseReason::ClientClosed {
+            close(&mut socket, &reason).await;
+        }
+    }
+
+    /// Reads the handshake; returns records that followed it in the same message.
+    async fn handshake<S>(&self, socket: &mut S) -> Result<Vec<String>, CloseReason>
+    where
+        S: Stream<Item = Result<ws::Message, axum::Error>>
+            + Sink<ws::Message, Error = axum::Error>
+            + Unpin,
+    {
+        let deadline = Instant::now() + self.settings.handshake_timeout;
+        let mut buffer = RecordBuffer::new(self.settings.max_message_bytes);
+        let refuse = |error: HandshakeError| {
+            metrics::handshake_failed(error.label());
+            CloseReason::Handshake(error)
+        };
+        loop {
+            let message = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return Err(CloseReason::ServerShutdown),
+                message = timeout_at(deadline, socket.next()) => message,
+            };
+            let text = match message {
+                Err(_) => return Err(refuse(HandshakeError::Canceled)),
+                Ok(None | Some(Err(_)) | Some(Ok(ws::Message::Close(_)))) => {
+                    return Err(CloseReason::ClientClosed);
+                }
+                Ok(Some(Ok(ws::Message::Text(text)))) => text,
+                Ok(Some(Ok(ws::Message::Binary(_)))) => {
+                    return Err(refuse(HandshakeError::Malformed(
+                        "binary frames are not supported by the JSON hub protocol".to_owned(),
+                    )));
+                }
+                Ok(Some(Ok(_))) => continue,
+            };
+            let mut records = match buffer.feed(&text) {
+                Ok(records) => records.into_iter(),
+                Err(_) => return Err(refuse(HandshakeError::Canceled)),
+            };
+            let Some(request) = records.next() else {
+                continue;
+            };
+            if let Err(error) = handshake::accept(&request) {
+                return Err(refuse(error));
+            }
+            send(
+                socket,
+                handshake::ACCEPTED.into(),
+                self.settings.write_timeout,
+            )
+            .await
+            .map_err(|_| CloseReason::ClientClosed)?;
+            tracing::debug!("handshake completed");
+            return Ok(records.collect());
+        }
+    }
+
+    async fn run<S>(
+        &self,
+        socket: &mut S,
+        outbound: &Outbound,
+        inbox: &mut Inbox,
+        joined: &mut Vec<Group>,
+        pending: Vec<String>,
+    ) -> CloseReason
+    where
+        S: Stream<Item = Result<ws::Message, axum::Error>>
+            + Sink<ws::Message, Error = axum::Error>
+            + Unpin,
+    {
+        let settings = &self.settings;
+        let mut buffer = RecordBuffer::new(settings.max_message_bytes);
+        let mut last_sent = Instant::now();
+        let mut last_received = Instant::now();
+        let token_expires = token_deadline(self.principal.expires_at);
+        for record in pending {
+            if let Err(reason) = self.on_record(socket, &record, outbound, joined).await {
+                return reason;
+            }
+        }
+        let timer =
+            tokio::time::sleep_until(next_tick(last_sent, last_received, token_expires, settings));
+        tokio::pin!(timer);
+        let overflow = inbox.overflow_signal();
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return CloseReason::ServerShutdown,
+                () = overflow.wait() => return CloseReason::SlowConsumer,
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= token_expires {
+                        return CloseReason::TokenExpired;
+                    }
+                    if now >= last_received + settings.client_timeout {
+                        return CloseReason::ClientTimeout;
+                    }
+                    if now >= last_sent + settings.keepalive_interval {
+                        if let Err(e) = send(socket, codec::PING.into(), settings.write_timeout).await {
+                            return e.into();
+                        }
+                        last_sent = Instant::now();
+                    }
+                    timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings));
+                }
+                frame = inbox.recv() => {
+                    let Some(frame) = frame else {
+                        return CloseReason::ServerShutdown;
+                    };
+                    if let Err(e) = write_batch(socket, frame, inbox, settings.write_timeout).await {
+                        return e.into();
+                    }
+                    last_sent = Instant::now();
+                }
+                message = socket.next() => {
+                    last_received = Instant::now();
+                    let text = match message {
+                        None | Some(Ok(ws::Message::Close(_))) => return CloseReason::ClientClosed,
+                        Some(Err(e)) => return read_error(&e, settings.max_message_bytes),
+                        Some(Ok(ws::Message::Text(text))) => text,
+                        Some(Ok(ws::Message::Binary(_))) => {
+                            return CloseReason::Protocol(ProtocolError::Binary);
+                        }
+                        Some(Ok(_)) => continue,
+                    };
+                    let records = match buffer.feed(&text) {
+                        Ok(records) => records,
+                        Err(e) => return CloseReason::Protocol(e),
+                    };
+                    for record in records {
+                        if let Err(reason) = self.on_record(socket, &record, outbound, joined).await {
+                            return reason;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acts on one record from the client.
+    async fn on_record<S>(
+        &self,
+        socket: &mut S,
+        record: &str,
+        outbound: &Outbound,
+        joined: &mut Vec<Group>,
+    ) -> Result<(), CloseReason>
+    where
+        S: Sink<ws::Message, Error = axum::Error> + Unpin,
+    {
+        let invocation = match codec::decode(record) {
+            Ok(Message::Invocation(invocation)) => invocation,
+            Ok(Message::Ping | Message::Ignored(_)) => return Ok(()),
+            Ok(Message::Close) => return Err(CloseReason::ClientClosed),
+            Err(e) => return Err(CloseReason::Protocol(e)),
+        };
+        let action = hub::handle(&self.principal, &invocation);
+        let error = match action.outcome {
+            Outcome::Join(group) => self.join(group, outbound, joined).await.err(),
+            Outcome::Leave(group) => {
+                if let Some(at) = joined.iter().position(|g| *g == group) {
+                    joined.swap_remove(at);
+                    self.groups.leave(self.id, &group).await;
+                    tracing::debug!(%group, "left");
+                }
+                None
+            }
+            Outcome::Error(e) => {
+                metrics::join(e.label());
+                tracing::debug!(method = %invocation.target, reason = e.label(), "invocation refused");
+                Some(e.to_string())
+            }
+        };
+        let Some(id) = action.invocation_id else {
+            return Ok(());
+        };
+        let completion = codec::encode_completion(&id, error.as_deref());
+        send(socket, completion.into(), self.settings.write_timeout)
+            .await
+            .map_err(CloseReason::from)
+    }
+
+    async fn join(
+        &self,
+        group: Group,
+        outbound: &Outbound,
+        joined: &mut Vec<Group>,
+    ) -> Result<(), String> {
+        let already = joined.contains(&group);
+        if !already && joined.len() >= self.settings.max_groups {
+            metrics::join("too_many_groups");
+            return Err(format!(
+                "An unexpected error occurred invoking the join on the server. HubException: this connection is already in {} groups, the limit",
+                joined.len()
+            ));
+        }
+        match self.groups.join(self.id, &group, outbound).await {
+            Ok(()) => {
+                if !already {
+                    joined.push(group.clone());
+                }
+                metrics::join("joined");
+                tracing::debug!(%group, "joined");
+                Ok(())
+            }
+            Err(e) => {
+                metrics::join("broker_unavailable");
+                tracing::warn!(%group, error = %e, "join failed: broker unavailable");
+                Err(format!(
+                    "An unexpected error occurred invoking the join on the server. HubException: {e}; try again"
+                ))
+            }
+        }
+    }
+}
+
+impl From<WriteError> for CloseReason {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Gone => CloseReason::ClientClosed,
+            WriteError::TimedOut => CloseReason::SlowConsumer,
+        }
+    }
+}
+
+/// Writes one text message and flushes it.
+async fn send<S>(socket: &mut S, text: Utf8Bytes, limit: Duration) -> Result<(), WriteError>
+where
+    S: Sink<ws::Message, Error = axum::Error> + Unpin,
+{
+    match timeout(limit, socket.send(ws::Message::Text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteError::Gone),
+        Err(_) => Err(WriteError::TimedOut),
+    }
+}
+
+/// Writes `first` and whatever else is queued, then flushes once.
+async fn write_batch<S>(
+    socket: &mut S,
+    first: Frame,
+    inbox: &mut Inbox,
+    limit: Duration,
+) -> Result<(), WriteError>
+where
+    S: Sink<ws::Message, Error = axum::Error> + Unpin,
+{
+    let write = async {
+        socket.feed(text_of(&first)).await?;
+        for _ in 1..MAX_BATCH {
+            let Some(frame) = inbox.try_recv() else {
+                break;
+            };
+            socket.feed(text_of(&frame)).await?;
+        }
+        socket.flush().await
+    };
+    match timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteError::Gone),
+        Err(_) => Err(WriteError::TimedOut),
+    }
+}
+
+fn text_of(frame: &Frame) -> ws::Message {
+    // Frames are built from validated JSON and ASCII, so they are always UTF-8.
+    let text = Utf8Bytes::try_from(frame.bytes()).expect("event frames are built from UTF-8 JSON");
+    ws::Message::Text(text)
+}
+
+/// Sends the Close record and a close frame, best effort.
+async fn close<S>(socket: &mut S, reason: &CloseReason)
+where
+    S: Sink<ws::Message, Error = axum::Error> + Unpin,
+{
+    let record = match reason {
+        // Before the handshake completes the client reads a handshake response, not a Close.
+        CloseReason::Handshake(error) => error.reply(),
+        other => other.record(),
+    };
+    let frame = CloseFrame {
+        code: reason.ws_code(),
+        reason: Utf8Bytes::from(reason.label()),
+    };
+    let _ = timeout(CLOSE_WRITE_TIMEOUT, async {
+        socket.feed(ws::Message::Text(record.into())).await?;
+        socket.send(ws::Message::Close(Some(frame))).await
+    })
+    .await;
+}
+
+/// What a read error means: an oversized message, or a client that broke the connection.
+fn read_error(error: &axum::Error, limit: usize) -> CloseReason {
+    let text = error.to_string();
+    if text.contains("Space limit exceeded")
+        || text.contains("too long")
+        || text.contains("too big")
+    {
+        CloseReason::Protocol(ProtocolError::TooLarge { limit })
+    } else {
+        CloseReason::ClientClosed
+    }
+}
+
+/// The instant the token expires, or far in the future for a token without a usable expiry.
+fn token_deadline(expires_at: u64) -> Instant {
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let left = Duration::from_secs(expires_at.saturating_sub(now_unix));
+    Instant::now() + left.min(Duration::from_secs(365 * 24 * 3600))
+}
+
+/// When the timer must next look: the earliest of ping, client timeout and token expiry.
+fn next_tick(
+    last_sent: Instant,
+    last_received: Instant,
+    token_expires: Instant,
+    settings: &Settings,
+) -> Instant {
+    (last_sent + settings.keepalive_interval)
+        .min(last_received + settings.client_timeout)
+        .min(token_expires)
+}

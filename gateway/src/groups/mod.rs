@@ -1,0 +1,216 @@
+//! This replica's group memberships and fan-out.
+//!
+//! `Groups` maps each group to the outbound queues of local connections that joined it and
+//! tells the broker when a group gains its first member or loses its last. It knows nothing
+//! about sockets or Redis: publications arrive through [`Fanout`], and frames leave through
+//! [`Outbound`] queues without ever awaiting. A connection's own list of groups lives in its task,
+//! so closing a connection needs no second shared map.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
+use std::time::SystemTime;
+
+use publisher_lib::contract::Group;
+use tokio::sync::watch;
+
+use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
+use crate::metrics;
+use crate::outbound::{Frame, Outbound, Rejected};
+use crate::protocol::codec;
+
+/// Identifies a connection inside this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+/// The registry of local memberships.
+#[derive(Debug)]
+pub struct Groups {
+    groups: RwLock<HashMap<Group, Members>>,
+    subscriptions: Subscriptions,
+    next_conn: AtomicU64,
+    next_generation: AtomicU64,
+}
+
+/// The local members of one group, and whether its broker subscription is live.
+#[derive(Debug)]
+struct Members {
+    queues: HashMap<ConnId, Outbound>,
+    generation: u64,
+    subscription: watch::Sender<Subscription>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Subscription {
+    Pending,
+    Live,
+    Failed(BrokerError),
+}
+
+impl Groups {
+    /// An empty registry that asks `subscriptions` for broker subscriptions.
+    pub fn new(subscriptions: Subscriptions) -> Self {
+        Self {
+            groups: RwLock::new(HashMap::new()),
+            subscriptions,
+            next_conn: AtomicU64::new(1),
+            next_generation: AtomicU64::new(1),
+        }
+    }
+
+    /// A new connection id, unique in this process.
+    pub fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Adds `conn` to `group` and returns once the broker delivers the group's publications, so
+    /// an event published after a join completes is never missed. Joining twice is harmless.
+    ///
+    /// # Errors
+    /// [`BrokerError`] when the broker could not subscribe; the connection is then not a member.
+    pub async fn join(
+        &self,
+        conn: ConnId,
+        group: &Group,
+        outbound: &Outbound,
+    ) -> Result<(), BrokerError> {
+        let (first, generation, mut subscription) = {
+            let mut groups = self.write();
+            let active = groups.len();
+            match groups.entry(group.clone()) {
+                Entry::Occupied(mut entry) => {
+                    let members = entry.get_mut();
+                    members.queues.insert(conn, outbound.clone());
+                    (false, members.generation, members.subscription.subscribe())
+                }
+                Entry::Vacant(entry) => {
+                    let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+                    let (subscription, watcher) = watch::channel(Subscription::Pending);
+                    entry.insert(Members {
+                        queues: HashMap::from([(conn, outbound.clone())]),
+                        generation,
+                        subscription,
+                    });
+                    metrics::groups_active(active + 1);
+                    (true, generation, watcher)
+                }
+            }
+        };
+        let outcome = if first {
+            let outcome = self
+                .subscriptions
+                .subscribe(group.clone(), generation)
+                .await;
+            let state = match &outcome {
+                Ok(()) => Subscription::Live,
+                Err(e) => Subscription::Failed(e.clone()),
+            };
+            if let Some(members) = self.read().get(group)
+                && members.generation == generation
+            {
+                members.subscription.send_replace(state);
+            }
+            outcome
+        } else {
+            match subscription
+                .wait_for(|s| *s != Subscription::Pending)
+                .await
+                .map(|s| s.clone())
+            {
+                Ok(Subscription::Failed(e)) => Err(e),
+                Ok(_) => Ok(()),
+                // The group was dropped while pending: its subscription failed.
+                Err(_) => Err(BrokerError::Unavailable(
+                    "subscription abandoned".to_owned(),
+                )),
+            }
+        };
+        if outcome.is_err() {
+            self.remove(conn, group, Some(generation));
+        }
+        outcome
+    }
+
+    /// Removes `conn` from `group`; the last member out unsubscribes the broker.
+    pub async fn leave(&self, conn: ConnId, group: &Group) {
+        if let Some(generation) = self.remove(conn, group, None) {
+            self.subscriptions
+                .unsubscribe(group.clone(), generation)
+                .await;
+        }
+    }
+
+    /// How many local members `group` has.
+    pub fn member_count(&self, group: &Group) -> usize {
+        self.read().get(group).map_or(0, |m| m.queues.len())
+    }
+
+    /// How many groups have local members.
+    pub fn group_count(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Removes a member; returns the generation to unsubscribe when the group became empty.
+    /// With `only_generation`, a newer life of the group is left alone.
+    fn remove(&self, conn: ConnId, group: &Group, only_generation: Option<u64>) -> Option<u64> {
+        let mut groups = self.write();
+        let members = groups.get_mut(group)?;
+        if only_generation.is_some_and(|g| g != members.generation) {
+            return None;
+        }
+        members.queues.remove(&conn);
+        if !members.queues.is_empty() {
+            return None;
+        }
+        let generation = members.generation;
+        groups.remove(group);
+        metrics::groups_active(groups.len());
+        Some(generation)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Group, Members>> {
+        // A panic while holding the lock cannot leave the map half-updated in a way that
+        // matters more than losing the whole replica, so poisoning is ignored.
+        self.groups.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Group, Members>> {
+        self.groups.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Fanout for Groups {
+    fn fan_out(&self, publication: &Publication) {
+        let (queued, slow) = {
+            let groups = self.read();
+            let Some(members) = groups.get(&publication.group) else {
+                return;
+            };
+            let frame = Frame::new(codec::encode_invocation(
+                publication.kind.name(),
+                &publication.payload,
+            ));
+            let mut queued = 0;
+            let mut slow = 0;
+            for queue in members.queues.values() {
+                match queue.try_push(&frame) {
+                    Ok(()) => queued += 1,
+                    Err(Rejected::Overflowed) => slow += 1,
+                    Err(Rejected::Closed) => {}
+                }
+            }
+            (queued, slow)
+        };
+        let latency = SystemTime::now()
+            .duration_since(publication.published_at)
+            .unwrap_or_default();
+        metrics::fanned_out(queued, latency);
+        if slow > 0 {
+            metrics::slow_consumers_closed(slow);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

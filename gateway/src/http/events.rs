@@ -1,0 +1,82 @@
+//! `POST /api/v1/events`: backends publish over HTTP with the service key.
+//!
+//! The body is validated once with the contract's rules, then its bytes travel unchanged, so
+//! fields a newer backend adds reach the browsers.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use publisher_lib::contract::{Event, ValidationError};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::{AppState, bearer};
+use crate::metrics;
+
+/// Validates and publishes one event.
+pub async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(key) = &state.service_key else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "HTTP publishing is disabled: no service key is configured",
+        );
+    };
+    let presented = bearer(&headers).unwrap_or_default();
+    if !bool::from(presented.as_bytes().ct_eq(key.as_bytes())) {
+        let reason = if presented.is_empty() {
+            "missing"
+        } else {
+            "wrong_key"
+        };
+        metrics::auth_failed("publish", reason);
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid service key");
+    }
+    let payload = trim(body);
+    let event = match Event::from_json(&payload) {
+        Ok(event) => event,
+        Err(e) => {
+            metrics::event_rejected(rejection_label(&e));
+            return error(StatusCode::BAD_REQUEST, &e.to_string());
+        }
+    };
+    let groups = event.groups();
+    if let Err(e) = state.broker.publish(event.kind(), payload, &groups).await {
+        tracing::warn!(error = %e, "publish failed");
+        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
+    metrics::event_published("http");
+    let names: Vec<&str> = groups.iter().map(|g| g.name()).collect();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"type": event.kind().name(), "groups": names})),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn rejection_label(error: &ValidationError) -> &'static str {
+    match error {
+        ValidationError::TooLarge { .. } => "too_large",
+        ValidationError::NotJson(_) => "not_json",
+        ValidationError::MissingType | ValidationError::UnknownType(_) => "unknown_type",
+        _ => "invalid_field",
+    }
+}
+
+/// The body without surrounding whitespace, so the frame carries just the JSON value.
+fn trim(body: Bytes) -> Bytes {
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len());
+    let end = body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    body.slice(start..end)
+}

@@ -1,0 +1,162 @@
+//! Every metric the gateway exports: names, descriptions and typed helpers.
+//!
+//! Metric name strings appear nowhere else. Labels come from enums (`reason`, `outcome`,
+//! `source`) and never carry user ids, group names or other unbounded values.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+const CONNECTIONS_ACTIVE: &str = "gateway_connections_active";
+const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
+const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
+const HANDSHAKE_FAILURES: &str = "gateway_handshake_failures_total";
+const AUTH_FAILURES: &str = "gateway_auth_failures_total";
+const ORIGIN_REFUSALS: &str = "gateway_origin_refusals_total";
+const JOINS: &str = "gateway_joins_total";
+const GROUPS_ACTIVE: &str = "gateway_groups_active";
+const EVENTS_PUBLISHED: &str = "gateway_events_published_total";
+const EVENTS_REJECTED: &str = "gateway_events_rejected_total";
+const FRAMES_DELIVERED: &str = "gateway_frames_delivered_total";
+const SLOW_CONSUMER_CLOSES: &str = "gateway_slow_consumer_closes_total";
+const PUBLISH_TO_DELIVERY: &str = "gateway_publish_to_delivery_seconds";
+const BROKER_UP: &str = "gateway_broker_up";
+
+/// Latency buckets, in seconds: sub-millisecond fan-out up to multi-second stalls.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+///
+/// The `metrics` facade has one global recorder per process, so gateways started in the same
+/// process (tests) share it; later calls return the first handle.
+///
+/// # Errors
+/// When another recorder was installed by someone else first.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(PUBLISH_TO_DELIVERY.to_owned()),
+            &LATENCY_BUCKETS,
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS_ACTIVE, "WebSocket connections currently open");
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "WebSocket connections accepted since start"
+    );
+    describe_counter!(CONNECTIONS_CLOSED, "connections closed, by reason");
+    describe_counter!(HANDSHAKE_FAILURES, "SignalR handshakes refused, by reason");
+    describe_counter!(
+        AUTH_FAILURES,
+        "requests refused for their token or key, by reason and endpoint"
+    );
+    describe_counter!(
+        ORIGIN_REFUSALS,
+        "requests refused for their Origin header, by endpoint"
+    );
+    describe_counter!(
+        JOINS,
+        "group joins, by outcome (joined or the refusal reason)"
+    );
+    describe_gauge!(
+        GROUPS_ACTIVE,
+        "groups with at least one member on this replica"
+    );
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "events accepted for publishing, by source"
+    );
+    describe_counter!(
+        EVENTS_REJECTED,
+        "events refused at the HTTP endpoint, by reason"
+    );
+    describe_counter!(FRAMES_DELIVERED, "event frames queued to connections");
+    describe_counter!(
+        SLOW_CONSUMER_CLOSES,
+        "connections closed because they could not keep up"
+    );
+    describe_histogram!(
+        PUBLISH_TO_DELIVERY,
+        Unit::Seconds,
+        "time from publish to fan-out on this replica"
+    );
+    describe_gauge!(BROKER_UP, "1 when the broker is connected and healthy");
+}
+
+/// A connection was accepted.
+pub fn connection_opened() {
+    counter!(CONNECTIONS_TOTAL).increment(1);
+    gauge!(CONNECTIONS_ACTIVE).increment(1.0);
+}
+
+/// A connection ended for `reason`.
+pub fn connection_closed(reason: &'static str) {
+    gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
+    counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+}
+
+/// A handshake was refused.
+pub fn handshake_failed(reason: &'static str) {
+    counter!(HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+}
+
+/// A token or service key was refused at `endpoint` (`negotiate`, `upgrade`, `publish`).
+pub fn auth_failed(endpoint: &'static str, reason: &'static str) {
+    counter!(AUTH_FAILURES, "endpoint" => endpoint, "reason" => reason).increment(1);
+}
+
+/// A request was refused for its Origin at `endpoint`.
+pub fn origin_refused(endpoint: &'static str) {
+    counter!(ORIGIN_REFUSALS, "endpoint" => endpoint).increment(1);
+}
+
+/// A join ended with `outcome`: `joined`, or the refusal label.
+pub fn join(outcome: &'static str) {
+    counter!(JOINS, "outcome" => outcome).increment(1);
+}
+
+/// The number of groups with local members changed.
+pub fn groups_active(count: usize) {
+    gauge!(GROUPS_ACTIVE).set(count as f64);
+}
+
+/// An event was accepted from `source` (`http`, `redis`).
+pub fn event_published(source: &'static str) {
+    counter!(EVENTS_PUBLISHED, "source" => source).increment(1);
+}
+
+/// An event was refused at the HTTP endpoint.
+pub fn event_rejected(reason: &'static str) {
+    counter!(EVENTS_REJECTED, "reason" => reason).increment(1);
+}
+
+/// One publication was fanned out to `frames` connections, `latency` after it was published.
+pub fn fanned_out(frames: usize, latency: Duration) {
+    counter!(FRAMES_DELIVERED).increment(frames as u64);
+    histogram!(PUBLISH_TO_DELIVERY).record(latency.as_secs_f64());
+}
+
+/// `count` connections were closed because their queue was full.
+pub fn slow_consumers_closed(count: usize) {
+    counter!(SLOW_CONSUMER_CLOSES).increment(count as u64);
+}
+
+/// The broker's health changed.
+pub fn broker_up(up: bool) {
+    gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
+}

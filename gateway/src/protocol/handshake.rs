@@ -1,0 +1,74 @@
+//! The first record of every connection: `{"protocol":"json","version":1}`.
+
+use serde::Deserialize;
+
+use super::codec::record;
+
+/// The highest protocol version accepted. Version 2 is what a client asking for stateful
+/// reconnect sends; without a negotiated stateful reconnect it behaves exactly like version 1.
+pub const MAX_VERSION: u64 = 2;
+
+/// The reply to a handshake that succeeded: `{}` + RS. It never carries a `type`.
+pub const ACCEPTED: &str = "{}\u{1e}";
+
+/// Why a handshake was refused; the message is what the client shows, worded as ASP.NET does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// Not a handshake request at all.
+    #[error("Handshake request is malformed: {0}")]
+    Malformed(String),
+    /// Another protocol than `json` (MessagePack is not spoken).
+    #[error("The protocol '{0}' is not supported.")]
+    UnsupportedProtocol(String),
+    /// A version above [`MAX_VERSION`].
+    #[error("The server does not support version {0} of the 'json' protocol.")]
+    UnsupportedVersion(u64),
+    /// The client took too long, or sent too much before completing it.
+    #[error("Handshake was canceled.")]
+    Canceled,
+}
+
+impl HandshakeError {
+    /// Low-cardinality label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::UnsupportedProtocol(_) => "unsupported_protocol",
+            Self::UnsupportedVersion(_) => "unsupported_version",
+            Self::Canceled => "timeout",
+        }
+    }
+
+    /// The reply record that tells the client why: `{"error":…}` + RS.
+    pub fn reply(&self) -> String {
+        record(&serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+/// Checks a handshake request record (without its separator).
+///
+/// # Errors
+/// [`HandshakeError`] when it is malformed or asks for something other than JSON version 1 or 2.
+pub fn accept(record: &str) -> Result<(), HandshakeError> {
+    #[derive(Deserialize)]
+    struct Request {
+        protocol: String,
+        version: u64,
+    }
+    let request: Request = serde_json::from_str(record)
+        .map_err(|e| HandshakeError::Malformed(strip_position(&e.to_string())))?;
+    if request.protocol != "json" {
+        return Err(HandshakeError::UnsupportedProtocol(request.protocol));
+    }
+    if request.version > MAX_VERSION {
+        return Err(HandshakeError::UnsupportedVersion(request.version));
+    }
+    Ok(())
+}
+
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}

@@ -1,0 +1,247 @@
+// Who may connect, which groups they may join, and who may publish.
+
+import assert from "node:assert/strict";
+import { randomUUID } from "node:crypto";
+import { after, before, test } from "node:test";
+
+import { HubConnectionState } from "@microsoft/signalr";
+
+import {
+  JWT_SECRET,
+  arrivals,
+  connect,
+  contractorToken,
+  dispatcherClaims,
+  dispatcherToken,
+  hubConnection,
+  inbox,
+  jobAssigned,
+  mintJwt,
+  negotiate,
+  publish,
+  publishAccepted,
+  rawUpgrade,
+  recommendationReady,
+  startGateway,
+  uniqueRegion,
+  within,
+} from "./harness.mjs";
+
+let gateway;
+before(async () => {
+  gateway = await startGateway({ name: "authorization" });
+});
+after(() => gateway?.stop());
+
+// ---------------------------------------------------------------------------------------------
+// Joining groups
+
+/** Asserts `promise` (an invoke) rejects with a message matching every pattern. */
+async function assertRefused(promise, ...patterns) {
+  await assert.rejects(promise, (error) => {
+    assert.ok(error instanceof Error, `expected an Error, got ${error}`);
+    for (const pattern of patterns) assert.match(error.message, pattern);
+    return true;
+  });
+}
+
+test("a dispatcher cannot join the dispatch group of a region missing from its token", async (t) => {
+  const own = uniqueRegion("west");
+  const foreign = uniqueRegion("east");
+  const connection = await connect(t, gateway, dispatcherToken([own]));
+  const recommendations = inbox(connection, "RecommendationReady");
+
+  await assertRefused(connection.invoke("JoinDispatchGroup", foreign), /region/i, new RegExp(foreign));
+  assert.equal(connection.state, HubConnectionState.Connected);
+
+  // The connection is still usable, and the refused join left no membership behind.
+  await connection.invoke("JoinDispatchGroup", own);
+  const refused = recommendationReady(foreign);
+  const allowed = recommendationReady(own);
+  await publishAccepted(gateway, refused);
+  await publishAccepted(gateway, allowed);
+  assert.deepStrictEqual(await recommendations.take(1), [[allowed]]);
+});
+
+test("a contractor cannot join another contractor's group", async (t) => {
+  const own = randomUUID();
+  const foreign = randomUUID();
+  const connection = await connect(t, gateway, contractorToken(own));
+  const events = arrivals(connection);
+
+  await assertRefused(connection.invoke("JoinContractorGroup", foreign), /only your own|not yours/i);
+  assert.equal(connection.state, HubConnectionState.Connected);
+
+  await connection.invoke("JoinContractorGroup", own);
+  const refused = jobAssigned(uniqueRegion(), foreign);
+  const allowed = jobAssigned(uniqueRegion(), own);
+  await publishAccepted(gateway, refused);
+  await publishAccepted(gateway, allowed);
+  assert.deepStrictEqual(await events.take(1), [{ target: "JobAssigned", args: [allowed] }]);
+});
+
+test("a dispatcher cannot join a contractor group", async (t) => {
+  const region = uniqueRegion();
+  const contractorId = randomUUID();
+  const connection = await connect(t, gateway, dispatcherToken([region]));
+  const events = arrivals(connection);
+
+  await assertRefused(connection.invoke("JoinContractorGroup", contractorId), /dispatcher/i, /may not|not allowed|cannot/i);
+  assert.equal(connection.state, HubConnectionState.Connected);
+
+  await connection.invoke("JoinDispatchGroup", region);
+  const refused = jobAssigned(uniqueRegion(), contractorId);
+  const allowed = recommendationReady(region);
+  await publishAccepted(gateway, refused);
+  await publishAccepted(gateway, allowed);
+  assert.deepStrictEqual(await events.take(1), [{ target: "RecommendationReady", args: [allowed] }]);
+});
+
+test("a contractor cannot join a dispatch group", async (t) => {
+  const contractorId = randomUUID();
+  const connection = await connect(t, gateway, contractorToken(contractorId));
+
+  await assertRefused(connection.invoke("JoinDispatchGroup", "west"), /contractor/i, /may not|not allowed|cannot/i);
+  assert.equal(connection.state, HubConnectionState.Connected);
+  assert.equal((await connection.invoke("JoinContractorGroup", contractorId)) ?? undefined, undefined);
+});
+
+test("joining a dispatch group with an invalid or empty region name is refused", async (t) => {
+  const region = uniqueRegion();
+  const connection = await connect(t, gateway, dispatcherToken([region]));
+
+  await assertRefused(connection.invoke("JoinDispatchGroup", "west/../east"), /invalid region/i);
+  await assertRefused(connection.invoke("JoinDispatchGroup", ""), /invalid region/i);
+  assert.equal(connection.state, HubConnectionState.Connected);
+  await connection.invoke("JoinDispatchGroup", region);
+});
+
+test("a join with a wrong argument count is refused and the connection stays usable", async (t) => {
+  const region = uniqueRegion();
+  const connection = await connect(t, gateway, dispatcherToken([region]));
+
+  await assertRefused(connection.invoke("JoinDispatchGroup"), /argument/i);
+  await assertRefused(connection.invoke("JoinDispatchGroup", region, region), /argument/i);
+  assert.equal(connection.state, HubConnectionState.Connected);
+  await connection.invoke("JoinDispatchGroup", region);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Connecting
+
+const badTokens = {
+  garbage: () => "this-is-not-a-jwt",
+  expired: () => mintJwt(dispatcherClaims(["west"], { exp: Math.floor(Date.now() / 1000) - 3600 })),
+  "signed with HS384 and the right secret": () => mintJwt(dispatcherClaims(["west"]), { alg: "HS384" }),
+  "signed with HS512 and the right secret": () => mintJwt(dispatcherClaims(["west"]), { alg: "HS512" }),
+  "unsigned with alg none": () => mintJwt(dispatcherClaims(["west"]), { alg: "none" }),
+  "signed with another secret": () => mintJwt(dispatcherClaims(["west"]), { secret: `${JWT_SECRET}-other` }),
+  "without exp": () => {
+    const claims = dispatcherClaims(["west"]);
+    delete claims.exp;
+    return mintJwt(claims);
+  },
+  "with an unknown role": () => mintJwt(dispatcherClaims(["west"], { role: "admin" })),
+};
+
+for (const [name, makeToken] of Object.entries(badTokens)) {
+  test(`a token that is ${name} is refused at negotiate with 401`, async (t) => {
+    const token = makeToken();
+
+    const raw = await negotiate(gateway, token);
+    assert.equal(raw.status, 401, raw.text);
+    assert.ok(raw.text.trim().length > 0, "the 401 body says why");
+    assert.ok(raw.text.length <= 300, `the 401 body is short, got ${raw.text.length} characters`);
+
+    const connection = hubConnection(t, gateway, token);
+    await assert.rejects(within(10_000, connection.start(), "start() to fail"), (error) => {
+      assert.match(error.message, /Status code '401'/);
+      return true;
+    });
+    assert.equal(connection.state, HubConnectionState.Disconnected);
+  });
+}
+
+test("an expired token is refused with a reason that says it expired", async () => {
+  const token = badTokens.expired();
+  const raw = await negotiate(gateway, token);
+  assert.equal(raw.status, 401);
+  assert.match(raw.text, /expired/i);
+});
+
+test("negotiate without a token is refused with 401", async () => {
+  const raw = await negotiate(gateway, undefined);
+  assert.equal(raw.status, 401, raw.text);
+  assert.ok(raw.text.trim().length > 0, "the 401 body says why");
+});
+
+test("a direct WebSocket upgrade with a bad token is refused with 401 before upgrading", async () => {
+  const wsUrl = gateway.hubUrl;
+  const expired = badTokens.expired();
+
+  const viaHeader = await rawUpgrade(wsUrl, { authorization: `Bearer ${expired}` });
+  assert.equal(viaHeader.status, 401);
+  const viaQuery = await rawUpgrade(`${wsUrl}?access_token=${encodeURIComponent(expired)}`);
+  assert.equal(viaQuery.status, 401);
+  const without = await rawUpgrade(wsUrl);
+  assert.equal(without.status, 401);
+});
+
+test("a direct WebSocket upgrade accepts the token in the header or the access_token parameter", async () => {
+  const token = dispatcherToken([uniqueRegion()]);
+  const viaHeader = await rawUpgrade(gateway.hubUrl, { authorization: `Bearer ${token}` });
+  assert.equal(viaHeader.status, 101);
+  const viaQuery = await rawUpgrade(`${gateway.hubUrl}?access_token=${encodeURIComponent(token)}`);
+  assert.equal(viaQuery.status, 101);
+});
+
+test("the official client with skipNegotiation and a bad token fails to start", async (t) => {
+  const connection = hubConnection(t, gateway, badTokens.garbage(), { skipNegotiation: true });
+  await assert.rejects(within(10_000, connection.start(), "start() to fail"), (error) => {
+    assert.match(error.message, /401|WebSocket failed to connect/);
+    return true;
+  });
+  assert.equal(connection.state, HubConnectionState.Disconnected);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Publishing
+
+test("publishing without the service key is refused with 401", async () => {
+  const event = recommendationReady(uniqueRegion());
+  const missing = await publish(gateway, event, { key: null });
+  assert.equal(missing.status, 401, missing.text);
+  const wrong = await publish(gateway, event, { key: "not-the-service-key" });
+  assert.equal(wrong.status, 401, wrong.text);
+  const jwt = await publish(gateway, event, { key: dispatcherToken(["west"]) });
+  assert.equal(jwt.status, 401, "a user's JWT is not a service key");
+});
+
+test("publishing an invalid event is refused with 400 and an error naming the problem", async (t) => {
+  const region = uniqueRegion();
+  const connection = await connect(t, gateway, dispatcherToken([region]));
+  const events = arrivals(connection);
+  await connection.invoke("JoinDispatchGroup", region);
+
+  const cases = [
+    [{ ...recommendationReady(region), jobId: "not-a-uuid" }, /jobId/],
+    [(({ requestId, ...rest }) => rest)(recommendationReady(region)), /requestId/],
+    [{ ...recommendationReady(region), generatedAt: "2025-11-08T12:34:56+02:00" }, /generatedAt/],
+    [{ ...recommendationReady(region), type: "JobCancelled" }, /JobCancelled|type/],
+    [{ ...jobAssigned(region, randomUUID()), endUtc: "2025-11-08T14:00:00Z" }, /endUtc/],
+    [{ ...jobAssigned(region, randomUUID()), source: "robot" }, /source/],
+    [{ ...recommendationReady(region), region: "west east" }, /region/],
+    ["{not json", /json/i],
+  ];
+  for (const [body, pattern] of cases) {
+    const response = await publish(gateway, body);
+    assert.equal(response.status, 400, `${JSON.stringify(body)} → ${response.status} ${response.text}`);
+    assert.equal(typeof response.json?.error, "string", `400 body is {"error": ...}, got ${response.text}`);
+    assert.match(response.json.error, pattern);
+  }
+
+  // None of the refused events reached the group: the first event to arrive is a valid one.
+  const valid = recommendationReady(region);
+  await publishAccepted(gateway, valid);
+  assert.deepStrictEqual(await events.take(1), [{ target: "RecommendationReady", args: [valid] }]);
+});

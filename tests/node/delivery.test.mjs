@@ -1,0 +1,218 @@
+// Delivery of published events to the official client, over negotiate and over a direct WebSocket.
+// One gateway serves the whole file; every test uses its own regions and contractor ids.
+
+import assert from "node:assert/strict";
+import { randomUUID } from "node:crypto";
+import { after, before, test } from "node:test";
+
+import { HubConnectionState } from "@microsoft/signalr";
+
+import {
+  arrivals,
+  connect,
+  contractorClaims,
+  contractorToken,
+  dispatcherToken,
+  inbox,
+  jobAssigned,
+  mintJwt,
+  negotiate,
+  publishAccepted,
+  recommendationReady,
+  startGateway,
+  uniqueRegion,
+} from "./harness.mjs";
+
+let gateway;
+before(async () => {
+  gateway = await startGateway({ name: "delivery" });
+});
+after(() => gateway?.stop());
+
+test("negotiate offers only the WebSockets transport with text frames", async () => {
+  const response = await negotiate(gateway, dispatcherToken([uniqueRegion()]));
+
+  assert.equal(response.status, 200, response.text);
+  assert.match(response.headers.get("content-type") ?? "", /^application\/json/);
+  assert.equal(response.json.negotiateVersion, 1);
+  assert.equal(typeof response.json.connectionId, "string");
+  assert.ok(response.json.connectionId.length > 0, "connectionId is empty");
+  assert.equal(typeof response.json.connectionToken, "string");
+  assert.match(response.json.connectionToken, /^[A-Za-z0-9._~-]+$/, "connectionToken must be URL-safe (unreserved characters only)");
+  assert.notEqual(response.json.connectionToken, response.json.connectionId);
+  assert.deepEqual(response.json.availableTransports, [{ transport: "WebSockets", transferFormats: ["Text"] }]);
+  assert.equal(response.json.useStatefulReconnect, undefined);
+});
+
+test("a dispatcher connected via negotiate receives RecommendationReady for its region exactly as published", async (t) => {
+  const region = uniqueRegion("west");
+  const connection = await connect(t, gateway, dispatcherToken([region]));
+  assert.equal(typeof connection.connectionId, "string", "negotiate gives the client a connection id");
+  const recommendations = inbox(connection, "RecommendationReady");
+
+  const joined = await connection.invoke("JoinDispatchGroup", region);
+  assert.equal(joined ?? undefined, undefined, "a join completes without a result");
+
+  const plain = recommendationReady(region);
+  const extended = recommendationReady(region, { schemaVersion: 2, hint: { ranks: [1, 2, 3], note: "ünïcödé ✓" } });
+  await publishAccepted(gateway, plain);
+  await publishAccepted(gateway, extended);
+
+  const [first, second] = await recommendations.take(2);
+  assert.deepStrictEqual(first, [plain]);
+  assert.deepStrictEqual(second, [extended], "fields unknown to the contract reach the client unchanged");
+});
+
+test("a dispatcher connected with skipNegotiation over WebSockets receives RecommendationReady exactly as published", async (t) => {
+  const region = uniqueRegion("west");
+  const connection = await connect(t, gateway, dispatcherToken([region]), { skipNegotiation: true });
+  assert.equal(connection.connectionId, null, "without negotiate the client has no connection id");
+  const recommendations = inbox(connection, "RecommendationReady");
+
+  await connection.invoke("JoinDispatchGroup", region);
+  const event = recommendationReady(region, { schemaVersion: 2 });
+  await publishAccepted(gateway, event);
+
+  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+});
+
+test("JobAssigned reaches the dispatchers of its region and only the assigned contractor", async (t) => {
+  const region = uniqueRegion("west");
+  const assignedId = randomUUID();
+  const otherId = randomUUID();
+
+  const dispatcher = await connect(t, gateway, dispatcherToken([region]));
+  const assigned = await connect(t, gateway, contractorToken(assignedId));
+  const other = await connect(t, gateway, contractorToken(otherId), { skipNegotiation: true });
+  const dispatcherJobs = inbox(dispatcher, "JobAssigned");
+  const assignedJobs = inbox(assigned, "JobAssigned");
+  const otherEvents = arrivals(other);
+
+  await dispatcher.invoke("JoinDispatchGroup", region);
+  await assigned.invoke("JoinContractorGroup", assignedId);
+  await other.invoke("JoinContractorGroup", otherId);
+
+  const forAssigned = jobAssigned(region, assignedId, { source: "auto" });
+  const forOther = jobAssigned(region, otherId);
+  await publishAccepted(gateway, forAssigned);
+  await publishAccepted(gateway, forOther);
+
+  assert.deepStrictEqual(await assignedJobs.nth(1), [forAssigned]);
+  assert.deepStrictEqual(await dispatcherJobs.take(2), [[forAssigned], [forOther]]);
+  // Events reach one connection in publication order, so had the other contractor been sent the
+  // first assignment it would have arrived before its own.
+  const [firstForOther] = await otherEvents.take(1);
+  assert.deepStrictEqual(firstForOther, { target: "JobAssigned", args: [forOther] });
+});
+
+test("a contractor whose token carries only sub joins the group named by sub", async (t) => {
+  const contractorId = randomUUID();
+  const claims = contractorClaims(undefined, { sub: contractorId });
+  delete claims.contractorId;
+  const connection = await connect(t, gateway, mintJwt(claims));
+  const jobs = inbox(connection, "JobAssigned");
+
+  await connection.invoke("JoinContractorGroup", contractorId);
+  const event = jobAssigned(uniqueRegion(), contractorId);
+  await publishAccepted(gateway, event);
+
+  assert.deepStrictEqual(await jobs.nth(1), [event]);
+});
+
+test("a contractor id in upper case names the same group as the event's lower-case uuid", async (t) => {
+  const contractorId = randomUUID();
+  const connection = await connect(t, gateway, contractorToken(contractorId.toUpperCase()));
+  const jobs = inbox(connection, "JobAssigned");
+
+  await connection.invoke("JoinContractorGroup", contractorId.toUpperCase());
+  const event = jobAssigned(uniqueRegion(), contractorId);
+  await publishAccepted(gateway, event);
+
+  assert.deepStrictEqual(await jobs.nth(1), [event]);
+});
+
+test("a dispatcher that leaves a dispatch group stops receiving its events", async (t) => {
+  const left = uniqueRegion("west");
+  const kept = uniqueRegion("east");
+  const connection = await connect(t, gateway, dispatcherToken([left, kept]));
+  const events = arrivals(connection);
+
+  await connection.invoke("JoinDispatchGroup", left);
+  await connection.invoke("JoinDispatchGroup", kept);
+  const beforeLeaving = recommendationReady(left);
+  await publishAccepted(gateway, beforeLeaving);
+  assert.deepStrictEqual(await events.take(1), [{ target: "RecommendationReady", args: [beforeLeaving] }]);
+
+  const leaveResult = await connection.invoke("LeaveDispatchGroup", left);
+  assert.equal(leaveResult ?? undefined, undefined, "a leave completes without a result");
+  const afterLeaving = recommendationReady(left);
+  const stillJoined = jobAssigned(kept, randomUUID());
+  await publishAccepted(gateway, afterLeaving);
+  await publishAccepted(gateway, stillJoined);
+
+  const [, next] = await events.take(2);
+  assert.deepStrictEqual(next, { target: "JobAssigned", args: [stillJoined] }, "the event for the left region arrived");
+});
+
+test("a contractor that leaves its group stops receiving assignments", async (t) => {
+  const contractorId = randomUUID();
+  const region = uniqueRegion();
+  const dispatcher = await connect(t, gateway, dispatcherToken([region]));
+  const contractor = await connect(t, gateway, contractorToken(contractorId));
+  const contractorEvents = arrivals(contractor);
+  const dispatcherJobs = inbox(dispatcher, "JobAssigned");
+
+  await contractor.invoke("JoinContractorGroup", contractorId);
+  await dispatcher.invoke("JoinDispatchGroup", region);
+  await contractor.invoke("LeaveContractorGroup", contractorId);
+  const afterLeaving = jobAssigned(region, contractorId);
+  await publishAccepted(gateway, afterLeaving);
+  // Proof of publication: the dispatcher of the region got it.
+  assert.deepStrictEqual(await dispatcherJobs.nth(1), [afterLeaving]);
+
+  await contractor.invoke("JoinContractorGroup", contractorId);
+  const afterRejoining = jobAssigned(region, contractorId);
+  await publishAccepted(gateway, afterRejoining);
+
+  assert.deepStrictEqual(await contractorEvents.take(1), [{ target: "JobAssigned", args: [afterRejoining] }]);
+});
+
+test("invoking an unknown hub method is refused by name and the connection stays usable", async (t) => {
+  const region = uniqueRegion();
+  const connection = await connect(t, gateway, dispatcherToken([region]));
+  const recommendations = inbox(connection, "RecommendationReady");
+
+  await assert.rejects(connection.invoke("NoSuchMethod", region), (error) => {
+    assert.match(error.message, /NoSuchMethod/);
+    assert.match(error.message, /does not exist|unknown/i);
+    return true;
+  });
+  assert.equal(connection.state, HubConnectionState.Connected);
+
+  await connection.invoke("JoinDispatchGroup", region);
+  const event = recommendationReady(region);
+  await publishAccepted(gateway, event);
+  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+});
+
+test("every connection in a dispatch group receives each event once", async (t) => {
+  const region = uniqueRegion();
+  const token = dispatcherToken([region]);
+  const first = await connect(t, gateway, token);
+  const second = await connect(t, gateway, token, { skipNegotiation: true });
+  const firstEvents = arrivals(first);
+  const secondEvents = arrivals(second);
+  await first.invoke("JoinDispatchGroup", region);
+  await second.invoke("JoinDispatchGroup", region);
+  // Joining twice keeps one membership.
+  await first.invoke("JoinDispatchGroup", region);
+
+  const events = [recommendationReady(region), jobAssigned(region, randomUUID()), recommendationReady(region)];
+  for (const event of events) await publishAccepted(gateway, event);
+  const marker = recommendationReady(region, { marker: true });
+  await publishAccepted(gateway, marker);
+
+  const expected = [...events, marker].map((event) => ({ target: event.type, args: [event] }));
+  assert.deepStrictEqual(await firstEvents.take(4), expected);
+  assert.deepStrictEqual(await secondEvents.take(4), expected);
+});

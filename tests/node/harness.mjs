@@ -1,0 +1,565 @@
+// Test harness for driving the gateway with the official @microsoft/signalr client.
+//
+// It starts the real gateway binary on free loopback ports, waits for its admin /readyz with a
+// deadline, mints HS256 tokens with node:crypto, publishes events over the HTTP API, and offers
+// event-driven helpers (`within`, `inbox`) so no test synchronises by sleeping.
+//
+// Environment:
+//   GATEWAY_BIN       path of the gateway binary (default: ../../target/debug/gateway from here)
+//   E2E_CLIENT_LOG    SignalR client log level to print (Trace, Debug, Information, Warning, ...)
+// Each gateway's stdout/stderr goes to artifacts/<name>-<n>.log next to this file.
+
+import { spawn } from "node:child_process";
+import { createHmac, randomUUID } from "node:crypto";
+import { mkdirSync, openSync, closeSync, readFileSync } from "node:fs";
+import http from "node:http";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+import { HttpTransportType, HubConnectionBuilder, LogLevel } from "@microsoft/signalr";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+
+export const GATEWAY_BIN = path.resolve(here, process.env.GATEWAY_BIN ?? "../../target/debug/gateway");
+export const JWT_SECRET = "node-e2e-jwt-secret-that-is-long-enough-for-hs512-0123456789";
+export const SERVICE_KEY = "node-e2e-service-key-0123456789abcdef";
+export const ARTIFACTS = path.join(here, "artifacts");
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines
+
+/**
+ * Resolves or rejects like `promise`, but rejects with "timed out after <ms> ms waiting for <what>"
+ * if it has not settled within `ms`.
+ */
+export function within(ms, promise, what) {
+  let timer;
+  const deadline = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([Promise.resolve(promise), deadline]).finally(() => clearTimeout(timer));
+}
+
+/** A promise plus its resolve/reject functions. */
+export function deferred() {
+  let resolve;
+  let reject;
+  const promise = new Promise((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
+}
+
+/** Resolves after `ms`; used only as a polling interval, never as synchronisation. */
+function pause(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports and processes
+
+/** A port that was free a moment ago (listen on port 0, read it, close). */
+export async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", resolve);
+  });
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+async function twoFreePorts() {
+  const port = await freePort();
+  let adminPort = await freePort();
+  while (adminPort === port) adminPort = await freePort();
+  return { port, adminPort };
+}
+
+let gatewayCounter = 0;
+
+/**
+ * Starts the gateway binary and resolves once GET /readyz on its admin port answers 200.
+ *
+ * options.args      extra command-line arguments (e.g. ["--client-timeout", "3s"])
+ * options.ports     { port, adminPort } to reuse (a restart); fresh free ports otherwise
+ * options.name      label for the log file
+ * options.readyMs   deadline for readiness (default 20 s)
+ * options.allowMissingOrigin  pass --allow-missing-origin (default true: Node clients send no Origin)
+ */
+export async function startGateway(options = {}) {
+  const { args = [], name = "gateway", readyMs = 20_000, allowMissingOrigin = true } = options;
+  const { port, adminPort } = options.ports ?? (await twoFreePorts());
+
+  mkdirSync(ARTIFACTS, { recursive: true });
+  gatewayCounter += 1;
+  const logFile = path.join(ARTIFACTS, `${name.replace(/[^A-Za-z0-9_.-]+/g, "_")}-${process.pid}-${gatewayCounter}.log`);
+  const logFd = openSync(logFile, "w");
+
+  // Only what the test passes configures the gateway: drop any GATEWAY_* from the outer shell.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("GATEWAY_")));
+  const argv = [
+    "--listen", `127.0.0.1:${port}`,
+    "--admin-listen", `127.0.0.1:${adminPort}`,
+    "--jwt-secret", JWT_SECRET,
+    "--service-key", SERVICE_KEY,
+    ...(allowMissingOrigin ? ["--allow-missing-origin"] : []),
+    ...args,
+  ];
+  const child = spawn(GATEWAY_BIN, argv, { env, stdio: ["ignore", logFd, logFd] });
+  closeSync(logFd);
+
+  const exited = new Promise((resolve) => {
+    child.once("exit", (code, signal) => resolve({ code, signal }));
+    child.once("error", (error) => resolve({ code: null, signal: null, error }));
+  });
+  let exitInfo = null;
+  exited.then((info) => {
+    exitInfo = info;
+  });
+
+  const baseUrl = `http://127.0.0.1:${port}`;
+  const adminUrl = `http://127.0.0.1:${adminPort}`;
+  const logTail = () => {
+    try {
+      return readFileSync(logFile, "utf8").split("\n").slice(-30).join("\n");
+    } catch {
+      return "";
+    }
+  };
+
+  const gateway = {
+    port,
+    adminPort,
+    ports: { port, adminPort },
+    baseUrl,
+    adminUrl,
+    hubUrl: `${baseUrl}/hub/v1`,
+    eventsUrl: `${baseUrl}/api/v1/events`,
+    logFile,
+    args,
+    process: child,
+    exited,
+    logTail,
+    /** SIGTERM, then SIGKILL if it has not exited within `graceMs`. Idempotent. */
+    async stop(graceMs = 10_000) {
+      if (exitInfo) return exitInfo;
+      child.kill("SIGTERM");
+      let timer;
+      const forced = new Promise((resolve) => {
+        timer = setTimeout(() => {
+          child.kill("SIGKILL");
+          resolve();
+        }, graceMs);
+      });
+      await Promise.race([exited, forced]);
+      clearTimeout(timer);
+      return exited;
+    },
+    /** SIGKILL: a crash. */
+    async kill() {
+      if (exitInfo) return exitInfo;
+      child.kill("SIGKILL");
+      return exited;
+    },
+  };
+
+  const deadline = Date.now() + readyMs;
+  let lastProblem = "no answer yet";
+  for (;;) {
+    if (exitInfo) {
+      throw new Error(
+        `gateway exited before it was ready (${JSON.stringify(exitInfo)}); ` +
+          `command: ${GATEWAY_BIN} ${argv.join(" ")}\n--- ${logFile} ---\n${logTail()}`,
+      );
+    }
+    try {
+      const response = await fetch(`${adminUrl}/readyz`, { signal: AbortSignal.timeout(1000) });
+      await response.arrayBuffer();
+      if (response.status === 200) return gateway;
+      lastProblem = `/readyz answered ${response.status}`;
+    } catch (error) {
+      lastProblem = String(error?.cause?.code ?? error);
+    }
+    if (Date.now() > deadline) {
+      await gateway.stop(2000);
+      throw new Error(`gateway not ready within ${readyMs} ms (${lastProblem})\n--- ${logFile} ---\n${logTail()}`);
+    }
+    await pause(50);
+  }
+}
+
+/** Starts a gateway for one test and stops it when the test ends. */
+export async function gatewayFor(t, options = {}) {
+  const gateway = await startGateway({ name: t.name, ...options });
+  t.after(() => gateway.stop());
+  return gateway;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+
+const HMAC = { HS256: "sha256", HS384: "sha384", HS512: "sha512" };
+
+/**
+ * A compact JWS over `claims`. `alg` is HS256 (default), HS384, HS512 or "none" (no signature);
+ * `header` adds or overrides header fields.
+ */
+export function mintJwt(claims, { secret = JWT_SECRET, alg = "HS256", header = {} } = {}) {
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const signingInput = `${encode({ alg, typ: "JWT", ...header })}.${encode(claims)}`;
+  if (alg === "none") return `${signingInput}.`;
+  const hash = HMAC[alg];
+  if (!hash) throw new Error(`mintJwt cannot sign with ${alg}`);
+  const signature = createHmac(hash, secret).update(signingInput).digest("base64url");
+  return `${signingInput}.${signature}`;
+}
+
+const nowSeconds = () => Math.floor(Date.now() / 1000);
+
+/** Claims of a dispatcher allowed in `regions`, valid for ten minutes. */
+export function dispatcherClaims(regions, extra = {}) {
+  return { sub: `dispatcher-${randomUUID()}`, role: "dispatcher", regions, exp: nowSeconds() + 600, ...extra };
+}
+
+/** Claims of a contractor, valid for ten minutes. */
+export function contractorClaims(contractorId, extra = {}) {
+  return { sub: `contractor-${randomUUID()}`, role: "contractor", contractorId, exp: nowSeconds() + 600, ...extra };
+}
+
+export const dispatcherToken = (regions, extra, options) => mintJwt(dispatcherClaims(regions, extra), options);
+export const contractorToken = (contractorId, extra, options) => mintJwt(contractorClaims(contractorId, extra), options);
+
+// ---------------------------------------------------------------------------------------------
+// Events and publishing
+
+/** A region name no other test uses, so tests sharing a gateway never see each other's events. */
+export function uniqueRegion(prefix = "region") {
+  return `${prefix}-${randomUUID().slice(0, 8)}`;
+}
+
+export function recommendationReady(region, extra = {}) {
+  return {
+    type: "RecommendationReady",
+    jobId: randomUUID(),
+    requestId: randomUUID(),
+    region,
+    configVersion: 1,
+    generatedAt: "2025-11-08T12:34:56Z",
+    ...extra,
+  };
+}
+
+export function jobAssigned(region, contractorId, extra = {}) {
+  return {
+    type: "JobAssigned",
+    jobId: randomUUID(),
+    contractorId,
+    assignmentId: randomUUID(),
+    startUtc: "2025-11-08T15:00:00Z",
+    endUtc: "2025-11-08T17:00:00Z",
+    region,
+    source: "manual",
+    auditId: randomUUID(),
+    ...extra,
+  };
+}
+
+/**
+ * POST /api/v1/events. `body` is JSON-encoded unless it is already a string.
+ * Resolves with { status, headers, text, json } (json is undefined when the body is not JSON).
+ */
+export async function publish(gateway, body, { key = SERVICE_KEY, headers = {} } = {}) {
+  const response = await fetch(gateway.eventsUrl, {
+    method: "POST",
+    headers: {
+      "content-type": "application/json",
+      ...(key === null ? {} : { authorization: `Bearer ${key}` }),
+      ...headers,
+    },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+    signal: AbortSignal.timeout(10_000),
+  });
+  return readResponse(response);
+}
+
+/** Publishes and fails unless the gateway answers 202. */
+export async function publishAccepted(gateway, event) {
+  const result = await publish(gateway, event);
+  if (result.status !== 202) {
+    throw new Error(`publishing ${event.type} was answered ${result.status} ${result.text}, expected 202`);
+  }
+  return result;
+}
+
+export async function readResponse(response) {
+  const text = await response.text();
+  let json;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    json = undefined;
+  }
+  return { status: response.status, headers: response.headers, text, json };
+}
+
+/** POST <hub>/negotiate?negotiateVersion=1 as the client sends it, with an optional bearer token. */
+export async function negotiate(gateway, token, headers = {}) {
+  const response = await fetch(`${gateway.hubUrl}/negotiate?negotiateVersion=1`, {
+    method: "POST",
+    headers: {
+      "x-requested-with": "XMLHttpRequest",
+      ...(token === undefined ? {} : { authorization: `Bearer ${token}` }),
+      ...headers,
+    },
+    signal: AbortSignal.timeout(10_000),
+  });
+  return readResponse(response);
+}
+
+/**
+ * A raw WebSocket upgrade request to `url` (http://...) with the given headers. Resolves with
+ * { status, headers, body } — status 101 when the upgrade was accepted (the socket is then
+ * closed), otherwise the refusal as the server sent it.
+ */
+export function rawUpgrade(url, headers = {}) {
+  return new Promise((resolve, reject) => {
+    const request = http.request(url, {
+      method: "GET",
+      agent: false, // a connection of its own: never reuse one from (or leave one to) the pool
+      headers: {
+        connection: "Upgrade",
+        upgrade: "websocket",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": Buffer.from(randomUUID().slice(0, 16)).toString("base64"),
+        ...headers,
+      },
+      timeout: 10_000,
+    });
+    request.once("upgrade", (response, socket) => {
+      socket.destroy();
+      resolve({ status: response.statusCode, headers: response.headers, body: "" });
+    });
+    request.once("response", (response) => {
+      let body = "";
+      response.setEncoding("utf8");
+      response.on("data", (chunk) => {
+        body += chunk;
+      });
+      response.once("end", () => resolve({ status: response.statusCode, headers: response.headers, body }));
+      response.once("error", reject);
+    });
+    request.once("timeout", () => request.destroy(new Error(`upgrade request to ${url} timed out`)));
+    request.once("error", reject);
+    request.end();
+  });
+}
+
+/**
+ * Opens a raw WebSocket to `url` (http://...) and keeps it: resolves with { socket, frames, closed }
+ * once the server answered 101. `frames` lists the frames the server sent ({ opcode, text, code,
+ * reason }), `closed` resolves when the TCP connection ends. Rejects if the upgrade is refused.
+ * `sendText(text)` sends one masked text frame.
+ */
+export function rawWebSocket(url, headers = {}) {
+  return new Promise((resolve, reject) => {
+    const request = http.request(url, {
+      method: "GET",
+      agent: false, // a connection of its own: never reuse one from (or leave one to) the pool
+      headers: {
+        connection: "Upgrade",
+        upgrade: "websocket",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": Buffer.from(randomUUID().slice(0, 16)).toString("base64"),
+        ...headers,
+      },
+      timeout: 10_000,
+    });
+    request.once("upgrade", (response, socket, head) => {
+      request.setTimeout(0);
+      const frames = [];
+      const closed = new Promise((resolveClosed) => socket.once("close", () => resolveClosed(frames)));
+      let buffer = head;
+      const parse = () => {
+        for (;;) {
+          if (buffer.length < 2) return;
+          const opcode = buffer[0] & 0x0f;
+          let length = buffer[1] & 0x7f;
+          let offset = 2;
+          if (length === 126) {
+            if (buffer.length < 4) return;
+            length = buffer.readUInt16BE(2);
+            offset = 4;
+          } else if (length === 127) {
+            if (buffer.length < 10) return;
+            length = Number(buffer.readBigUInt64BE(2));
+            offset = 10;
+          }
+          if (buffer.length < offset + length) return;
+          const payload = buffer.subarray(offset, offset + length);
+          buffer = buffer.subarray(offset + length);
+          const frame = { opcode };
+          if (opcode === 0x1) frame.text = payload.toString("utf8");
+          if (opcode === 0x8 && payload.length >= 2) {
+            frame.code = payload.readUInt16BE(0);
+            frame.reason = payload.subarray(2).toString("utf8");
+          }
+          frames.push(frame);
+          if (opcode === 0x8 && !socket.destroyed) {
+            // Complete the closing handshake (echo the status code), then end our side.
+            socket.end(maskedFrame(0x88, payload.subarray(0, 2)));
+          }
+        }
+      };
+      parse();
+      socket.on("data", (chunk) => {
+        buffer = Buffer.concat([buffer, chunk]);
+        parse();
+      });
+      socket.on("error", () => {});
+      const sendText = (text) => socket.write(maskedFrame(0x81, Buffer.from(text, "utf8")));
+      resolve({ status: response.statusCode, headers: response.headers, socket, frames, closed, sendText });
+    });
+    request.once("response", (response) => {
+      response.resume();
+      reject(new Error(`WebSocket upgrade to ${url} refused with ${response.statusCode}`));
+    });
+    request.once("timeout", () => request.destroy(new Error(`upgrade request to ${url} timed out`)));
+    request.once("error", reject);
+    request.end();
+  });
+}
+
+/** One client-to-server WebSocket frame (FIN set, masked as clients must). */
+function maskedFrame(firstByte, payload) {
+  const mask = Buffer.from([0x12, 0x34, 0x56, 0x78]);
+  let header;
+  if (payload.length < 126) {
+    header = Buffer.from([firstByte, 0x80 | payload.length]);
+  } else {
+    header = Buffer.alloc(4);
+    header[0] = firstByte;
+    header[1] = 0x80 | 126;
+    header.writeUInt16BE(payload.length, 2);
+  }
+  const masked = Buffer.from(payload.map((byte, i) => byte ^ mask[i % 4]));
+  return Buffer.concat([header, mask, masked]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SignalR client
+
+class CapturingLogger {
+  constructor() {
+    this.lines = [];
+    const level = process.env.E2E_CLIENT_LOG;
+    this.printLevel = level && LogLevel[level] !== undefined ? LogLevel[level] : LogLevel.None;
+  }
+
+  log(level, message) {
+    this.lines.push(`${LogLevel[level]}: ${message}`);
+    if (level >= this.printLevel) console.error(`[signalr ${LogLevel[level]}] ${message}`);
+  }
+}
+
+/**
+ * An unstarted HubConnection to `gateway`, stopped when the test ends.
+ *
+ * options.skipNegotiation  connect the WebSocket directly (transport forced to WebSockets)
+ * options.configure        (builder) => builder, for keep-alive, timeouts, reconnect policy
+ * options.url              another hub URL (e.g. after a restart on the same ports it is the same)
+ */
+export function hubConnection(t, gateway, token, options = {}) {
+  const { skipNegotiation = false, configure = (builder) => builder } = options;
+  const logger = new CapturingLogger();
+  const httpOptions = { accessTokenFactory: () => token, logger };
+  if (skipNegotiation) {
+    httpOptions.skipNegotiation = true;
+    httpOptions.transport = HttpTransportType.WebSockets;
+  }
+  const builder = new HubConnectionBuilder().withUrl(options.url ?? gateway.hubUrl, httpOptions).configureLogging(logger);
+  const connection = configure(builder).build();
+  connection.clientLog = logger.lines;
+  t.after(() => connection.stop());
+  return connection;
+}
+
+/** A started HubConnection; fails the test if start() does not resolve within 10 s. */
+export async function connect(t, gateway, token, options = {}) {
+  const connection = hubConnection(t, gateway, token, options);
+  await within(10_000, connection.start(), "the SignalR connection to start");
+  return connection;
+}
+
+/**
+ * Records every invocation of `target` on `connection` (a list of argument arrays) and lets a
+ * test await the first `count` of them.
+ */
+export function inbox(connection, target) {
+  const received = [];
+  const waiters = [];
+  connection.on(target, (...args) => {
+    received.push(args);
+    for (const waiter of [...waiters]) {
+      if (received.length >= waiter.count) {
+        waiters.splice(waiters.indexOf(waiter), 1);
+        waiter.resolve(received.slice(0, waiter.count));
+      }
+    }
+  });
+  return {
+    received,
+    /** The first `count` invocations (argument arrays), once they have arrived. */
+    take(count, ms = 5000) {
+      if (received.length >= count) return Promise.resolve(received.slice(0, count));
+      const waiter = { count, ...deferred() };
+      waiters.push(waiter);
+      return within(ms, waiter.promise, `${count} '${target}' invocation(s) (got ${received.length})`);
+    },
+    /** The argument array of the `n`th invocation (1-based). */
+    async nth(n, ms = 5000) {
+      const all = await this.take(n, ms);
+      return all[n - 1];
+    },
+  };
+}
+
+/**
+ * Resolves with the first `count` events (argument arrays) delivered to `connection` under any of
+ * `targets`, in arrival order. Used to prove a negative by ordering: publish the event that must
+ * not arrive, then one that must, and check the first one to arrive is the second.
+ */
+export function arrivals(connection, targets = ["RecommendationReady", "JobAssigned"]) {
+  const received = [];
+  const waiters = [];
+  for (const target of targets) {
+    connection.on(target, (...args) => {
+      received.push({ target, args });
+      for (const waiter of [...waiters]) {
+        if (received.length >= waiter.count) {
+          waiters.splice(waiters.indexOf(waiter), 1);
+          waiter.resolve(received.slice(0, waiter.count));
+        }
+      }
+    });
+  }
+  return {
+    received,
+    take(count, ms = 5000) {
+      if (received.length >= count) return Promise.resolve(received.slice(0, count));
+      const waiter = { count, ...deferred() };
+      waiters.push(waiter);
+      return within(ms, waiter.promise, `${count} event(s) on ${targets.join("/")} (got ${received.length})`);
+    },
+  };
+}
+
+/** A promise for the next onclose of `connection` (resolves with the error, possibly undefined). */
+export function nextClose(connection) {
+  const { promise, resolve } = deferred();
+  connection.onclose((error) => resolve(error));
+  return promise;
+}
