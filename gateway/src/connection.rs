@@ -194,13 +194,17 @@ impl Connection {
         }
         let timer =
             tokio::time::sleep_until(next_tick(last_sent, last_received, token_expires, settings));
-        tokio::pin!(timer);
+        // The shutdown and overflow futures are created once: re-creating them on every turn
+        // would register a waiter (a lock) per frame, and the shutdown token is shared by all.
         let overflow = inbox.overflow_signal();
+        let overflowed = overflow.wait();
+        let shutdown = self.shutdown.cancelled();
+        tokio::pin!(timer, overflowed, shutdown);
         loop {
             tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => return CloseReason::ServerShutdown,
-                () = overflow.wait() => return CloseReason::SlowConsumer,
+                () = &mut shutdown => return CloseReason::ServerShutdown,
+                () = &mut overflowed => return CloseReason::SlowConsumer,
                 () = &mut timer => {
                     let now = Instant::now();
                     if now >= token_expires {
