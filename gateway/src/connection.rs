@@ -440,3 +440,7 @@ fn next_tick(
         .min(last_received + settings.client_timeout)
         .min(token_expires)
 }
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;
