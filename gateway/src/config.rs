@@ -32,6 +32,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 * 1024;
 /// Default number of frames queued per connection before it counts as slow.
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+/// Shortest service key or connection token secret accepted, in bytes.
+pub const MIN_KEY_BYTES: usize = 16;
 /// Default number of groups one connection may be in.
 pub const DEFAULT_MAX_GROUPS_PER_CONNECTION: usize = 64;
 
@@ -153,6 +155,9 @@ pub struct AuthConfig {
     /// client may negotiate with one replica and connect to another; random per process when unset.
     #[arg(long, env = "GATEWAY_CONNECTION_TOKEN_SECRET", hide_env_values = true)]
     pub connection_token_secret: Option<Secret>,
+    /// File holding the connection token secret (trailing newline ignored).
+    #[arg(long, env = "GATEWAY_CONNECTION_TOKEN_SECRET_FILE")]
+    pub connection_token_secret_file: Option<PathBuf>,
 }
 
 /// Origin checks for negotiate (CORS) and the WebSocket upgrade.
@@ -266,13 +271,14 @@ impl std::str::FromStr for Secret {
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigError(pub Vec<String>);
 
-/// What `--dev` filled in, for the banner.
+/// The credentials in force in `--dev` mode, for the banner; `None` where they come from a file
+/// or a public key the banner cannot use.
 #[derive(Debug, Clone)]
 pub struct DevCredentials {
     /// The HS256 secret in force.
-    pub jwt_secret: Secret,
+    pub jwt_secret: Option<Secret>,
     /// The service key in force.
-    pub service_key: Secret,
+    pub service_key: Option<Secret>,
 }
 
 impl Config {
@@ -293,7 +299,10 @@ impl Config {
     /// is configured, any origin, clients without an Origin header.
     pub fn apply_dev_defaults(&mut self) -> DevCredentials {
         let auth = &mut self.auth;
-        if auth.jwt_secret.is_none() && auth.jwt_secret_file.is_none() {
+        if auth.jwt_algorithm == Algorithm::Hs256
+            && auth.jwt_secret.is_none()
+            && auth.jwt_secret_file.is_none()
+        {
             auth.jwt_secret = Some(Secret(dev::random_secret()));
         }
         if auth.service_key.is_none() && auth.service_key_file.is_none() {
@@ -304,8 +313,8 @@ impl Config {
         }
         self.cors.allow_missing_origin = true;
         DevCredentials {
-            jwt_secret: auth.jwt_secret.clone().unwrap_or(Secret(String::new())),
-            service_key: auth.service_key.clone().unwrap_or(Secret(String::new())),
+            jwt_secret: auth.jwt_secret.clone(),
+            service_key: auth.service_key.clone(),
         }
     }
 
@@ -350,10 +359,23 @@ impl Config {
         if auth.service_key.is_some() && auth.service_key_file.is_some() {
             problems.push("give either --service-key or --service-key-file, not both".to_owned());
         }
-        if let Some(key) = &auth.service_key
-            && key.0.len() < 16
-        {
-            problems.push("--service-key must be at least 16 characters".to_owned());
+        for (flag, value) in [
+            ("--service-key", &auth.service_key),
+            ("--connection-token-secret", &auth.connection_token_secret),
+        ] {
+            if let Some(value) = value
+                && value.0.len() < MIN_KEY_BYTES
+            {
+                problems.push(format!(
+                    "{flag} must be at least {MIN_KEY_BYTES} characters"
+                ));
+            }
+        }
+        if auth.connection_token_secret.is_some() && auth.connection_token_secret_file.is_some() {
+            problems.push(
+                "give either --connection-token-secret or --connection-token-secret-file, not both"
+                    .to_owned(),
+            );
         }
         for origin in &self.cors.origins {
             if origin != "*" && !valid_origin(origin) {

@@ -103,6 +103,11 @@ impl Connection {
                 self.run(&mut socket, &outbound, &mut inbox, &mut joined, pending)
                     .await
             }
+            // Before the handshake completes the client reads a handshake response, not a
+            // Close message, so even a shutdown is told as a handshake error.
+            Err(CloseReason::ServerShutdown) => {
+                CloseReason::Handshake(HandshakeError::ShuttingDown)
+            }
             Err(reason) => reason,
         };
         for group in &joined {
@@ -110,7 +115,10 @@ impl Connection {
         }
         tracing::debug!(reason = reason.label(), "connection closed");
         metrics::connection_closed(reason.label());
-        if reason != CloseReason::ClientClosed {
+        if reason == CloseReason::ClientClosed {
+            // Completes the WebSocket close handshake if the client started it.
+            let _ = timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+        } else {
             close(&mut socket, &reason).await;
         }
     }
@@ -186,7 +194,8 @@ impl Connection {
         let mut buffer = RecordBuffer::new(settings.max_message_bytes);
         let mut last_sent = Instant::now();
         let mut last_received = Instant::now();
-        let token_expires = token_deadline(self.principal.expires_at);
+        let token_expires =
+            token_deadline(self.principal.expires_at + crate::auth::token::LEEWAY_SECS);
         for record in pending {
             if let Err(reason) = self.on_record(socket, &record, outbound, joined).await {
                 return reason;
@@ -274,7 +283,10 @@ impl Connection {
         };
         let action = hub::handle(&self.principal, &invocation);
         let error = match action.outcome {
-            Outcome::Join(group) => self.join(group, outbound, joined).await.err(),
+            Outcome::Join(group) => self
+                .join(&invocation.target, group, outbound, joined)
+                .await
+                .err(),
             Outcome::Leave(group) => {
                 if let Some(at) = joined.iter().position(|g| *g == group) {
                     joined.swap_remove(at);
@@ -300,6 +312,7 @@ impl Connection {
 
     async fn join(
         &self,
+        method: &str,
         group: Group,
         outbound: &Outbound,
         joined: &mut Vec<Group>,
@@ -308,7 +321,7 @@ impl Connection {
         if !already && joined.len() >= self.settings.max_groups {
             metrics::join("too_many_groups");
             return Err(format!(
-                "An unexpected error occurred invoking the join on the server. HubException: this connection is already in {} groups, the limit",
+                "An unexpected error occurred invoking '{method}' on the server. HubException: this connection is already in {} groups, the limit",
                 joined.len()
             ));
         }
@@ -325,7 +338,7 @@ impl Connection {
                 metrics::join("broker_unavailable");
                 tracing::warn!(%group, error = %e, "join failed: broker unavailable");
                 Err(format!(
-                    "An unexpected error occurred invoking the join on the server. HubException: {e}; try again"
+                    "An unexpected error occurred invoking '{method}' on the server. HubException: {e}; try again"
                 ))
             }
         }

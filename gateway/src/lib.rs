@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Algorithm, ConnectionTokens, Verifier};
-use crate::config::{Config, Secret};
+use crate::config::{Config, ConfigError, MIN_KEY_BYTES, Secret};
 use crate::groups::Groups;
 use crate::http::AppState;
 use crate::shutdown::{Drained, Shutdown};
@@ -87,36 +87,15 @@ impl Gateway {
 /// cannot bind.
 pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Gateway> {
     config.validate()?;
-    let verifier = Arc::new(verifier(&config).await?);
-    let connection_tokens = ConnectionTokens::new(
-        match &config.auth.connection_token_secret {
-            Some(secret) => secret.expose().to_owned(),
-            None => {
-                tracing::warn!(
-                    "no connection token secret configured: negotiate tokens are valid on this replica only; set GATEWAY_CONNECTION_TOKEN_SECRET on every replica"
-                );
-                auth::dev::random_secret()
-            }
-        }
-        .as_bytes(),
-    );
-    let service_key = match (&config.auth.service_key, &config.auth.service_key_file) {
-        (Some(key), _) => Some(Arc::from(key.expose())),
-        (None, Some(path)) => Some(Arc::from(read_secret(path).await?.expose())),
-        (None, None) => {
-            tracing::warn!("no service key configured: POST /api/v1/events is disabled");
-            None
-        }
-    };
-
+    let keys = Keys::load(&config).await?;
     let shutdown = Shutdown::new();
     let (subscriptions, requests) = broker::subscriptions(broker::SUBSCRIPTION_QUEUE);
     let groups = Arc::new(Groups::new(subscriptions));
     let broker = broker::start_memory(groups.clone(), requests, &shutdown);
     let state = AppState {
-        verifier,
-        connection_tokens,
-        service_key,
+        verifier: Arc::new(keys.verifier),
+        connection_tokens: keys.connection_tokens,
+        service_key: keys.service_key,
         origins: Arc::new(http::origin::Origins::new(
             &config.cors.origins,
             config.cors.allow_missing_origin,
@@ -201,36 +180,124 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
     })
 }
 
-/// Builds the token verifier from the configured key material.
-async fn verifier(config: &Config) -> anyhow::Result<Verifier> {
-    let auth = &config.auth;
-    let key = match auth.jwt_algorithm {
-        Algorithm::Hs256 => match (&auth.jwt_secret, &auth.jwt_secret_file) {
-            (Some(secret), _) => secret.expose().as_bytes().to_vec(),
-            (None, Some(path)) => read_secret(path).await?.expose().as_bytes().to_vec(),
-            (None, None) => anyhow::bail!("no HS256 secret configured"),
-        },
-        Algorithm::Rs256 | Algorithm::Es256 => {
-            let path = auth
-                .jwt_public_key_file
-                .as_deref()
-                .context("no public key file configured")?;
-            tokio::fs::read(path)
-                .await
-                .with_context(|| format!("reading the JWT public key {}", path.display()))?
-        }
-    };
-    Ok(Verifier::try_new(
-        auth.jwt_algorithm,
-        &key,
-        auth.jwt_issuer.as_deref(),
-        auth.jwt_audience.as_deref(),
-    )?)
+/// Key material read from the configuration and its files.
+struct Keys {
+    verifier: Verifier,
+    connection_tokens: ConnectionTokens,
+    service_key: Option<Arc<str>>,
 }
 
-async fn read_secret(path: &Path) -> anyhow::Result<Secret> {
-    let text = tokio::fs::read_to_string(path)
-        .await
-        .with_context(|| format!("reading secret file {}", path.display()))?;
+impl Keys {
+    /// Reads every key file and checks every key, reporting all problems at once.
+    async fn load(config: &Config) -> Result<Self, ConfigError> {
+        let auth = &config.auth;
+        let mut problems = Vec::new();
+        let jwt_key = match auth.jwt_algorithm {
+            Algorithm::Hs256 => secret(
+                &auth.jwt_secret,
+                &auth.jwt_secret_file,
+                "--jwt-secret-file",
+                &mut problems,
+            )
+            .await
+            .map(|s| s.expose().as_bytes().to_vec()),
+            Algorithm::Rs256 | Algorithm::Es256 => match &auth.jwt_public_key_file {
+                Some(path) => match tokio::fs::read(path).await {
+                    Ok(pem) => Some(pem),
+                    Err(e) => {
+                        problems.push(format!("--jwt-public-key-file {}: {e}", path.display()));
+                        None
+                    }
+                },
+                None => None,
+            },
+        };
+        let verifier = jwt_key.and_then(|key| {
+            Verifier::try_new(
+                auth.jwt_algorithm,
+                &key,
+                auth.jwt_issuer.as_deref(),
+                auth.jwt_audience.as_deref(),
+            )
+            .map_err(|e| problems.push(format!("user token key: {e}")))
+            .ok()
+        });
+        let service_key = secret(
+            &auth.service_key,
+            &auth.service_key_file,
+            "--service-key-file",
+            &mut problems,
+        )
+        .await;
+        let connection_secret = secret(
+            &auth.connection_token_secret,
+            &auth.connection_token_secret_file,
+            "--connection-token-secret-file",
+            &mut problems,
+        )
+        .await;
+        // Values given directly were checked by `Config::validate`; these came from files.
+        for (flag, file, value) in [
+            ("--service-key-file", &auth.service_key_file, &service_key),
+            (
+                "--connection-token-secret-file",
+                &auth.connection_token_secret_file,
+                &connection_secret,
+            ),
+        ] {
+            if let (Some(path), Some(value)) = (file, value)
+                && value.expose().len() < MIN_KEY_BYTES
+            {
+                problems.push(format!(
+                    "{flag} {}: the key must be at least {MIN_KEY_BYTES} bytes",
+                    path.display()
+                ));
+            }
+        }
+        let Some(verifier) = verifier.filter(|_| problems.is_empty()) else {
+            if problems.is_empty() {
+                problems.push("no key for user tokens is configured".to_owned());
+            }
+            return Err(ConfigError(problems));
+        };
+        if service_key.is_none() {
+            tracing::warn!("no service key configured: POST /api/v1/events is disabled");
+        }
+        let connection_secret = connection_secret.unwrap_or_else(|| {
+            tracing::warn!(
+                "no connection token secret configured: negotiate tokens are valid on this replica only; set GATEWAY_CONNECTION_TOKEN_SECRET on every replica"
+            );
+            Secret::new(auth::dev::random_secret())
+        });
+        Ok(Self {
+            verifier,
+            connection_tokens: ConnectionTokens::new(connection_secret.expose().as_bytes()),
+            service_key: service_key.map(|key| Arc::from(key.expose())),
+        })
+    }
+}
+
+/// A secret given directly or by file; a file that cannot be read is a problem.
+async fn secret(
+    value: &Option<Secret>,
+    file: &Option<std::path::PathBuf>,
+    flag: &str,
+    problems: &mut Vec<String>,
+) -> Option<Secret> {
+    if let Some(value) = value {
+        return Some(value.clone());
+    }
+    let path = file.as_deref()?;
+    match read_secret(path).await {
+        Ok(secret) => Some(secret),
+        Err(e) => {
+            problems.push(format!("{flag} {}: {e}", path.display()));
+            None
+        }
+    }
+}
+
+async fn read_secret(path: &Path) -> std::io::Result<Secret> {
+    let text = tokio::fs::read_to_string(path).await?;
     Ok(Secret::new(text.trim_end_matches(['\n', '\r'])))
 }

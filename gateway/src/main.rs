@@ -85,36 +85,12 @@ fn print_dev_banner(
     iss: Option<String>,
     aud: Option<String>,
 ) -> anyhow::Result<()> {
-    let secret = dev.jwt_secret.expose().as_bytes();
-    let exp = unix_now() + 12 * 3600;
-    let dispatcher = dev::mint(
-        secret,
-        &TokenClaims {
-            sub: "dev-dispatcher".to_owned(),
-            role: "dispatcher".to_owned(),
-            regions: vec!["west".to_owned(), "east".to_owned()],
-            contractor_id: None,
-            exp,
-            iss: iss.clone(),
-            aud: aud.clone(),
-        },
-    )?;
-    let contractor_id = "11111111-2222-4333-8444-555555555555";
-    let contractor = dev::mint(
-        secret,
-        &TokenClaims {
-            sub: "dev-contractor".to_owned(),
-            role: "contractor".to_owned(),
-            regions: Vec::new(),
-            contractor_id: Some(contractor_id.to_owned()),
-            exp,
-            iss,
-            aud,
-        },
-    )?;
     let public = gateway.public_addr();
     let admin = gateway.admin_addr();
-    let key = dev.service_key.expose();
+    let key = dev
+        .service_key
+        .as_ref()
+        .map_or("<the key in your --service-key-file>", |k| k.expose());
     println!(
         r#"
 gateway is running in DEVELOPMENT mode (ephemeral secrets, any origin allowed)
@@ -122,20 +98,46 @@ gateway is running in DEVELOPMENT mode (ephemeral secrets, any origin allowed)
   hub:      ws://{public}/hub/v1        (SignalR JSON protocol)
   publish:  http://{public}/api/v1/events
   admin:    http://{admin}/readyz  /metrics
-
-  GATEWAY_JWT_SECRET={jwt}
-  service key:       {key}
+  service key:  {key}"#
+    );
+    match &dev.jwt_secret {
+        Some(secret) => {
+            let exp = unix_now() + 12 * 3600;
+            let mint = |sub: &str, role: &str, regions: &[&str], contractor: Option<&str>| {
+                dev::mint(
+                    secret.expose().as_bytes(),
+                    &TokenClaims {
+                        sub: sub.to_owned(),
+                        role: role.to_owned(),
+                        regions: regions.iter().map(|r| (*r).to_owned()).collect(),
+                        contractor_id: contractor.map(str::to_owned),
+                        exp,
+                        iss: iss.clone(),
+                        aud: aud.clone(),
+                    },
+                )
+            };
+            let contractor_id = "11111111-2222-4333-8444-555555555555";
+            println!(
+                r#"  GATEWAY_JWT_SECRET={jwt}   (for `gateway token`)
   dispatcher token (regions west, east), valid 12 h:
     {dispatcher}
   contractor token ({contractor_id}), valid 12 h:
-    {contractor}
-
+    {contractor}"#,
+                jwt = secret.expose(),
+                dispatcher = mint("dev-dispatcher", "dispatcher", &["west", "east"], None)?,
+                contractor = mint("dev-contractor", "contractor", &[], Some(contractor_id))?,
+            );
+        }
+        None => println!("  user tokens: sign them with the key you configured"),
+    }
+    println!(
+        r#"
 publish an event:
   curl -i -X POST http://{public}/api/v1/events \
     -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
     -d '{{"type":"RecommendationReady","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","region":"west","configVersion":1,"generatedAt":"2025-11-08T12:34:56Z"}}'
-"#,
-        jwt = dev.jwt_secret.expose(),
+"#
     );
     Ok(())
 }
@@ -143,12 +145,29 @@ publish an event:
 /// `gateway token`: prints one HS256 token signed with the configured secret.
 #[allow(clippy::print_stdout)] // The token is this command's output.
 fn token(config: &Config, args: &TokenArgs) -> ExitCode {
-    let Some(secret) = &config.auth.jwt_secret else {
+    let secret = match (&config.auth.jwt_secret, &config.auth.jwt_secret_file) {
+        (Some(secret), _) => secret.expose().to_owned(),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(text) => text.trim_end_matches(['\n', '\r']).to_owned(),
+            Err(e) => {
+                eprintln!("gateway token: cannot read {}: {e}", path.display());
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        (None, None) => {
+            eprintln!(
+                "gateway token: set GATEWAY_JWT_SECRET or GATEWAY_JWT_SECRET_FILE to the gateway's HS256 secret"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if secret.len() < gateway::auth::token::MIN_SECRET_BYTES {
         eprintln!(
-            "gateway token: set GATEWAY_JWT_SECRET (or --jwt-secret) to the gateway's HS256 secret"
+            "gateway token: the HS256 secret must be at least {} bytes",
+            gateway::auth::token::MIN_SECRET_BYTES
         );
         return ExitCode::from(EXIT_USAGE);
-    };
+    }
     let (role, regions) = match args.role {
         TokenRole::Dispatcher if args.regions.is_empty() => {
             eprintln!("gateway token: a dispatcher needs at least one --region");
@@ -166,7 +185,7 @@ fn token(config: &Config, args: &TokenArgs) -> ExitCode {
         iss: config.auth.jwt_issuer.clone(),
         aud: config.auth.jwt_audience.clone(),
     };
-    match dev::mint(secret.expose().as_bytes(), &claims) {
+    match dev::mint(secret.as_bytes(), &claims) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

@@ -20,6 +20,10 @@ pub enum Algorithm {
     Es256,
 }
 
+/// Clock skew tolerated on `exp`, in seconds. Open connections are closed at `exp` plus this, so
+/// a token accepted at the upgrade is never cut off at once.
+pub const LEEWAY_SECS: u64 = 30;
+
 /// Shortest HS256 secret accepted, in bytes (RFC 7518 asks for at least the hash size).
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -134,7 +138,7 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm.into());
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 30;
+        validation.leeway = LEEWAY_SECS;
         if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
             validation.required_spec_claims.insert("iss".to_owned());
@@ -157,6 +161,9 @@ impl Verifier {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
+        // A header that does not parse is not a JWT at all; claims that do not parse are a
+        // JWT with the wrong content. Tell the two apart.
+        jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| refusal(e.kind()))?;
         principal(data.claims)

@@ -1,1 +1,539 @@
+//! Memberships, broker subscriptions and fan-out, with the test playing the broker.
+//!
+//! Time is paused, so "nothing arrived within a millisecond" means "nothing was sent": the clock
+//! only moves when every task is idle.
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use publisher_lib::contract::{EventKind, Group};
+use tokio::time::timeout;
+
+use super::{ConnId, Groups};
+use crate::broker::{
+    self, BrokerError, Fanout, Publication, SubscriptionRequest, SubscriptionRequests,
+};
+use crate::outbound::{self, Frame, Inbox, Outbound, Rejected};
+use crate::shutdown::Shutdown;
+
+const PAYLOAD: &str = r#"{"type":"JobAssigned","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","contractorId":"11111111-2222-4333-8444-555555555555","region":"west"}"#;
+
+/// What the broker was asked, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Asked {
+    Subscribe(&'static str, u64),
+    Unsubscribe(&'static str, u64),
+}
+
+/// One replica's registry, with the test answering its subscription requests.
+struct Replica {
+    groups: Groups,
+    requests: SubscriptionRequests,
+    answer: Result<(), BrokerError>,
+    asked: Vec<Asked>,
+}
+
+impl Replica {
+    fn new() -> Self {
+        let (subscriptions, requests) = broker::subscriptions(8);
+        Self {
+            groups: Groups::new(subscriptions),
+            requests,
+            answer: Ok(()),
+            asked: Vec::new(),
+        }
+    }
+
+    /// A replica whose broker refuses every subscription.
+    fn unavailable() -> Self {
+        Self {
+            answer: Err(BrokerError::Unavailable("redis is down".to_owned())),
+            ..Self::new()
+        }
+    }
+
+    /// A member: a new connection id and its queue.
+    fn connect(&self, capacity: usize) -> (ConnId, Outbound, Inbox) {
+        let (outbound, inbox) = outbound::channel(capacity);
+        (self.groups.next_conn_id(), outbound, inbox)
+    }
+
+    /// Joins, answering whatever the registry asks the broker meanwhile.
+    async fn join(
+        &mut self,
+        conn: ConnId,
+        group: &Group,
+        outbound: &Outbound,
+    ) -> Result<(), BrokerError> {
+        let Self {
+            groups,
+            requests,
+            answer,
+            asked,
+        } = self;
+        let join = groups.join(conn, group, outbound);
+        tokio::pin!(join);
+        loop {
+            tokio::select! {
+                outcome = &mut join => return outcome,
+                Some(request) = requests.recv() => respond(request, answer, asked),
+            }
+        }
+    }
+
+    /// Leaves, then collects what the broker was told.
+    async fn leave(&mut self, conn: ConnId, group: &Group) {
+        self.groups.leave(conn, group).await;
+        self.settle().await;
+    }
+
+    /// Answers every request already sent.
+    async fn settle(&mut self) {
+        while let Ok(Some(request)) = timeout(Duration::from_millis(1), self.requests.recv()).await
+        {
+            respond(request, &self.answer, &mut self.asked);
+        }
+    }
+
+    /// What the broker was asked since the last call.
+    fn asked(&mut self) -> Vec<Asked> {
+        std::mem::take(&mut self.asked)
+    }
+
+    fn publish(&self, group: &Group) {
+        self.groups.fan_out(&publication(group));
+    }
+}
+
+fn respond(request: SubscriptionRequest, answer: &Result<(), BrokerError>, asked: &mut Vec<Asked>) {
+    match request {
+        SubscriptionRequest::Subscribe {
+            group,
+            generation,
+            ack,
+        } => {
+            asked.push(Asked::Subscribe(leak(group.name()), generation));
+            let _ = ack.send(answer.clone());
+        }
+        SubscriptionRequest::Unsubscribe { group, generation } => {
+            asked.push(Asked::Unsubscribe(leak(group.name()), generation));
+        }
+    }
+}
+
+/// Group names in `Asked` are compared with literals; the few leaked bytes end with the test.
+fn leak(name: &str) -> &'static str {
+    Box::leak(name.to_owned().into_boxed_str())
+}
+
+fn west() -> Group {
+    Group::try_dispatch("west").unwrap()
+}
+
+fn east() -> Group {
+    Group::try_dispatch("east").unwrap()
+}
+
+fn publication(group: &Group) -> Publication {
+    Publication {
+        group: group.clone(),
+        kind: EventKind::JobAssigned,
+        payload: Bytes::from_static(PAYLOAD.as_bytes()),
+        published_at: SystemTime::now(),
+    }
+}
+
+fn job_assigned_frame() -> String {
+    format!("{{\"type\":1,\"target\":\"JobAssigned\",\"arguments\":[{PAYLOAD}]}}\u{1e}")
+}
+
+/// Takes every frame queued in `inbox` and compares their text with `expected`.
+fn check(inbox: &mut Inbox, expected: &[&str]) {
+    let mut got = Vec::new();
+    while let Some(frame) = inbox.try_recv() {
+        got.push(String::from_utf8(frame.bytes().to_vec()).unwrap());
+    }
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_member_subscribes_and_the_second_does_not() {
+    let mut replica = Replica::new();
+    let (a, out_a, _inbox_a) = replica.connect(8);
+    let (b, out_b, _inbox_b) = replica.connect(8);
+
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.settle().await;
+    let asked = replica.asked();
+    let [Asked::Subscribe("/dispatch/west", _)] = asked.as_slice() else {
+        panic!("expected one subscribe of /dispatch/west, got {asked:?}");
+    };
+
+    replica.join(b, &west(), &out_b).await.unwrap();
+    replica.settle().await;
+    assert_eq!(replica.asked(), []);
+    assert_eq!(replica.groups.member_count(&west()), 2);
+    assert_eq!(replica.groups.group_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn joining_twice_is_harmless() {
+    let mut replica = Replica::new();
+    let (a, out_a, mut inbox_a) = replica.connect(8);
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.settle().await;
+
+    assert_eq!(replica.asked().len(), 1);
+    assert_eq!(replica.groups.member_count(&west()), 1);
+    replica.publish(&west());
+    check(&mut inbox_a, &[&job_assigned_frame()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_completes_only_once_the_subscription_is_live() {
+    let (subscriptions, mut requests) = broker::subscriptions(8);
+    let groups = Groups::new(subscriptions);
+    let (outbound, _inbox) = outbound::channel(8);
+    let conn = groups.next_conn_id();
+
+    let group = west();
+    let join = groups.join(conn, &group, &outbound);
+    tokio::pin!(join);
+    let request = tokio::select! {
+        request = requests.recv() => request.unwrap(),
+        outcome = &mut join => panic!("join ended before the broker answered: {outcome:?}"),
+    };
+    let SubscriptionRequest::Subscribe {
+        group: asked, ack, ..
+    } = request
+    else {
+        panic!("expected a subscribe, got {request:?}");
+    };
+    assert_eq!(asked, group);
+    assert!(
+        timeout(Duration::from_secs(60), &mut join).await.is_err(),
+        "join completed without an acknowledgement"
+    );
+
+    ack.send(Ok(())).unwrap();
+    assert_eq!(join.await, Ok(()));
+    assert_eq!(groups.member_count(&west()), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_member_waits_for_the_pending_subscription_of_the_first() {
+    let (subscriptions, mut requests) = broker::subscriptions(8);
+    let groups = Groups::new(subscriptions);
+    let (out_a, _inbox_a) = outbound::channel(8);
+    let (out_b, _inbox_b) = outbound::channel(8);
+    let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
+
+    let group = west();
+    let join_a = groups.join(a, &group, &out_a);
+    let join_b = groups.join(b, &group, &out_b);
+    tokio::pin!(join_a, join_b);
+    let request = tokio::select! {
+        request = requests.recv() => request.unwrap(),
+        outcome = &mut join_a => panic!("first join ended early: {outcome:?}"),
+    };
+    assert!(timeout(Duration::from_secs(60), &mut join_b).await.is_err());
+    let SubscriptionRequest::Subscribe { ack, .. } = request else {
+        panic!("expected a subscribe, got {request:?}");
+    };
+    ack.send(Ok(())).unwrap();
+
+    assert_eq!(tokio::join!(join_a, join_b), (Ok(()), Ok(())));
+    assert!(
+        timeout(Duration::from_millis(1), requests.recv())
+            .await
+            .is_err()
+    );
+    assert_eq!(groups.member_count(&west()), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fan_out_delivers_one_shared_frame_to_each_member() {
+    let mut replica = Replica::new();
+    let (a, out_a, mut inbox_a) = replica.connect(8);
+    let (b, out_b, mut inbox_b) = replica.connect(8);
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.join(b, &west(), &out_b).await.unwrap();
+
+    replica.publish(&west());
+
+    let frame_a = inbox_a.try_recv().unwrap().bytes();
+    let frame_b = inbox_b.try_recv().unwrap().bytes();
+    assert_eq!(frame_a, job_assigned_frame().as_bytes());
+    assert_eq!(frame_b, job_assigned_frame().as_bytes());
+    assert_eq!(
+        frame_a.as_ptr(),
+        frame_b.as_ptr(),
+        "the event was encoded once per member instead of once per publication"
+    );
+    check(&mut inbox_a, &[]);
+    check(&mut inbox_b, &[]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fan_out_reaches_only_the_members_of_the_addressed_group() {
+    let mut replica = Replica::new();
+    let (a, out_a, mut inbox_a) = replica.connect(8);
+    let (b, out_b, mut inbox_b) = replica.connect(8);
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.join(a, &east(), &out_a).await.unwrap();
+    replica.join(b, &east(), &out_b).await.unwrap();
+
+    replica.publish(&west());
+    replica.publish(&Group::try_dispatch("north").unwrap());
+
+    check(&mut inbox_a, &[&job_assigned_frame()]);
+    check(&mut inbox_b, &[]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_member_out_unsubscribes_with_the_groups_generation() {
+    let mut replica = Replica::new();
+    let (a, out_a, _inbox_a) = replica.connect(8);
+    let (b, out_b, mut inbox_b) = replica.connect(8);
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.join(b, &west(), &out_b).await.unwrap();
+    replica.settle().await;
+    let asked = replica.asked();
+    let [Asked::Subscribe("/dispatch/west", generation)] = asked.as_slice() else {
+        panic!("expected one subscribe, got {asked:?}");
+    };
+
+    replica.leave(a, &west()).await;
+    assert_eq!(replica.asked(), []);
+    assert_eq!(replica.groups.member_count(&west()), 1);
+
+    replica.leave(b, &west()).await;
+    assert_eq!(
+        replica.asked(),
+        [Asked::Unsubscribe("/dispatch/west", *generation)]
+    );
+    assert_eq!(replica.groups.member_count(&west()), 0);
+    assert_eq!(replica.groups.group_count(), 0);
+
+    replica.publish(&west());
+    check(&mut inbox_b, &[]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_joined_again_after_emptying_gets_a_newer_generation() {
+    let mut replica = Replica::new();
+    let (a, out_a, _inbox_a) = replica.connect(8);
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.leave(a, &west()).await;
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.settle().await;
+
+    let asked = replica.asked();
+    let [
+        Asked::Subscribe("/dispatch/west", first),
+        Asked::Unsubscribe("/dispatch/west", left),
+        Asked::Subscribe("/dispatch/west", second),
+    ] = asked.as_slice()
+    else {
+        panic!("expected subscribe, unsubscribe, subscribe; got {asked:?}");
+    };
+    assert_eq!(left, first);
+    assert!(second > first, "{asked:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaving_a_group_one_is_not_in_changes_nothing() {
+    let mut replica = Replica::new();
+    let (a, out_a, mut inbox_a) = replica.connect(8);
+    let (b, _out_b, _inbox_b) = replica.connect(8);
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.settle().await;
+    replica.asked();
+
+    replica.leave(b, &west()).await;
+    replica.leave(a, &east()).await;
+
+    assert_eq!(replica.asked(), []);
+    assert_eq!(replica.groups.member_count(&west()), 1);
+    replica.publish(&west());
+    check(&mut inbox_a, &[&job_assigned_frame()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_subscribe_leaves_no_member_behind() {
+    let mut replica = Replica::unavailable();
+    let (a, out_a, mut inbox_a) = replica.connect(8);
+
+    assert_eq!(
+        replica.join(a, &west(), &out_a).await,
+        Err(BrokerError::Unavailable("redis is down".to_owned()))
+    );
+    replica.settle().await;
+
+    let asked = replica.asked();
+    assert!(
+        matches!(asked.as_slice(), [Asked::Subscribe("/dispatch/west", _)]),
+        "a failed subscription must not be unsubscribed: {asked:?}"
+    );
+    assert_eq!(replica.groups.member_count(&west()), 0);
+    assert_eq!(replica.groups.group_count(), 0);
+    replica.publish(&west());
+    check(&mut inbox_a, &[]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn members_waiting_on_a_failed_subscribe_all_fail() {
+    let (subscriptions, mut requests) = broker::subscriptions(8);
+    let groups = Groups::new(subscriptions);
+    let (out_a, _inbox_a) = outbound::channel(8);
+    let (out_b, _inbox_b) = outbound::channel(8);
+    let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
+
+    let group = west();
+    let join_a = groups.join(a, &group, &out_a);
+    let join_b = groups.join(b, &group, &out_b);
+    tokio::pin!(join_a, join_b);
+    let request = tokio::select! {
+        request = requests.recv() => request.unwrap(),
+        outcome = &mut join_a => panic!("first join ended early: {outcome:?}"),
+    };
+    assert!(timeout(Duration::from_secs(60), &mut join_b).await.is_err());
+    let SubscriptionRequest::Subscribe { ack, .. } = request else {
+        panic!("expected a subscribe, got {request:?}");
+    };
+    let refusal = BrokerError::Unavailable("redis is down".to_owned());
+    ack.send(Err(refusal.clone())).unwrap();
+
+    assert_eq!(
+        tokio::join!(join_a, join_b),
+        (Err(refusal.clone()), Err(refusal))
+    );
+    assert_eq!(groups.member_count(&west()), 0);
+    assert_eq!(groups.group_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_broker_fails_the_join() {
+    let (subscriptions, requests) = broker::subscriptions(8);
+    let groups = Groups::new(subscriptions);
+    drop(requests);
+    let (outbound, _inbox) = outbound::channel(8);
+
+    assert_eq!(
+        groups.join(groups.next_conn_id(), &west(), &outbound).await,
+        Err(BrokerError::Stopped)
+    );
+    assert_eq!(groups.group_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_overflows_once_and_other_members_still_get_frames() {
+    let mut replica = Replica::new();
+    let (slow, out_slow, mut inbox_slow) = replica.connect(1);
+    let (fast, out_fast, mut inbox_fast) = replica.connect(8);
+    replica.join(slow, &west(), &out_slow).await.unwrap();
+    replica.join(fast, &west(), &out_fast).await.unwrap();
+    let overflow = inbox_slow.overflow_signal();
+
+    replica.publish(&west());
+    assert!(
+        timeout(Duration::from_secs(60), overflow.wait())
+            .await
+            .is_err(),
+        "a queue with room overflowed"
+    );
+    replica.publish(&west());
+    replica.publish(&west());
+
+    timeout(Duration::from_secs(1), overflow.wait())
+        .await
+        .expect("the full queue did not signal its overflow");
+    let frame = job_assigned_frame();
+    check(&mut inbox_slow, &[&frame]);
+    check(&mut inbox_fast, &[&frame, &frame, &frame]);
+    // The overflow was marked by the fan-out already, so no later push counts it again.
+    let probe = Frame::new(Bytes::from_static(b"{}\x1e"));
+    assert_eq!(out_slow.try_push(&probe), Err(Rejected::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_connection_does_not_stop_the_others_getting_frames() {
+    let mut replica = Replica::new();
+    let (gone, out_gone, inbox_gone) = replica.connect(8);
+    let (here, out_here, mut inbox_here) = replica.connect(8);
+    replica.join(gone, &west(), &out_gone).await.unwrap();
+    replica.join(here, &west(), &out_here).await.unwrap();
+    drop(inbox_gone);
+
+    replica.publish(&west());
+
+    check(&mut inbox_here, &[&job_assigned_frame()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn counts_follow_joins_and_leaves() {
+    let mut replica = Replica::new();
+    let contractor = Group::try_contractor("11111111-2222-4333-8444-555555555555").unwrap();
+    let (a, out_a, _inbox_a) = replica.connect(8);
+    let (b, out_b, _inbox_b) = replica.connect(8);
+    assert_eq!(replica.groups.group_count(), 0);
+    assert_eq!(replica.groups.member_count(&west()), 0);
+
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.join(a, &east(), &out_a).await.unwrap();
+    replica.join(b, &west(), &out_b).await.unwrap();
+    replica.join(b, &contractor, &out_b).await.unwrap();
+    let counts = |groups: &Groups| {
+        (
+            groups.group_count(),
+            groups.member_count(&west()),
+            groups.member_count(&east()),
+            groups.member_count(&contractor),
+        )
+    };
+    assert_eq!(counts(&replica.groups), (3, 2, 1, 1));
+
+    replica.leave(a, &west()).await;
+    replica.leave(a, &east()).await;
+    assert_eq!(counts(&replica.groups), (2, 1, 0, 1));
+
+    replica.leave(b, &west()).await;
+    replica.leave(b, &contractor).await;
+    assert_eq!(counts(&replica.groups), (0, 0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn connection_ids_are_unique() {
+    let replica = Replica::new();
+    let ids: Vec<ConnId> = (0..100).map(|_| replica.groups.next_conn_id()).collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_memory_broker_delivers_a_publication_to_joined_members() {
+    let shutdown = Shutdown::new();
+    let (subscriptions, requests) = broker::subscriptions(8);
+    let groups = Arc::new(Groups::new(subscriptions));
+    let broker = broker::start_memory(groups.clone(), requests, &shutdown);
+    let (outbound, mut inbox) = outbound::channel(8);
+    let conn = groups.next_conn_id();
+
+    groups.join(conn, &west(), &outbound).await.unwrap();
+    broker
+        .publish(
+            EventKind::JobAssigned,
+            Bytes::from_static(PAYLOAD.as_bytes()),
+            &[west(), east()],
+        )
+        .await
+        .unwrap();
+
+    check(&mut inbox, &[&job_assigned_frame()]);
+    groups.leave(conn, &west()).await;
+    shutdown.stop_background(Duration::from_secs(1)).await;
+}

@@ -69,7 +69,7 @@ impl CloseReason {
     /// The WebSocket close code sent after the Close record.
     pub fn ws_code(&self) -> u16 {
         match self {
-            Self::ServerShutdown => 1001,
+            Self::ServerShutdown | Self::Handshake(HandshakeError::ShuttingDown) => 1001,
             Self::SlowConsumer | Self::ClientTimeout | Self::TokenExpired => 1000,
             Self::Protocol(ProtocolError::TooLarge { .. }) => 1009,
             Self::Protocol(ProtocolError::Binary) => 1003,

@@ -95,7 +95,8 @@ impl RecordBuffer {
     /// # Errors
     /// [`ProtocolError::TooLarge`] when the message or an unfinished record exceeds the limit.
     pub fn feed(&mut self, text: &str) -> Result<Vec<String>, ProtocolError> {
-        if text.len() > self.limit || self.partial.len() + text.len() > self.limit * 2 {
+        if text.len() > self.limit || self.partial.len() + text.len() > self.limit.saturating_mul(2)
+        {
             return Err(ProtocolError::TooLarge { limit: self.limit });
         }
         let mut records = Vec::new();
@@ -143,7 +144,7 @@ pub fn decode(record: &str) -> Result<Message, ProtocolError> {
         stream_ids: Option<Value>,
     }
     let raw: Raw =
-        serde_json::from_str(record).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        serde_json::from_str(record).map_err(|e| ProtocolError::Malformed(without_position(&e)))?;
     let kind = raw
         .kind
         .as_ref()
@@ -230,6 +231,16 @@ pub(super) fn record(message: &Value) -> String {
     let mut text = message.to_string();
     text.push(RECORD_SEPARATOR);
     text
+}
+
+/// serde_json's message without its " at line 1 column 7" suffix, which means nothing to a
+/// client that sent one line.
+pub(super) fn without_position(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message,
+    }
 }
 
 fn malformed(what: &str) -> ProtocolError {

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::codec::record;
+use super::codec::{record, without_position};
 
 /// The highest protocol version accepted. Version 2 is what a client asking for stateful
 /// reconnect sends; without a negotiated stateful reconnect it behaves exactly like version 1.
@@ -26,6 +26,9 @@ pub enum HandshakeError {
     /// The client took too long, or sent too much before completing it.
     #[error("Handshake was canceled.")]
     Canceled,
+    /// The server began shutting down before the handshake completed.
+    #[error("The server is shutting down.")]
+    ShuttingDown,
 }
 
 impl HandshakeError {
@@ -36,6 +39,7 @@ impl HandshakeError {
             Self::UnsupportedProtocol(_) => "unsupported_protocol",
             Self::UnsupportedVersion(_) => "unsupported_version",
             Self::Canceled => "timeout",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 
@@ -56,7 +60,7 @@ pub fn accept(record: &str) -> Result<(), HandshakeError> {
         version: u64,
     }
     let request: Request = serde_json::from_str(record)
-        .map_err(|e| HandshakeError::Malformed(strip_position(&e.to_string())))?;
+        .map_err(|e| HandshakeError::Malformed(without_position(&e)))?;
     if request.protocol != "json" {
         return Err(HandshakeError::UnsupportedProtocol(request.protocol));
     }
@@ -64,11 +68,4 @@ pub fn accept(record: &str) -> Result<(), HandshakeError> {
         return Err(HandshakeError::UnsupportedVersion(request.version));
     }
     Ok(())
-}
-
-fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(at) => message[..at].to_owned(),
-        None => message.to_owned(),
-    }
 }

@@ -31,8 +31,10 @@ pub enum EventKind {
 #[serde(rename_all = "camelCase")]
 pub struct RecommendationReady {
     /// The job whose recommendations are ready.
+    #[serde(deserialize_with = "validate::uuid")]
     pub job_id: Uuid,
     /// Correlates with the `POST /recommendations` call that asked for them.
+    #[serde(deserialize_with = "validate::uuid")]
     pub request_id: Uuid,
     /// Region of the job; names the dispatch group.
     pub region: String,
@@ -48,10 +50,13 @@ pub struct RecommendationReady {
 #[serde(rename_all = "camelCase")]
 pub struct JobAssigned {
     /// The job that was assigned.
+    #[serde(deserialize_with = "validate::uuid")]
     pub job_id: Uuid,
     /// The contractor it was assigned to; names the contractor group.
+    #[serde(deserialize_with = "validate::uuid")]
     pub contractor_id: Uuid,
     /// The assignment record.
+    #[serde(deserialize_with = "validate::uuid")]
     pub assignment_id: Uuid,
     /// Start of the assigned slot (UTC).
     #[serde(deserialize_with = "validate::utc_timestamp")]
@@ -64,6 +69,7 @@ pub struct JobAssigned {
     /// Whether the assignment was made automatically or by a dispatcher.
     pub source: Source,
     /// Links to the audit record of the recommendation.
+    #[serde(deserialize_with = "validate::uuid")]
     pub audit_id: Uuid,
 }
 

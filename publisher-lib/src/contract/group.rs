@@ -29,7 +29,7 @@ pub enum InvalidGroup {
     #[error("must not be empty")]
     Empty,
     /// The id part is too long.
-    #[error("is {0} characters long; at most {MAX_GROUP_ID_LEN} are allowed")]
+    #[error("is {0} bytes long; at most {MAX_GROUP_ID_LEN} are allowed")]
     TooLong(usize),
     /// The id part has a character outside `A-Z a-z 0-9 - _ .`.
     #[error("may contain only letters, digits, '-', '_' and '.'")]
@@ -121,7 +121,7 @@ fn check_id(id: &str) -> Result<(), InvalidGroup> {
         return Err(InvalidGroup::Empty);
     }
     if id.len() > MAX_GROUP_ID_LEN {
-        return Err(InvalidGroup::TooLong(id.chars().count()));
+        return Err(InvalidGroup::TooLong(id.len()));
     }
     let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
     if !id.bytes().all(allowed) {

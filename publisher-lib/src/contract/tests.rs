@@ -36,9 +36,17 @@ fn both_contract_examples_are_accepted() {
         &with(
             RECOMMENDATION,
             "generatedAt",
-            r#""2025-11-08T12:34:56.123+00:00""#,
+            r#""2025-11-08T12:34:56.123Z""#,
         ),
         Ok(EventKind::RecommendationReady),
+    );
+    check(
+        &with(
+            ASSIGNMENT,
+            "contractorId",
+            r#""11111111-2222-4333-8444-55555555555A""#,
+        ),
+        Ok(EventKind::JobAssigned),
     );
 }
 
@@ -58,7 +66,17 @@ fn fields_a_newer_backend_adds_are_accepted() {
 fn each_broken_rule_is_named() {
     check(
         &with(RECOMMENDATION, "jobId", r#""not-a-uuid""#),
-        Err("field `jobId`: UUID parsing failed: invalid character: found `n` at 0"),
+        Err("field `jobId`: `not-a-uuid` is not a UUID like 7d9f4f3e-1c2b-4d5e-8f60-123456789abc"),
+    );
+    check(
+        &with(
+            RECOMMENDATION,
+            "jobId",
+            r#""7d9f4f3e1c2b4d5e8f60123456789abc""#,
+        ),
+        Err(
+            "field `jobId`: `7d9f4f3e1c2b4d5e8f60123456789abc` is not a UUID like 7d9f4f3e-1c2b-4d5e-8f60-123456789abc",
+        ),
     );
     check(
         &without(ASSIGNMENT, "auditId"),
@@ -74,7 +92,25 @@ fn each_broken_rule_is_named() {
             "generatedAt",
             r#""2025-11-08T12:34:56+02:00""#,
         ),
-        Err("field `generatedAt`: `2025-11-08T12:34:56+02:00` is not in UTC; use a `Z` suffix"),
+        Err("field `generatedAt`: `2025-11-08T12:34:56+02:00` is not in UTC with a `Z` suffix"),
+    );
+    check(
+        &with(
+            RECOMMENDATION,
+            "generatedAt",
+            r#""2025-11-08T12:34:56+00:00""#,
+        ),
+        Err("field `generatedAt`: `2025-11-08T12:34:56+00:00` is not in UTC with a `Z` suffix"),
+    );
+    check(
+        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08 12:34:56Z""#),
+        Err(
+            "field `generatedAt`: `2025-11-08 12:34:56Z` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z",
+        ),
+    );
+    check(
+        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08T12:34:56z""#),
+        Err("field `generatedAt`: `2025-11-08T12:34:56z` is not in UTC with a `Z` suffix"),
     );
     check(
         &with(RECOMMENDATION, "generatedAt", r#""yesterday""#),

@@ -102,23 +102,47 @@ pub(super) fn slot(start: DateTime<Utc>, end: DateTime<Utc>) -> Result<(), Valid
     Ok(())
 }
 
-/// Deserializes an RFC 3339 / ISO 8601 timestamp that must be in UTC (`Z` or `+00:00`).
+/// Deserializes an ISO 8601 timestamp in UTC, written as the contract writes it:
+/// `2025-11-08T12:34:56Z`, optionally with fractional seconds. Other offsets, `+00:00`, a
+/// lowercase `z` or a space instead of `T` are refused, so browsers only ever see one form.
 pub(super) fn utc_timestamp<'de, D>(deserializer: D) -> Result<DateTime<Utc>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
     let text = String::deserialize(deserializer)?;
-    let parsed = DateTime::parse_from_rfc3339(&text).map_err(|_| {
-        serde::de::Error::custom(format!(
-            "`{text}` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z"
-        ))
-    })?;
-    if parsed.offset().local_minus_utc() != 0 {
+    let parsed = DateTime::parse_from_rfc3339(&text)
+        .ok()
+        .filter(|_| text.as_bytes().get(10) == Some(&b'T'));
+    let Some(parsed) = parsed else {
         return Err(serde::de::Error::custom(format!(
-            "`{text}` is not in UTC; use a `Z` suffix"
+            "`{text}` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z"
+        )));
+    };
+    if !text.ends_with('Z') || parsed.offset().local_minus_utc() != 0 {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}` is not in UTC with a `Z` suffix"
         )));
     }
     Ok(parsed.with_timezone(&Utc))
+}
+
+/// Deserializes a UUID in its canonical 36-character hyphenated form (either case).
+pub(super) fn uuid<'de, D>(deserializer: D) -> Result<uuid::Uuid, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    let hyphens_in_place = text.len() == 36
+        && text
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| matches!(i, 8 | 13 | 18 | 23) == (b == b'-'));
+    match uuid::Uuid::try_parse(&text) {
+        Ok(id) if hyphens_in_place => Ok(id),
+        _ => Err(serde::de::Error::custom(format!(
+            "`{text}` is not a UUID like 7d9f4f3e-1c2b-4d5e-8f60-123456789abc"
+        ))),
+    }
 }
 
 /// Serde appends " at line 1 column 42"; the field path says more to a caller.
