@@ -344,13 +344,13 @@ impl Config {
             Algorithm::Rs256 | Algorithm::Es256 => {
                 if auth.jwt_public_key_file.is_none() {
                     problems.push(format!(
-                        "{:?} needs --jwt-public-key-file with a PEM public key",
+                        "{} needs --jwt-public-key-file with a PEM public key",
                         auth.jwt_algorithm
                     ));
                 }
                 if auth.jwt_secret.is_some() || auth.jwt_secret_file.is_some() {
                     problems.push(format!(
-                        "--jwt-secret is for HS256; the pinned algorithm is {:?}",
+                        "--jwt-secret is for HS256; the pinned algorithm is {}",
                         auth.jwt_algorithm
                     ));
                 }

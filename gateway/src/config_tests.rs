@@ -377,13 +377,13 @@ fn public_key_algorithms_need_a_key_file_and_no_secret() {
     check(
         &["--jwt-algorithm", "ES256", "--jwt-secret", SECRET],
         Err(&[
-            "Es256 needs --jwt-public-key-file with a PEM public key",
-            "--jwt-secret is for HS256; the pinned algorithm is Es256",
+            "ES256 needs --jwt-public-key-file with a PEM public key",
+            "--jwt-secret is for HS256; the pinned algorithm is ES256",
         ]),
     );
     check(
         &["--jwt-algorithm", "RS256"],
-        Err(&["Rs256 needs --jwt-public-key-file with a PEM public key"]),
+        Err(&["RS256 needs --jwt-public-key-file with a PEM public key"]),
     );
 }
 

@@ -79,7 +79,7 @@ pub enum KeyError {
     #[error("HS256 secret must be at least {MIN_SECRET_BYTES} bytes, got {0}")]
     ShortSecret(usize),
     /// A PEM public key that does not parse for the algorithm.
-    #[error("public key is not a valid PEM key for {algorithm:?}")]
+    #[error("public key is not a valid PEM key for {algorithm}")]
     BadPublicKey {
         /// The algorithm the key was meant for.
         algorithm: Algorithm,
@@ -177,6 +177,16 @@ impl From<Algorithm> for jsonwebtoken::Algorithm {
             Algorithm::Rs256 => Self::RS256,
             Algorithm::Es256 => Self::ES256,
         }
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Hs256 => "HS256",
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+        })
     }
 }
 

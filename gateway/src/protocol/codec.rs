@@ -95,8 +95,7 @@ impl RecordBuffer {
     /// # Errors
     /// [`ProtocolError::TooLarge`] when the message or an unfinished record exceeds the limit.
     pub fn feed(&mut self, text: &str) -> Result<Vec<String>, ProtocolError> {
-        if text.len() > self.limit || self.partial.len() + text.len() > self.limit.saturating_mul(2)
-        {
+        if text.len() > self.limit {
             return Err(ProtocolError::TooLarge { limit: self.limit });
         }
         let mut records = Vec::new();
@@ -142,6 +141,10 @@ pub fn decode(record: &str) -> Result<Message, ProtocolError> {
         target: Option<Value>,
         arguments: Option<Value>,
         stream_ids: Option<Value>,
+    }
+    // serde would also read a struct from an array; the protocol only has objects.
+    if !record.trim_start().starts_with('{') {
+        return Err(malformed("a message must be a JSON object"));
     }
     let raw: Raw =
         serde_json::from_str(record).map_err(|e| ProtocolError::Malformed(without_position(&e)))?;

@@ -59,6 +59,12 @@ pub fn accept(record: &str) -> Result<(), HandshakeError> {
         protocol: String,
         version: u64,
     }
+    // serde would also read a struct from an array; a handshake is an object.
+    if !record.trim_start().starts_with('{') {
+        return Err(HandshakeError::Malformed(
+            "expected a JSON object".to_owned(),
+        ));
+    }
     let request: Request = serde_json::from_str(record)
         .map_err(|e| HandshakeError::Malformed(without_position(&e)))?;
     if request.protocol != "json" {

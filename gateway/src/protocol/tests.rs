@@ -334,20 +334,39 @@ mod decode {
     }
 
     #[test]
-    fn text_that_is_not_a_json_object_is_malformed_without_a_parser_position() {
-        check("", malformed("EOF while parsing a value"));
-        check("hello", malformed("expected value"));
-        check(
-            "[1]",
-            malformed("invalid type: sequence, expected struct Raw"),
-        );
-        check("null", malformed("invalid type: null, expected struct Raw"));
+    fn a_broken_object_is_malformed_without_a_parser_position() {
         check("{\"type\":1", malformed("EOF while parsing an object"));
         check("{\"type\":6}{}", malformed("trailing characters"));
         check(
             "{\"type\":6,\"type\":7}",
             malformed("duplicate field `type`"),
         );
+        check(
+            "{\"type\":1,\"target\":\"T\",\"arguments\":[}",
+            malformed("expected value"),
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_a_json_object_is_malformed() {
+        // serde's derived structs also accept sequences in field order; the protocol only has
+        // objects, so `[6,null,null,null,null]` must not pass for a Ping.
+        for record in [
+            "",
+            "hello",
+            "null",
+            "42",
+            "\"ping\"",
+            "[1]",
+            "[6,null,null,null,null]",
+            r#"[1,"1","JoinDispatchGroup",["west"],null]"#,
+        ] {
+            let got = decode(record);
+            assert!(
+                matches!(got, Err(ProtocolError::Malformed(_))),
+                "for {record:?}: {got:?}"
+            );
+        }
     }
 }
 
@@ -495,8 +514,8 @@ mod handshake {
     #[test]
     fn a_malformed_request_is_refused_without_a_parser_position() {
         check(
-            "hello",
-            Err("Handshake request is malformed: expected value"),
+            r#"{"protocol":"json","version":1"#,
+            Err("Handshake request is malformed: EOF while parsing an object"),
         );
         check(
             r#"{"protocol":"json"}"#,
@@ -514,6 +533,17 @@ mod handshake {
             r#"{"type":6}"#,
             Err("Handshake request is malformed: missing field `protocol`"),
         );
+    }
+
+    #[test]
+    fn text_that_is_not_a_json_object_is_not_a_handshake_request() {
+        for record in ["", "hello", "null", r#"["json",1]"#] {
+            let got = accept(record);
+            assert!(
+                matches!(got, Err(HandshakeError::Malformed(_))),
+                "for {record:?}: {got:?}"
+            );
+        }
     }
 
     #[test]
@@ -672,6 +702,8 @@ fn every_message_the_gateway_sends_ends_with_exactly_one_separator() {
         String::from_utf8(encode_invocation("JobAssigned", b"{}").to_vec()).unwrap(),
         encode_completion("1", None),
         encode_completion("1", Some("no")),
+        // A client-chosen method name echoed in an error cannot end the record early.
+        encode_completion("\u{1e}", Some("Failed to invoke 'x\u{1e}{\"type\":7}'")),
         encode_close("bye", false),
         PING.to_owned(),
         super::handshake::ACCEPTED.to_owned(),
