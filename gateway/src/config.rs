@@ -141,6 +141,10 @@ pub struct AuthConfig {
     /// Required `iss` claim, when set.
     #[arg(long, env = "GATEWAY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+    /// Clock skew tolerated on a token's `exp`. A connection is closed (reconnect allowed) when
+    /// its token is no longer accepted.
+    #[arg(long, env = "GATEWAY_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
     /// Required `aud` claim, when set.
     #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,

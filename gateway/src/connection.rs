@@ -194,8 +194,7 @@ impl Connection {
         let mut buffer = RecordBuffer::new(settings.max_message_bytes);
         let mut last_sent = Instant::now();
         let mut last_received = Instant::now();
-        let token_expires =
-            token_deadline(self.principal.expires_at + crate::auth::token::LEEWAY_SECS);
+        let token_expires = token_deadline(self.principal.valid_until);
         for record in pending {
             if let Err(reason) = self.on_record(socket, &record, outbound, joined).await {
                 return reason;
@@ -434,11 +433,11 @@ fn read_error(error: &axum::Error, limit: usize) -> CloseReason {
 }
 
 /// The instant the token expires, or far in the future for a token without a usable expiry.
-fn token_deadline(expires_at: u64) -> Instant {
+fn token_deadline(valid_until: u64) -> Instant {
     let now_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let left = Duration::from_secs(expires_at.saturating_sub(now_unix));
+    let left = Duration::from_secs(valid_until.saturating_sub(now_unix));
     Instant::now() + left.min(Duration::from_secs(365 * 24 * 3600))
 }
 

@@ -16,7 +16,7 @@ fn dispatcher() -> Principal {
         role: Role::Dispatcher {
             regions: vec!["west".to_owned(), "east".to_owned()],
         },
-        expires_at: u64::MAX,
+        valid_until: u64::MAX,
     }
 }
 
@@ -26,7 +26,7 @@ fn contractor() -> Principal {
         role: Role::Contractor {
             group: Group::try_contractor(CONTRACTOR_ID).unwrap(),
         },
-        expires_at: u64::MAX,
+        valid_until: u64::MAX,
     }
 }
 

@@ -219,6 +219,7 @@ impl Keys {
                 auth.jwt_issuer.as_deref(),
                 auth.jwt_audience.as_deref(),
             )
+            .map(|v| v.with_leeway(auth.jwt_leeway.as_secs()))
             .map_err(|e| problems.push(format!("user token key: {e}")))
             .ok()
         });

@@ -10,6 +10,7 @@ import { HubConnectionState } from "@microsoft/signalr";
 import {
   arrivals,
   connect,
+  publish,
   contractorClaims,
   contractorToken,
   dispatcherToken,
@@ -215,4 +216,39 @@ test("every connection in a dispatch group receives each event once", async (t) 
   const expected = [...events, marker].map((event) => ({ target: event.type, args: [event] }));
   assert.deepStrictEqual(await firstEvents.take(4), expected);
   assert.deepStrictEqual(await secondEvents.take(4), expected);
+});
+
+test("the answer to a publish names the event type and the groups it was routed to", async () => {
+  const region = uniqueRegion();
+  const contractorId = randomUUID();
+
+  const recommendation = await publish(gateway, recommendationReady(region));
+  assert.equal(recommendation.status, 202, recommendation.text);
+  assert.deepStrictEqual(recommendation.json, { type: "RecommendationReady", groups: [`/dispatch/${region}`] });
+
+  const assignment = await publish(gateway, jobAssigned(region, contractorId.toUpperCase()));
+  assert.equal(assignment.status, 202, assignment.text);
+  assert.deepStrictEqual(assignment.json, {
+    type: "JobAssigned",
+    groups: [`/dispatch/${region}`, `/contractor/${contractorId}`],
+  });
+});
+
+test("a client asking for stateful reconnect is served without it and receives events", async (t) => {
+  const region = uniqueRegion();
+  const token = dispatcherToken([region]);
+  const raw = await fetch(`${gateway.hubUrl}/negotiate?negotiateVersion=1&useStatefulReconnect=true`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}` },
+  });
+  const body = await raw.json();
+  assert.equal(raw.status, 200);
+  assert.equal(body.useStatefulReconnect, undefined, "stateful reconnect is not offered");
+
+  const connection = await connect(t, gateway, token, { configure: (builder) => builder.withStatefulReconnect() });
+  const recommendations = inbox(connection, "RecommendationReady");
+  await connection.invoke("JoinDispatchGroup", region);
+  const event = recommendationReady(region);
+  await publishAccepted(gateway, event);
+  assert.deepStrictEqual(await recommendations.nth(1), [event]);
 });

@@ -5,13 +5,14 @@
 // event-driven helpers (`within`, `inbox`) so no test synchronises by sleeping.
 //
 // Environment:
-//   GATEWAY_BIN       path of the gateway binary (default: ../../target/debug/gateway from here)
+//   GATEWAY_BIN       path of the gateway binary; relative paths are resolved against this
+//                     directory (default: ../../target/debug/gateway)
 //   E2E_CLIENT_LOG    SignalR client log level to print (Trace, Debug, Information, Warning, ...)
 // Each gateway's stdout/stderr goes to artifacts/<name>-<n>.log next to this file.
 
 import { spawn } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
-import { mkdirSync, openSync, closeSync, readFileSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import path from "node:path";
@@ -91,12 +92,26 @@ let gatewayCounter = 0;
  * options.allowMissingOrigin  pass --allow-missing-origin (default true: Node clients send no Origin)
  */
 export async function startGateway(options = {}) {
+  // A port found free can be taken by someone else before the gateway binds it: then try others.
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await startGatewayOnce(options);
+    } catch (error) {
+      if (options.ports || attempt === 3 || !/address already in use|AddrInUse/i.test(error.message)) throw error;
+    }
+  }
+}
+
+async function startGatewayOnce(options) {
   const { args = [], name = "gateway", readyMs = 20_000, allowMissingOrigin = true } = options;
   const { port, adminPort } = options.ports ?? (await twoFreePorts());
 
+  if (!existsSync(GATEWAY_BIN)) {
+    throw new Error(`no gateway binary at ${GATEWAY_BIN}: build it with \`cargo build -p gateway\` or set GATEWAY_BIN`);
+  }
   mkdirSync(ARTIFACTS, { recursive: true });
   gatewayCounter += 1;
-  const logFile = path.join(ARTIFACTS, `${name.replace(/[^A-Za-z0-9_.-]+/g, "_")}-${process.pid}-${gatewayCounter}.log`);
+  const logFile = path.join(ARTIFACTS, `${name.replace(/[^A-Za-z0-9_.-]+/g, "_").slice(0, 80)}-${gatewayCounter}.log`);
   const logFd = openSync(logFile, "w");
 
   // Only what the test passes configures the gateway: drop any GATEWAY_* from the outer shell.
@@ -359,10 +374,11 @@ export function rawUpgrade(url, headers = {}) {
 }
 
 /**
- * Opens a raw WebSocket to `url` (http://...) and keeps it: resolves with { socket, frames, closed }
- * once the server answered 101. `frames` lists the frames the server sent ({ opcode, text, code,
- * reason }), `closed` resolves when the TCP connection ends. Rejects if the upgrade is refused.
- * `sendText(text)` sends one masked text frame.
+ * Opens a raw WebSocket to `url` (http://...) and keeps it: resolves with { socket, frames, closed,
+ * take, sendText } once the server answered 101. `frames` lists the frames the server sent
+ * ({ opcode, text, code, reason }), `take(n)` resolves with the first n of them once they arrived,
+ * `closed` resolves when the TCP connection ends. `sendText(text)` sends one masked text frame.
+ * Rejects if the upgrade is refused.
  */
 export function rawWebSocket(url, headers = {}) {
   return new Promise((resolve, reject) => {
@@ -381,7 +397,23 @@ export function rawWebSocket(url, headers = {}) {
     request.once("upgrade", (response, socket, head) => {
       request.setTimeout(0);
       const frames = [];
+      const waiters = [];
       const closed = new Promise((resolveClosed) => socket.once("close", () => resolveClosed(frames)));
+      const notify = () => {
+        for (const waiter of [...waiters]) {
+          if (frames.length >= waiter.count) {
+            waiters.splice(waiters.indexOf(waiter), 1);
+            waiter.resolve(frames.slice(0, waiter.count));
+          }
+        }
+      };
+      /** The first `count` frames, once they have arrived. */
+      const take = (count, ms = 5000) => {
+        if (frames.length >= count) return Promise.resolve(frames.slice(0, count));
+        const waiter = { count, ...deferred() };
+        waiters.push(waiter);
+        return within(ms, waiter.promise, `${count} WebSocket frame(s) (got ${JSON.stringify(frames)})`);
+      };
       let buffer = head;
       const parse = () => {
         for (;;) {
@@ -408,6 +440,7 @@ export function rawWebSocket(url, headers = {}) {
             frame.reason = payload.subarray(2).toString("utf8");
           }
           frames.push(frame);
+          notify();
           if (opcode === 0x8 && !socket.destroyed) {
             // Complete the closing handshake (echo the status code), then end our side.
             socket.end(maskedFrame(0x88, payload.subarray(0, 2)));
@@ -421,7 +454,7 @@ export function rawWebSocket(url, headers = {}) {
       });
       socket.on("error", () => {});
       const sendText = (text) => socket.write(maskedFrame(0x81, Buffer.from(text, "utf8")));
-      resolve({ status: response.statusCode, headers: response.headers, socket, frames, closed, sendText });
+      resolve({ status: response.statusCode, headers: response.headers, socket, frames, closed, take, sendText });
     });
     request.once("response", (response) => {
       response.resume();
@@ -431,6 +464,29 @@ export function rawWebSocket(url, headers = {}) {
     request.once("error", reject);
     request.end();
   });
+}
+
+const RS = "\x1e";
+
+/** The JSON records of one server text frame, each terminated by the record separator. */
+export function frameRecords(frame) {
+  if (frame.opcode !== 0x1) throw new Error(`expected a text frame, got ${JSON.stringify(frame)}`);
+  if (!frame.text.endsWith(RS)) throw new Error(`record not terminated by RS: ${JSON.stringify(frame.text)}`);
+  return frame.text.split(RS).slice(0, -1).map((record) => JSON.parse(record));
+}
+
+/**
+ * The first `count` records other than Pings in the frames a raw WebSocket (see rawWebSocket)
+ * received from frame index `from` on, once they have arrived (each frame within 5 s).
+ */
+export async function recordsFrom(ws, from, count) {
+  for (let frames = from + 1; ; frames += 1) {
+    const got = (await ws.take(frames))
+      .slice(from)
+      .flatMap(frameRecords)
+      .filter((record) => record.type !== 6);
+    if (got.length >= count) return got.slice(0, count);
+  }
 }
 
 /** One client-to-server WebSocket frame (FIN set, masked as clients must). */
@@ -466,7 +522,8 @@ class CapturingLogger {
 }
 
 /**
- * An unstarted HubConnection to `gateway`, stopped when the test ends.
+ * An unstarted HubConnection to `gateway`, stopped when the test ends. `token` is a string or an
+ * access token factory.
  *
  * options.skipNegotiation  connect the WebSocket directly (transport forced to WebSockets)
  * options.configure        (builder) => builder, for keep-alive, timeouts, reconnect policy
@@ -475,7 +532,7 @@ class CapturingLogger {
 export function hubConnection(t, gateway, token, options = {}) {
   const { skipNegotiation = false, configure = (builder) => builder } = options;
   const logger = new CapturingLogger();
-  const httpOptions = { accessTokenFactory: () => token, logger };
+  const httpOptions = { accessTokenFactory: typeof token === "function" ? token : () => token, logger };
   if (skipNegotiation) {
     httpOptions.skipNegotiation = true;
     httpOptions.transport = HttpTransportType.WebSockets;

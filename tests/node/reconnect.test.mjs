@@ -72,9 +72,9 @@ async function reconnectsAfter(t, takeDown) {
 test("the client reconnects and rejoins after the gateway shuts down gracefully and restarts", async (t) => {
   const { exit, lossError } = await reconnectsAfter(t, (gateway) => gateway.stop(15_000));
   assert.deepEqual(exit, { code: 0, signal: null }, "SIGTERM ends the gateway with exit status 0");
-  // A graceful shutdown either says so in a Close message that allows reconnecting, or just closes
-  // the socket; both are a connection loss to the client.
-  if (lossError !== undefined) assert.ok(lossError instanceof Error, `onreconnecting got ${lossError}`);
+  // A graceful shutdown says so in a Close message that allows reconnecting.
+  assert.ok(lossError instanceof Error, `onreconnecting got ${lossError}`);
+  assert.match(lossError.message, /^Server returned an error on close: .*shutting down/);
 });
 
 test("the client reconnects and rejoins after the gateway is killed and restarted", async (t) => {

@@ -22,8 +22,9 @@ pub struct Principal {
     pub subject: String,
     /// What the user is, and so what it may join.
     pub role: Role,
-    /// When the token expires, in seconds since the Unix epoch.
-    pub expires_at: u64,
+    /// The first second (since the Unix epoch) at which the token is refused: `exp` plus the
+    /// leeway, plus one. Open connections close then.
+    pub valid_until: u64,
 }
 
 /// The two kinds of users.

@@ -12,7 +12,7 @@ fn dispatcher(regions: &[&str]) -> Principal {
         role: Role::Dispatcher {
             regions: regions.iter().map(|r| (*r).to_owned()).collect(),
         },
-        expires_at: u64::MAX,
+        valid_until: u64::MAX,
     }
 }
 
@@ -22,7 +22,7 @@ fn contractor(id: &str) -> Principal {
         role: Role::Contractor {
             group: Group::try_contractor(id).unwrap(),
         },
-        expires_at: u64::MAX,
+        valid_until: u64::MAX,
     }
 }
 
@@ -36,7 +36,7 @@ mod verifier {
     use serde_json::{Value, json};
 
     use super::CONTRACTOR_ID;
-    use crate::auth::token::{KeyError, MIN_SECRET_BYTES};
+    use crate::auth::token::{DEFAULT_LEEWAY_SECS, KeyError, MIN_SECRET_BYTES};
     use crate::auth::{Algorithm, AuthError, Principal, Role, Verifier};
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -90,7 +90,7 @@ mod verifier {
                 role: Role::Dispatcher {
                     regions: vec!["west".to_owned(), "east".to_owned()],
                 },
-                expires_at: exp,
+                valid_until: exp + DEFAULT_LEEWAY_SECS + 1,
             }),
         );
     }
@@ -104,7 +104,7 @@ mod verifier {
             Ok(Principal {
                 subject: "d-2".to_owned(),
                 role: Role::Dispatcher { regions: vec![] },
-                expires_at: exp,
+                valid_until: exp + DEFAULT_LEEWAY_SECS + 1,
             }),
         );
     }
@@ -125,7 +125,7 @@ mod verifier {
                 role: Role::Contractor {
                     group: Group::try_contractor(CONTRACTOR_ID).unwrap(),
                 },
-                expires_at: exp,
+                valid_until: exp + DEFAULT_LEEWAY_SECS + 1,
             }),
         );
     }
@@ -141,7 +141,7 @@ mod verifier {
                 role: Role::Contractor {
                     group: Group::try_contractor(CONTRACTOR_ID).unwrap(),
                 },
-                expires_at: exp,
+                valid_until: exp + DEFAULT_LEEWAY_SECS + 1,
             }),
         );
     }
@@ -184,7 +184,10 @@ mod verifier {
     fn a_token_that_just_expired_is_still_accepted_within_the_clock_skew_leeway() {
         let exp = now() - 5;
         let got = verifier(None, None).verify(&hs256(&dispatcher_claims(exp)));
-        assert_eq!(got.map(|p| p.expires_at), Ok(exp));
+        assert_eq!(
+            got.map(|p| p.valid_until),
+            Ok(exp + DEFAULT_LEEWAY_SECS + 1)
+        );
     }
 
     #[test]
@@ -747,4 +750,44 @@ mod connection_tokens {
         let debug = format!("{:?}", ConnectionTokens::new(KEY));
         assert_eq!(debug, "ConnectionTokens(<key>)");
     }
+}
+
+#[test]
+fn a_token_is_refused_from_the_second_its_connections_are_closed() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use crate::auth::dev::{TokenClaims, mint};
+    use crate::auth::{Algorithm, AuthError, Verifier};
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token_expiring = |exp| {
+        mint(
+            SECRET,
+            &TokenClaims {
+                sub: "d-1".to_owned(),
+                role: "dispatcher".to_owned(),
+                regions: vec!["west".to_owned()],
+                contractor_id: None,
+                exp,
+                iss: None,
+                aud: None,
+            },
+        )
+        .unwrap()
+    };
+    let verifier = Verifier::try_new(Algorithm::Hs256, SECRET, None, None)
+        .unwrap()
+        .with_leeway(0);
+    // Accepted while now <= exp: connections close at exp + 1...
+    let accepted = verifier.verify(&token_expiring(now)).unwrap();
+    assert_eq!(accepted.valid_until, now + 1);
+    // ...which is exactly when the same token is refused.
+    assert_eq!(
+        verifier.verify(&token_expiring(now - 1)),
+        Err(AuthError::Expired)
+    );
 }

@@ -20,9 +20,8 @@ pub enum Algorithm {
     Es256,
 }
 
-/// Clock skew tolerated on `exp`, in seconds. Open connections are closed at `exp` plus this, so
-/// a token accepted at the upgrade is never cut off at once.
-pub const LEEWAY_SECS: u64 = 30;
+/// Default clock skew tolerated on `exp`, in seconds.
+pub const DEFAULT_LEEWAY_SECS: u64 = 30;
 
 /// Shortest HS256 secret accepted, in bytes (RFC 7518 asks for at least the hash size).
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -138,7 +137,7 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm.into());
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = LEEWAY_SECS;
+        validation.leeway = DEFAULT_LEEWAY_SECS;
         if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
             validation.required_spec_claims.insert("iss".to_owned());
@@ -151,6 +150,12 @@ impl Verifier {
             None => validation.validate_aud = false,
         }
         Ok(Self { key, validation })
+    }
+
+    /// The same verifier tolerating `seconds` of clock skew on `exp` instead of the default.
+    pub fn with_leeway(mut self, seconds: u64) -> Self {
+        self.validation.leeway = seconds;
+        self
     }
 
     /// Verifies a token and reads who it names.
@@ -166,7 +171,7 @@ impl Verifier {
         jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| refusal(e.kind()))?;
-        principal(data.claims)
+        principal(data.claims, self.validation.leeway)
     }
 }
 
@@ -205,7 +210,7 @@ impl FromStr for Algorithm {
     }
 }
 
-fn principal(claims: Claims) -> Result<Principal, AuthError> {
+fn principal(claims: Claims, leeway: u64) -> Result<Principal, AuthError> {
     let role = match claims.role.as_str() {
         "dispatcher" => Role::Dispatcher {
             regions: claims.regions,
@@ -225,7 +230,10 @@ fn principal(claims: Claims) -> Result<Principal, AuthError> {
     Ok(Principal {
         subject: claims.sub,
         role,
-        expires_at: claims.exp,
+        // The check accepts a token while `now <= exp + leeway`: the first refused second is
+        // one later, and that is when an open connection must close, so that the client's
+        // reconnect with the same token is refused rather than let in and cut off again.
+        valid_until: claims.exp.saturating_add(leeway).saturating_add(1),
     })
 }
 
@@ -239,7 +247,13 @@ fn refusal(kind: &ErrorKind) -> AuthError {
         ErrorKind::MissingRequiredClaim(claim) => {
             AuthError::BadClaims(format!("missing claim `{claim}`"))
         }
-        ErrorKind::Json(e) => AuthError::BadClaims(e.to_string()),
+        ErrorKind::Json(e) => {
+            let message = e.to_string();
+            let message = message
+                .rfind(" at line ")
+                .map_or(message.as_str(), |at| &message[..at]);
+            AuthError::BadClaims(message.to_owned())
+        }
         _ => AuthError::Malformed,
     }
 }

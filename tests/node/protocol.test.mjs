@@ -1,0 +1,115 @@
+// The SignalR JSON hub protocol on the wire, driven with raw WebSocket frames where the official
+// client would hide the detail: batching, handshake versions, event records, method-name case.
+
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+
+import { HubConnectionState } from "@microsoft/signalr";
+
+import {
+  connect,
+  dispatcherToken,
+  nextClose,
+  publishAccepted,
+  rawWebSocket,
+  recordsFrom,
+  recommendationReady,
+  startGateway,
+  uniqueRegion,
+  within,
+} from "./harness.mjs";
+
+const RS = "\x1e";
+
+let gateway;
+before(async () => {
+  gateway = await startGateway({ name: "protocol" });
+});
+after(() => gateway?.stop());
+
+/** A raw WebSocket to the hub for a dispatcher of `region`, closed when the test ends. */
+async function openHub(t, region) {
+  const ws = await rawWebSocket(gateway.hubUrl, { authorization: `Bearer ${dispatcherToken([region])}` });
+  t.after(() => ws.socket.destroy());
+  assert.equal(ws.status, 101);
+  return ws;
+}
+
+/** Opens the hub and completes the JSON handshake. */
+async function handshaken(t, region) {
+  const ws = await openHub(t, region);
+  ws.sendText(`{"protocol":"json","version":1}${RS}`);
+  assert.deepStrictEqual(await recordsFrom(ws, 0, 1), [{}]);
+  return ws;
+}
+
+test("a handshake and an invocation batched into one frame are both answered", async (t) => {
+  const region = uniqueRegion();
+  const ws = await openHub(t, region);
+
+  ws.sendText(
+    `{"protocol":"json","version":1}${RS}` +
+      `{"target":"JoinDispatchGroup","arguments":["${region}"],"invocationId":"0","type":1}${RS}`,
+  );
+
+  assert.deepStrictEqual(await recordsFrom(ws, 0, 2), [{}, { type: 3, invocationId: "0" }]);
+});
+
+test("a handshake asking for version 2 of the JSON protocol is accepted", async (t) => {
+  const ws = await openHub(t, uniqueRegion());
+  ws.sendText(`{"protocol":"json","version":2}${RS}`);
+
+  assert.deepStrictEqual(await recordsFrom(ws, 0, 1), [{}]);
+});
+
+test("an event reaches a raw client as one text-frame Invocation record without an invocation id", async (t) => {
+  const region = uniqueRegion();
+  const ws = await handshaken(t, region);
+  // Method names match case-insensitively, as in ASP.NET Core.
+  ws.sendText(`{"target":"joindispatchgroup","arguments":["${region}"],"invocationId":"7","type":1}${RS}`);
+  assert.deepStrictEqual(await recordsFrom(ws, 1, 1), [{ type: 3, invocationId: "7" }]);
+
+  const event = recommendationReady(region, { schemaVersion: 2 });
+  const seen = ws.frames.length;
+  await publishAccepted(gateway, event);
+  assert.deepStrictEqual(await recordsFrom(ws, seen, 1), [{ type: 1, target: "RecommendationReady", arguments: [event] }]);
+});
+
+test("a non-blocking invocation (no invocation id) is carried out without a reply", async (t) => {
+  const region = uniqueRegion();
+  const ws = await handshaken(t, region);
+
+  ws.sendText(`{"target":"JoinDispatchGroup","arguments":["${region}"],"type":1}${RS}`);
+  // A blocking call on another group as a barrier: had the first call been answered, its reply
+  // would come before the barrier's.
+  ws.sendText(`{"target":"LeaveDispatchGroup","arguments":["${uniqueRegion()}"],"invocationId":"barrier","type":1}${RS}`);
+  assert.deepStrictEqual(await recordsFrom(ws, 1, 1), [{ type: 3, invocationId: "barrier" }]);
+
+  // The non-blocking join took effect: the group's events arrive.
+  const event = recommendationReady(region);
+  await publishAccepted(gateway, event);
+  assert.deepStrictEqual(await recordsFrom(ws, 1, 2), [
+    { type: 3, invocationId: "barrier" },
+    { type: 1, target: "RecommendationReady", arguments: [event] },
+  ]);
+});
+
+test("a client message over the size limit closes the connection with a reason that forbids reconnecting", async (t) => {
+  const connection = await connect(t, gateway, dispatcherToken([uniqueRegion()]), {
+    configure: (builder) => builder.withAutomaticReconnect([0, 0, 0]),
+  });
+  let reconnecting = false;
+  connection.onreconnecting(() => {
+    reconnecting = true;
+  });
+  const closed = nextClose(connection);
+
+  await assert.rejects(connection.invoke("JoinDispatchGroup", "x".repeat(40 * 1024)), (error) => {
+    assert.match(error.message, /^Server returned an error on close: .*limit/);
+    return true;
+  });
+  const error = await within(5000, closed, "onclose");
+  assert.match(error?.message ?? "", /^Server returned an error on close: .*32768/);
+  assert.equal(reconnecting, false, "a client that broke the protocol is not invited back");
+  assert.equal(connection.state, HubConnectionState.Disconnected);
+});
