@@ -116,8 +116,17 @@ impl Connection {
         tracing::debug!(reason = reason.label(), "connection closed");
         metrics::connection_closed(reason.label());
         if reason == CloseReason::ClientClosed {
-            // Completes the WebSocket close handshake if the client started it.
-            let _ = timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+            // Completes the close handshake (tungstenite already answers a client's close
+            // frame; then this send fails, harmlessly).
+            let frame = CloseFrame {
+                code: reason.ws_code(),
+                reason: Utf8Bytes::from_static(""),
+            };
+            let _ = timeout(
+                CLOSE_WRITE_TIMEOUT,
+                socket.send(ws::Message::Close(Some(frame))),
+            )
+            .await;
         } else {
             close(&mut socket, &reason).await;
         }

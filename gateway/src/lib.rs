@@ -123,6 +123,13 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
 
     let trigger = CancellationToken::new();
     let admin_stop = CancellationToken::new();
+    // Event frames are small and latency matters: without TCP_NODELAY a frame can wait ~40 ms
+    // for the client's delayed ACK.
+    let public = axum::serve::ListenerExt::tap_io(public, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let public_server = tokio::spawn(
         axum::serve(
             public,
@@ -143,15 +150,23 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         let started = tokio::time::Instant::now();
         tracing::info!("shutdown started: not ready, no new connections");
         shutdown.begin_drain();
-        public_server
-            .await
-            .context("public server panicked")?
-            .context("public server failed")?;
         tracing::info!(
             connections = shutdown.connections().len(),
             "closing connections with reconnect allowed"
         );
-        match shutdown.drain_connections(drain_timeout).await {
+        // The listener has stopped accepting; plain HTTP requests still in flight finish on
+        // their own, but none of them may hold the WebSocket drain back.
+        let (server, drained) = tokio::join!(
+            tokio::time::timeout(drain_timeout, public_server),
+            shutdown.drain_connections(drain_timeout)
+        );
+        match server {
+            Ok(joined) => joined
+                .context("public server panicked")?
+                .context("public server failed")?,
+            Err(_) => tracing::warn!("HTTP requests still in flight at the drain deadline"),
+        }
+        match drained {
             Drained::Completely => tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "connections drained"

@@ -1,1 +1,12 @@
 //! System tests.
+
+mod auth;
+mod handshake;
+mod invocations;
+mod keepalive;
+mod origin;
+mod protocol_errors;
+mod publish_http;
+mod shutdown;
+mod slow_consumer;
+mod tidy;

@@ -1,0 +1,188 @@
+//! `POST /api/v1/events`: the service key, validation with reasons, and delivery of the
+//! posted bytes unchanged.
+
+use e2e::{StatusCode, contractor, dispatcher, recommendation_ready, start_gateway};
+use serde_json::{Value, json};
+
+const CONTRACTOR: &str = "5f0c7a0e-3a4b-4c5d-8e6f-0a1b2c3d4e5f";
+
+fn job_assigned() -> Value {
+    json!({
+        "type": "JobAssigned",
+        "jobId": "7d9f4f3e-1c2b-4d5e-8f60-123456789abc",
+        "contractorId": CONTRACTOR,
+        "assignmentId": "0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d",
+        "startUtc": "2025-11-10T08:00:00Z",
+        "endUtc": "2025-11-10T10:00:00Z",
+        "region": "west",
+        "source": "auto",
+        "auditId": "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
+    })
+}
+
+fn error_of(body: &str) -> String {
+    let body: Value = serde_json::from_str(body).expect("errors are JSON");
+    body["error"]
+        .as_str()
+        .expect("an `error` string")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_event_is_accepted_with_202_and_its_groups() {
+    let gateway = start_gateway(&[]).await;
+    let (status, body) = gateway.publish(&job_assigned().to_string()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        body,
+        json!({
+            "type": "JobAssigned",
+            "groups": ["/dispatch/west", format!("/contractor/{CONTRACTOR}")]
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_missing_a_field_is_refused_with_400_naming_it() {
+    let gateway = start_gateway(&[]).await;
+    let mut event = job_assigned();
+    event
+        .as_object_mut()
+        .expect("an object")
+        .remove("assignmentId");
+    let (status, body) = gateway.publish(&event.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(error_of(&body), "field `assignmentId`: is required");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_with_an_invalid_field_is_refused_with_400_naming_it() {
+    let gateway = start_gateway(&[]).await;
+    let mut event = job_assigned();
+    event["region"] = json!("west coast");
+    let (status, body) = gateway.publish(&event.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        error_of(&body),
+        "field `region`: may contain only letters, digits, '-', '_' and '.'"
+    );
+
+    let mut event = job_assigned();
+    event["endUtc"] = json!("2025-11-10T07:00:00Z");
+    let (status, body) = gateway.publish(&event.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(error_of(&body), "field `endUtc`: must be after startUtc");
+
+    let mut event = job_assigned();
+    event["jobId"] = json!("not-a-uuid");
+    let (status, body) = gateway.publish(&event.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_of(&body).starts_with("field `jobId`: "), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_of_an_unknown_type_is_refused_with_400() {
+    let gateway = start_gateway(&[]).await;
+    let (status, body) = gateway.publish(r#"{"type":"JobCancelled"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        error_of(&body),
+        "unknown event type `JobCancelled`; expected RecommendationReady or JobAssigned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_over_two_kilobytes_is_refused_with_400() {
+    let gateway = start_gateway(&[]).await;
+    let event = recommendation_ready("west", &[("padding", json!("x".repeat(2048)))]);
+    let (status, body) = gateway.publish(&event).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        error_of(&body),
+        format!(
+            "event is {} bytes; the contract allows at most 2047",
+            event.len()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_service_key_is_refused_with_401() {
+    let gateway = start_gateway(&[]).await;
+    let event = recommendation_ready("west", &[]);
+    let (status, body) = gateway
+        .publish_with_key("not-the-service-key-at-all", &event)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(error_of(&body), "missing or invalid service key");
+    let (status, _) = gateway.publish_with_key("", &event).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_token_is_not_a_service_key() {
+    let gateway = start_gateway(&[]).await;
+    let token = gateway.token(&dispatcher("dispatcher-1", &["west"]));
+    let (status, _) = gateway
+        .publish_with_key(&token, &recommendation_ready("west", &[]))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posted_bytes_arrive_unchanged_including_unknown_fields() {
+    let gateway = start_gateway(&[]).await;
+    let mut client = gateway
+        .connect(&dispatcher("dispatcher-1", &["west"]))
+        .await;
+    client.join_dispatch("1", "west").await;
+    // Odd spacing, field order, escapes and a field the contract does not know: all of it
+    // must reach the browser exactly as posted.
+    let event = r#"{ "region" : "west", "type":"RecommendationReady",
+        "jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc", "requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d",
+        "configVersion": 7, "generatedAt":"2025-11-08T12:34:56Z",
+        "futureField": {"nested": [1, 2.50, "\u00e9\n"], "flag": true} }"#;
+    gateway.publish_accepted(event).await;
+    let (target, payload) = client.next_event().await;
+    assert_eq!(target, "RecommendationReady");
+    assert_eq!(payload, event);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surrounding_whitespace_of_the_body_is_not_forwarded() {
+    let gateway = start_gateway(&[]).await;
+    let mut client = gateway
+        .connect(&dispatcher("dispatcher-1", &["west"]))
+        .await;
+    client.join_dispatch("1", "west").await;
+    let event = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&format!("\n  {event}\r\n")).await;
+    assert_eq!(client.next_event().await.1, event);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_assigned_reaches_the_region_and_the_contractor() {
+    let gateway = start_gateway(&[]).await;
+    let mut dispatcher_client = gateway
+        .connect(&dispatcher("dispatcher-1", &["west"]))
+        .await;
+    dispatcher_client.join_dispatch("1", "west").await;
+    let mut contractor_client = gateway
+        .connect(&contractor("contractor-1", CONTRACTOR))
+        .await;
+    let completion = contractor_client
+        .invoke("1", "JoinContractorGroup", json!([CONTRACTOR]))
+        .await;
+    assert_eq!(completion, json!({"type": 3, "invocationId": "1"}));
+    let event = job_assigned().to_string();
+    gateway.publish_accepted(&event).await;
+    assert_eq!(
+        dispatcher_client.next_event().await,
+        ("JobAssigned".to_owned(), event.clone())
+    );
+    assert_eq!(
+        contractor_client.next_event().await,
+        ("JobAssigned".to_owned(), event)
+    );
+}

@@ -1,0 +1,101 @@
+//! Architecture rules checked on the source text: the pure core names no runtime, web
+//! framework or broker, and metric names live in one file.
+
+use std::path::{Path, PathBuf};
+
+use e2e::workspace_root;
+
+/// Every `.rs` file under `dir`, recursively, sorted.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries =
+            std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The lines of `text` that are code, with their numbers: comment lines (including doc
+/// comments) are prose and may name anything.
+fn code_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| (i + 1, line))
+        .filter(|(_, line)| !line.trim_start().starts_with("//"))
+}
+
+#[test]
+fn pure_core_names_no_runtime_framework_or_broker() {
+    let root = workspace_root();
+    let src = root.join("gateway/src");
+    let mut files = rust_files(&src.join("protocol"));
+    files.extend(rust_files(&src.join("auth")));
+    files.push(src.join("hub.rs"));
+    files.extend(rust_files(&root.join("publisher-lib/src/contract")));
+    assert!(files.len() >= 8, "the core files were not found: {files:?}");
+
+    let mut offences = Vec::new();
+    for file in &files {
+        let text = read(file);
+        for (number, line) in code_lines(&text) {
+            for forbidden in ["tokio::", "axum::", "redis"] {
+                if line.contains(forbidden) {
+                    offences.push(format!(
+                        "{}:{number}: `{forbidden}` in `{}`",
+                        file.strip_prefix(&root).unwrap_or(file).display(),
+                        line.trim()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "the pure core (protocol, auth, hub, contract) must not depend on tokio, axum or redis:\n{}",
+        offences.join("\n")
+    );
+}
+
+#[test]
+fn metric_names_appear_only_in_metrics_rs() {
+    let root = workspace_root();
+    let src = root.join("gateway/src");
+    let files = rust_files(&src);
+    assert!(
+        files.iter().any(|f| f.ends_with("metrics.rs")),
+        "gateway/src/metrics.rs not found"
+    );
+    let mut offences = Vec::new();
+    for file in files.iter().filter(|f| **f != src.join("metrics.rs")) {
+        let text = read(file);
+        for (number, line) in text.lines().enumerate() {
+            if line.contains("\"gateway_") {
+                offences.push(format!(
+                    "{}:{}: {}",
+                    file.strip_prefix(&root).unwrap_or(file).display(),
+                    number + 1,
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "metric names belong in gateway/src/metrics.rs only:\n{}",
+        offences.join("\n")
+    );
+}
