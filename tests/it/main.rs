@@ -1,6 +1,7 @@
 //! System tests.
 
 mod auth;
+mod docs;
 mod handshake;
 mod invocations;
 mod keepalive;
