@@ -116,6 +116,13 @@ impl Crew {
         Ok((Self { local, children }, report))
     }
 
+    /// PIDs of the load processes, this one first.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        std::iter::once(std::process::id())
+            .chain(self.children.iter().filter_map(|c| c.process.id()))
+            .collect()
+    }
+
     /// Load processes in use.
     pub(crate) fn processes(&self) -> usize {
         1 + self.children.len()

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -29,7 +30,7 @@ use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 use crate::cli::Endpoint;
 use crate::host;
 use crate::signalr::{self, Incoming};
-use crate::tally::{Ledger, Order, StepTally};
+use crate::tally::{self, Ledger, Order, StepTally};
 
 /// Ledger shards; a connection always uses the same one.
 const SHARDS: usize = 16;
@@ -39,13 +40,16 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 
 /// Read buffer of each client socket: events are small, and a large buffer costs memory and
 /// zero-filling on every read.
-const READ_BUFFER_BYTES: usize = 4096;
+const READ_BUFFER_BYTES: usize = 2048;
 
 /// How long a closing connection waits for its close frame to be written.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long `Fleet::close` waits for all connection tasks to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Period of the timer that measures this process's runtime lag.
+const LAG_PROBE_EVERY: Duration = Duration::from_millis(5);
 
 /// Source addresses used when spreading: 127.0.0.2 ..= 127.0.0.254.
 const SOURCE_HOSTS: std::ops::RangeInclusive<u8> = 2..=254;
@@ -119,6 +123,8 @@ struct Shared {
     live: AtomicU64,
     /// Connections the server or the network ended, by reason.
     ends: Mutex<BTreeMap<String, u64>>,
+    /// Runtime lag since the last collection, in microseconds.
+    lag: Mutex<Histogram<u64>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -142,6 +148,7 @@ impl Fleet {
             members: (0..config.groups).map(|_| AtomicU32::new(0)).collect(),
             live: AtomicU64::new(0),
             ends: Mutex::default(),
+            lag: Mutex::new(tally::new_histogram()),
         });
         let key = EncodingKey::from_secret(config.jwt_secret.as_bytes());
         let (stop, stopped) = watch::channel(false);
@@ -177,6 +184,7 @@ impl Fleet {
             }
         }
         report.secs = started.elapsed().as_secs_f64();
+        tasks.spawn(probe_lag(Arc::clone(&shared), stopped));
         Ok((
             Self {
                 shared,
@@ -213,6 +221,7 @@ impl Fleet {
             let tally = lock(shard).collect(step);
             total.merge(&tally);
         }
+        total.tool_lag = std::mem::replace(&mut *lock(&self.shared.lag), tally::new_histogram());
         total
     }
 
@@ -461,6 +470,21 @@ impl Phase {
             Self::Joining => "join",
             Self::Ready => "ready",
         }
+    }
+}
+
+/// Measures how late this process's runtime wakes a timer, until stopped.
+async fn probe_lag(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let due = Instant::now() + LAG_PROBE_EVERY;
+        tokio::select! {
+            biased;
+            _ = stopped.changed() => return,
+            () = sleep_until(due) => {}
+        }
+        let lag = Instant::now().saturating_duration_since(due);
+        let micros = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX).max(1);
+        lock(&shared.lag).saturating_record(micros);
     }
 }
 

@@ -4,6 +4,7 @@
 //! The parsers are pure and tested; the readers are thin. Nothing here knows about the gateway
 //! beyond its PID.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -34,6 +35,34 @@ impl CpuTicks {
     pub(crate) fn total(self) -> u64 {
         self.user + self.system
     }
+}
+
+/// CPU ticks (user + system) each process has used so far, by PID.
+///
+/// Per-core figures from /proc/stat are not trustworthy on every virtual machine (on this
+/// kind they miss most busy time), so load on the machine is summed over processes instead.
+pub(crate) fn process_ticks() -> BTreeMap<u32, u64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, cpu_ticks(Some(pid)).ok()?.total())))
+        .collect()
+}
+
+/// Ticks used between two `process_ticks` readings by processes not in `exclude`. Processes
+/// started in between count in full; processes that ended in between are missed, so this is a
+/// lower bound.
+pub(crate) fn other_ticks(
+    start: &BTreeMap<u32, u64>,
+    end: &BTreeMap<u32, u64>,
+    exclude: &[u32],
+) -> u64 {
+    end.iter()
+        .filter(|(pid, _)| !exclude.contains(pid))
+        .map(|(pid, ticks)| ticks.saturating_sub(start.get(pid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// The current time of the machine's monotonic clock, in microseconds.
@@ -126,6 +155,14 @@ mod tests {
             })
         );
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn other_ticks_skip_excluded_processes_and_count_new_ones_in_full() {
+        let start = BTreeMap::from([(1, 100), (2, 50), (3, 10)]);
+        let end = BTreeMap::from([(1, 130), (2, 90), (4, 7)]);
+        assert_eq!(other_ticks(&start, &end, &[2]), 30 + 7);
+        assert!(process_ticks().contains_key(&std::process::id()));
     }
 
     #[test]

@@ -60,7 +60,10 @@ async fn main() -> ExitCode {
     let code = match tokio::time::timeout(limit, work).await {
         Ok(Ok(Some(report))) => {
             emit(&report, json);
-            ExitCode::SUCCESS
+            match &report {
+                Report::Run { setting, .. } if setting.cut_short.is_some() => ExitCode::FAILURE,
+                _ => ExitCode::SUCCESS,
+            }
         }
         Ok(Ok(None)) => ExitCode::SUCCESS,
         Ok(Err(e)) => {

@@ -73,7 +73,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
     args.validate()?;
     let deadline = Instant::now() + Duration::from_secs(args.target.max_secs);
     let endpoint = Endpoint::try_loopback(&args.target.url)?;
-    wait_ready(&Endpoint::try_loopback(&args.observe.admin_url)?).await?;
+    let admin = Endpoint::try_loopback(&args.observe.admin_url)?;
+    wait_ready(&admin).await?;
+    let prior_connections = prior_connections(&admin).await;
     let gateway = Gateway {
         pid: args.observe.gateway_pid,
     };
@@ -105,6 +107,13 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
     }
     sleep(SETTLE_BEFORE_STEPS).await;
     let rss_connected = gateway.rss();
+    let initial_members: u64 = crew
+        .snapshot()
+        .await?
+        .members
+        .iter()
+        .map(|m| u64::from(*m))
+        .sum();
 
     let mut publisher = Publisher::new(&PublisherConfig {
         endpoint,
@@ -133,7 +142,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
             &args,
             step,
             *rate,
-            ticks_per_sec,
+            Baseline {
+                ticks_per_sec,
+                initial_members,
+            },
         )
         .await;
         match measured {
@@ -170,10 +182,18 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
             rss_before_kib: rss_before,
             rss_connected_kib: rss_connected,
             rss_after_kib: rss_after,
+            prior_connections,
             cut_short,
         },
         steps,
     })
+}
+
+/// Figures that stay the same over the steps of a run.
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    ticks_per_sec: u64,
+    initial_members: u64,
 }
 
 async fn run_step(
@@ -183,9 +203,10 @@ async fn run_step(
     args: &RunArgs,
     step: u32,
     rate: f64,
-    ticks_per_sec: u64,
+    baseline: Baseline,
 ) -> anyhow::Result<StepRow> {
     let before = crew.snapshot().await?;
+    let others_start = host::process_ticks();
     let gateway_start = gateway.cpu();
     let started = Instant::now();
     let published = publisher
@@ -193,6 +214,7 @@ async fn run_step(
         .await;
     let publish_secs = started.elapsed().as_secs_f64();
     let gateway_published = gateway.cpu();
+    let others_end = host::process_ticks();
     let published_end = crew.snapshot().await?;
     sleep(Duration::from_secs(args.drain_secs)).await;
     let gateway_end = gateway.cpu();
@@ -205,6 +227,9 @@ async fn run_step(
         .zip(&before.cpu)
         .map(|(end, start)| end.since(*start))
         .collect();
+    let mut measured = crew.pids();
+    measured.extend(gateway.pid);
+    let other = host::other_ticks(&others_start, &others_end, &measured);
     let ended = published_end.ends.values().sum::<u64>() + after.ends.values().sum::<u64>();
     Ok(StepRow::new(&StepInputs {
         step,
@@ -212,11 +237,13 @@ async fn run_step(
         publish_secs,
         published: &published,
         members: &before.members,
+        initial_members: baseline.initial_members,
         received: &received,
         gateway_publish: since(gateway_published, gateway_start),
         gateway_step: since(gateway_end, gateway_start),
         tool: &tool,
-        ticks_per_sec,
+        other,
+        ticks_per_sec: baseline.ticks_per_sec,
         ended,
     }))
 }
@@ -227,7 +254,9 @@ async fn run_step(
 /// When the gateway is not ready or a load process fails.
 pub(crate) async fn idle(args: IdleArgs) -> anyhow::Result<Report> {
     args.validate()?;
-    wait_ready(&Endpoint::try_loopback(&args.observe.admin_url)?).await?;
+    let admin = Endpoint::try_loopback(&args.observe.admin_url)?;
+    wait_ready(&admin).await?;
+    let prior_connections = prior_connections(&admin).await;
     let gateway = Gateway {
         pid: args.observe.gateway_pid,
     };
@@ -250,6 +279,13 @@ pub(crate) async fn idle(args: IdleArgs) -> anyhow::Result<Report> {
         connect.secs,
         args.settle_secs
     );
+    if connect.ok == 0 {
+        crew.close().await;
+        bail!(
+            "no connection could be opened: {}",
+            report::reasons(&connect.failed)
+        );
+    }
     let cpu_start = gateway.cpu();
     let settle = Duration::from_secs(args.settle_secs);
     sleep(settle).await;
@@ -272,6 +308,7 @@ pub(crate) async fn idle(args: IdleArgs) -> anyhow::Result<Report> {
         rss_before_kib: rss_before,
         rss_held_kib: rss_held,
         rss_after_close_kib: rss_after_close,
+        prior_connections,
         gateway_idle_cpu_pct: since(cpu_end, cpu_start).map(|ticks| {
             ticks.total() as f64 / ticks_per_sec / settle.as_secs_f64().max(1.0) * 100.0
         }),
@@ -281,6 +318,34 @@ pub(crate) async fn idle(args: IdleArgs) -> anyhow::Result<Report> {
 
 fn since(end: Option<CpuTicks>, start: Option<CpuTicks>) -> Option<CpuTicks> {
     Some(end?.since(start?))
+}
+
+/// Connections the gateway has accepted so far, from its /metrics (`None` when it does not say).
+/// Memory a gateway has used once is not all returned, so RSS per connection is only
+/// meaningful from a gateway that has served none.
+async fn prior_connections(admin: &Endpoint) -> Option<u64> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let text = client
+        .get(admin.join("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    metric_value(&text, "gateway_connections_total").map(|v| v as u64)
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// Polls the admin listener's /readyz until it answers 200.
@@ -301,4 +366,20 @@ async fn wait_ready(admin: &Endpoint) -> anyhow::Result<()> {
         sleep(Duration::from_millis(250)).await;
     }
     bail!("{url} not ready after {READY_TIMEOUT:?}: {last}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unlabelled_metrics_are_read_from_prometheus_text() {
+        let text = "# HELP x\ngateway_connections_total_x 9\ngateway_connections_total 20000\n\ngateway_connections_active 3\n";
+        assert_eq!(
+            metric_value(text, "gateway_connections_total"),
+            Some(20000.0)
+        );
+        assert_eq!(metric_value(text, "gateway_connections_active"), Some(3.0));
+        assert_eq!(metric_value(text, "missing"), None);
+    }
 }

@@ -150,6 +150,8 @@ impl Publisher {
             }
         }
         self.lanes.sort_by_key(|lane| lane.index);
+        // Lanes stop after their last send; the step lasts its full length all the same.
+        sleep_until(end).await;
         total
     }
 }
@@ -177,7 +179,9 @@ impl LaneJob {
         let mut i: u64 = 0;
         loop {
             let due = self.start + Duration::from_secs_f64((i as f64 + self.phase) * period);
-            if due >= self.end {
+            // A lane that fell behind skips what it could not send in time rather than
+            // publishing past the end of the step.
+            if due >= self.end || Instant::now() >= self.end {
                 break;
             }
             sleep_until(due).await;

@@ -24,14 +24,20 @@ pub(crate) struct StepRow {
     pub(crate) step: u32,
     /// Publishes per second asked for.
     pub(crate) target_rate: f64,
+    /// Publishes per second sent.
+    pub(crate) attempted_per_sec: f64,
     /// Publishes per second accepted (202).
     pub(crate) accepted_per_sec: f64,
     /// Publishes not accepted (other status or no answer).
     pub(crate) publish_failed: u64,
+    /// Why publishes were not accepted, by status or error.
+    pub(crate) publish_failures: BTreeMap<String, u64>,
     /// 99th percentile of the publish round trip, in ms.
     pub(crate) publish_p99_ms: f64,
     /// Group members at the start of the step, over all groups.
     pub(crate) members: u64,
+    /// Group members before the first step, over all groups.
+    pub(crate) initial_members: u64,
     /// Deliveries owed: accepted publishes times their group's members.
     pub(crate) expected: u64,
     /// First copies received.
@@ -69,7 +75,14 @@ pub(crate) struct StepRow {
     pub(crate) system_us_per_delivery: Option<f64>,
     /// CPU of each load process over the publishing window, in % of one core (this one first).
     pub(crate) tool_cpu_pct: Vec<f64>,
-    /// p99 under the objective and nothing lost or failed.
+    /// 99th percentile of the load processes' runtime lag (a 5 ms timer woken late), in ms.
+    pub(crate) tool_lag_p99_ms: f64,
+    /// Largest runtime lag of the load processes, in ms.
+    pub(crate) tool_lag_max_ms: f64,
+    /// CPU of every other process over the publishing window, in % of one core (a lower
+    /// bound): high values mean a noisy machine, and the step should be rerun.
+    pub(crate) other_pct: f64,
+    /// p99 under the objective, nothing lost or failed, no connection lost before or during.
     pub(crate) meets_objective: bool,
 }
 
@@ -86,6 +99,8 @@ pub(crate) struct StepInputs<'a> {
     pub(crate) published: &'a PublishTally,
     /// Members per group at the start of the step.
     pub(crate) members: &'a [u32],
+    /// Members over all groups once the connections were opened, before the first step.
+    pub(crate) initial_members: u64,
     /// What the connections received.
     pub(crate) received: &'a StepTally,
     /// Gateway CPU over the publishing window.
@@ -94,6 +109,8 @@ pub(crate) struct StepInputs<'a> {
     pub(crate) gateway_step: Option<CpuTicks>,
     /// Each load process's CPU over the publishing window.
     pub(crate) tool: &'a [CpuTicks],
+    /// Ticks of every other process over the publishing window.
+    pub(crate) other: u64,
     /// Clock ticks per second.
     pub(crate) ticks_per_sec: u64,
     /// Connections ended during the step.
@@ -115,13 +132,25 @@ impl StepRow {
             |ticks: u64| (frames > 0).then(|| ticks as f64 * tick_us / frames as f64);
         let p99_ms = received.latency_ms(0.99);
         let publish_failed = i.published.failed_total();
+        let members: u64 = i.members.iter().map(|m| u64::from(*m)).sum();
+        let gateway_cpu_pct = i.gateway_publish.map(cpu_pct);
+        let tool_cpu_pct: Vec<f64> = i.tool.iter().map(|t| cpu_pct(*t)).collect();
         Self {
             step: i.step,
             target_rate: i.rate,
+            attempted_per_sec: i.published.attempted as f64 / secs,
             accepted_per_sec: i.published.accepted_total() as f64 / secs,
             publish_failed,
+            publish_failures: i
+                .published
+                .rejected
+                .iter()
+                .map(|(status, count)| (format!("HTTP {status}"), *count))
+                .chain(i.published.errors.clone())
+                .collect(),
             publish_p99_ms: i.published.round_trip.value_at_quantile(0.99) as f64 / 1000.0,
-            members: i.members.iter().map(|m| u64::from(*m)).sum(),
+            members,
+            initial_members: i.initial_members,
             expected,
             delivered: received.delivered,
             deliveries_per_sec: received.delivered as f64 / secs,
@@ -136,14 +165,22 @@ impl StepRow {
             p99_ms,
             p999_ms: received.latency_ms(0.999),
             max_ms: received.max_latency_ms(),
-            gateway_cpu_pct: i.gateway_publish.map(cpu_pct),
+            gateway_cpu_pct,
             user_us_per_delivery: i.gateway_step.and_then(|t| per_delivery(t.user)),
             system_us_per_delivery: i.gateway_step.and_then(|t| per_delivery(t.system)),
-            tool_cpu_pct: i.tool.iter().map(|t| cpu_pct(*t)).collect(),
+            tool_cpu_pct,
+            tool_lag_p99_ms: received.tool_lag_ms(0.99),
+            tool_lag_max_ms: received.tool_lag_ms(1.0),
+            other_pct: cpu_pct(CpuTicks {
+                user: i.other,
+                system: 0,
+            }),
             meets_objective: p99_ms < OBJECTIVE_P99_MS
                 && lost <= 0
                 && publish_failed == 0
-                && received.delivered > 0,
+                && received.delivered > 0
+                && i.ended == 0
+                && members == i.initial_members,
         }
     }
 }
@@ -173,6 +210,8 @@ pub(crate) struct RunSetting {
     pub(crate) rss_connected_kib: Option<u64>,
     /// Gateway RSS after the last step, in KiB.
     pub(crate) rss_after_kib: Option<u64>,
+    /// Connections the gateway had accepted before this run (from /metrics).
+    pub(crate) prior_connections: Option<u64>,
     /// Why the run stopped before its last step, if it did.
     pub(crate) cut_short: Option<String>,
 }
@@ -196,6 +235,8 @@ pub(crate) struct IdleRow {
     pub(crate) rss_held_kib: Option<u64>,
     /// Gateway RSS after closing them, in KiB.
     pub(crate) rss_after_close_kib: Option<u64>,
+    /// Connections the gateway had accepted before this run (from /metrics).
+    pub(crate) prior_connections: Option<u64>,
     /// `(held - before) / connected`, in KiB.
     pub(crate) kib_per_connection: Option<f64>,
     /// Gateway CPU while the connections sat idle, in % of one core.
@@ -240,6 +281,9 @@ pub(crate) fn run_markdown(setting: &RunSetting, rows: &[StepRow]) -> String {
         ),
         kib(s.rss_after_kib),
     );
+    if let Some(note) = reused_note(s.prior_connections) {
+        let _ = writeln!(out, "- {note}");
+    }
     let _ = writeln!(
         out,
         "- publisher: {} lanes (one request in flight per lane)",
@@ -251,22 +295,18 @@ pub(crate) fn run_markdown(setting: &RunSetting, rows: &[StepRow]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| step | pub/s target | pub/s accepted | deliveries/s | expected | lost | dup | reordered | p50 ms | p99 ms | p99.9 ms | max ms | gw CPU % | gw user µs/dlv | gw sys µs/dlv | tool CPU % | ok |"
+        "| step | pub/s target | pub/s accepted | pub RTT p99 ms | deliveries/s | expected | lost | dup | reordered | p50 ms | p99 ms | p99.9 ms | max ms | gw CPU % | gw user µs/dlv | gw sys µs/dlv | tool CPU % | tool lag p99 ms | other procs CPU % | ok |"
     );
-    let _ = writeln!(out, "|{}", "---|".repeat(17));
+    let _ = writeln!(out, "|{}", "---|".repeat(20));
     for r in rows {
-        let tool = r
-            .tool_cpu_pct
-            .iter()
-            .map(|pct| format!("{pct:.0}"))
-            .collect::<Vec<_>>()
-            .join("+");
+        let tool = joined(&r.tool_cpu_pct);
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.1} | {:.0} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {:.1} | {:.0} | {} |",
             r.step,
             r.target_rate,
             r.accepted_per_sec,
+            r.publish_p99_ms,
             r.deliveries_per_sec,
             r.expected,
             r.lost,
@@ -280,11 +320,13 @@ pub(crate) fn run_markdown(setting: &RunSetting, rows: &[StepRow]) -> String {
             opt(r.user_us_per_delivery, 2),
             opt(r.system_us_per_delivery, 2),
             tool,
+            r.tool_lag_p99_ms,
+            r.other_pct,
             if r.meets_objective { "yes" } else { "no" },
         );
     }
     let _ = writeln!(out);
-    match rows.iter().filter(|r| r.meets_objective).last() {
+    match rows.iter().rfind(|r| r.meets_objective) {
         Some(best) => {
             let _ = writeln!(
                 out,
@@ -301,8 +343,14 @@ pub(crate) fn run_markdown(setting: &RunSetting, rows: &[StepRow]) -> String {
     }
     for r in rows {
         let mut notes = Vec::new();
+        if r.publish_failed > 0 {
+            notes.push(format!(
+                "{} publishes not accepted ({})",
+                r.publish_failed,
+                reasons(&r.publish_failures)
+            ));
+        }
         for (count, what) in [
-            (r.publish_failed, "publishes not accepted"),
             (r.late, "late deliveries (after the drain)"),
             (r.misrouted, "deliveries to a group not joined"),
             (r.unstamped, "events without a stamp"),
@@ -311,6 +359,18 @@ pub(crate) fn run_markdown(setting: &RunSetting, rows: &[StepRow]) -> String {
             if count > 0 {
                 notes.push(format!("{count} {what}"));
             }
+        }
+        if r.members < r.initial_members {
+            notes.push(format!(
+                "only {} of {} group members left at the start",
+                r.members, r.initial_members
+            ));
+        }
+        if r.attempted_per_sec < r.target_rate * 0.97 {
+            notes.push(format!(
+                "the publisher fell behind ({:.0} of {:.0} publishes/s sent; one request in flight per lane, publish p99 {:.1} ms)",
+                r.attempted_per_sec, r.target_rate, r.publish_p99_ms
+            ));
         }
         if !notes.is_empty() {
             let _ = writeln!(out, "- step {}: {}", r.step, notes.join(", "));
@@ -328,6 +388,9 @@ pub(crate) fn idle_markdown(row: &IdleRow) -> String {
         row.connections, row.groups, row.settle_secs
     );
     let _ = writeln!(out, "- {}", connect_line(&row.connect, row.processes));
+    if let Some(note) = reused_note(row.prior_connections) {
+        let _ = writeln!(out, "- {note}");
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -354,6 +417,14 @@ pub(crate) fn idle_markdown(row: &IdleRow) -> String {
     out
 }
 
+fn reused_note(prior_connections: Option<u64>) -> Option<String> {
+    prior_connections.filter(|n| *n > 0).map(|n| {
+        format!(
+            "**note**: the gateway had served {n} connections before; memory it kept from them hides in \"RSS before\", so KiB per connection is only meaningful from a fresh gateway"
+        )
+    })
+}
+
 fn connect_line(connect: &ConnectReport, processes: usize) -> String {
     let mut line = format!(
         "connections: {} ready, {} failed, in {:.1} s over {} load process(es)",
@@ -378,6 +449,15 @@ pub(crate) fn reasons(by_reason: &BTreeMap<String, u64>) -> String {
         .map(|(reason, count)| format!("{reason} ×{count}"))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Percentages as `12+34`.
+fn joined(percentages: &[f64]) -> String {
+    percentages
+        .iter()
+        .map(|pct| format!("{pct:.0}"))
+        .collect::<Vec<_>>()
+        .join("+")
 }
 
 fn kib(value: Option<u64>) -> String {
@@ -418,6 +498,7 @@ mod tests {
             publish_secs: 10.0,
             published: &published,
             members: &[10, 10],
+            initial_members: 20,
             received: &received,
             gateway_publish: Some(CpuTicks {
                 user: 50,
@@ -431,6 +512,7 @@ mod tests {
                 user: 400,
                 system: 100,
             }],
+            other: 250,
             ticks_per_sec: 100,
             ended: 0,
         });
@@ -444,6 +526,7 @@ mod tests {
         assert!((row.system_us_per_delivery.unwrap() - 1500.0).abs() < 1e-9);
         assert!((row.gateway_cpu_pct.unwrap() - 20.0).abs() < 1e-9);
         assert!((row.tool_cpu_pct[0] - 50.0).abs() < 1e-9);
+        assert!((row.other_pct - 25.0).abs() < 1e-9);
         assert!((row.p99_ms - 2.0).abs() < 0.01);
         assert!(!row.meets_objective, "10 deliveries were lost");
     }
@@ -461,10 +544,12 @@ mod tests {
             publish_secs: 10.0,
             published: &published,
             members: &[1],
+            initial_members: 1,
             received: &received,
             gateway_publish: None,
             gateway_step: None,
             tool: &[CpuTicks::default()],
+            other: 0,
             ticks_per_sec: 100,
             ended: 0,
         });
@@ -481,10 +566,14 @@ mod tests {
             rss_before_kib: None,
             rss_connected_kib: None,
             rss_after_kib: None,
+            prior_connections: Some(0),
             cut_short: None,
         };
         let text = run_markdown(&setting, &[row.clone(), row]);
         assert_eq!(text.lines().filter(|l| l.starts_with("| 0 |")).count(), 2);
+        let cells = |line: &str| line.matches('|').count();
+        let table: Vec<&str> = text.lines().filter(|l| l.starts_with('|')).collect();
+        assert!(table.iter().all(|line| cells(line) == cells(table[0])));
         assert!(text.contains("Best step"));
     }
 }

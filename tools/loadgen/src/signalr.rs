@@ -7,7 +7,8 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// Ends every SignalR record.
 pub(crate) const RECORD_SEPARATOR: char = '\u{1e}';
@@ -82,15 +83,79 @@ struct Envelope<'a> {
     target: Option<Cow<'a, str>>,
     #[serde(rename = "invocationId", borrow, default)]
     invocation_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    arguments: Option<Vec<&'a RawValue>>,
+    #[serde(default)]
+    arguments: Option<FirstArgument>,
     #[serde(default)]
     error: Option<String>,
 }
 
+/// The stamp of `arguments[0]`, read in the same pass as the envelope; later arguments are
+/// skipped. Any first argument that is not an object with a readable `lg` gives `None`.
+struct FirstArgument(Option<Stamp>);
+
 #[derive(Deserialize)]
 struct Payload {
     lg: Option<Stamp>,
+}
+
+impl<'de> Deserialize<'de> for FirstArgument {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = FirstArgument;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an arguments array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<MaybePayload>()?.and_then(|p| p.0);
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FirstArgument(first))
+            }
+        }
+        deserializer.deserialize_seq(Visit)
+    }
+}
+
+/// A payload whose shape may be anything: an object with a stamp, or something to skip.
+struct MaybePayload(Option<Stamp>);
+
+impl<'de> Deserialize<'de> for MaybePayload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = MaybePayload;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let payload = Payload::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(MaybePayload(payload.lg))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MaybePayload(None))
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(MaybePayload(None))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybePayload(None))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybePayload(None))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybePayload(None))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybePayload(None))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(MaybePayload(None))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 impl Incoming {
@@ -102,13 +167,7 @@ impl Incoming {
         match envelope.kind {
             None => Self::Handshake(envelope.error),
             Some(1) if envelope.target.as_deref() == Some(EVENT_TARGET) => {
-                let stamp = envelope
-                    .arguments
-                    .as_deref()
-                    .and_then(<[_]>::first)
-                    .and_then(|first| serde_json::from_str::<Payload>(first.get()).ok())
-                    .and_then(|payload| payload.lg);
-                Self::Delivery(stamp)
+                Self::Delivery(envelope.arguments.and_then(|first| first.0))
             }
             Some(3) => Self::Completion {
                 id: envelope.invocation_id.unwrap_or_default().into_owned(),
@@ -188,6 +247,19 @@ mod tests {
         check(
             r#"{"type":1,"target":"RecommendationReady","arguments":[]}"#,
             Incoming::Delivery(None),
+        );
+        check(
+            r#"{"type":1,"target":"RecommendationReady","arguments":["text",{"lg":{"g":1,"n":1,"t":1,"s":1}}]}"#,
+            Incoming::Delivery(None),
+        );
+        check(
+            r#"{"arguments":[{"lg":{"g":1,"n":2,"t":3,"s":4}}],"target":"RecommendationReady","type":1}"#,
+            Incoming::Delivery(Some(Stamp {
+                g: 1,
+                n: 2,
+                t: 3,
+                s: 4,
+            })),
         );
     }
 

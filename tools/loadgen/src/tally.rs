@@ -87,6 +87,9 @@ pub(crate) struct StepTally {
     pub(crate) misrouted: u64,
     /// Latency of first copies, in microseconds.
     pub(crate) latency: Histogram<u64>,
+    /// How late the load process's runtime woke a 5 ms timer, in microseconds: when this is
+    /// near the latency, the tool and not the gateway made the deliveries late.
+    pub(crate) tool_lag: Histogram<u64>,
 }
 
 impl Default for StepTally {
@@ -99,6 +102,7 @@ impl Default for StepTally {
             unstamped: 0,
             misrouted: 0,
             latency: new_histogram(),
+            tool_lag: new_histogram(),
         }
     }
 }
@@ -129,6 +133,7 @@ impl StepTally {
         self.misrouted += other.misrouted;
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.tool_lag.add(&other.tool_lag);
     }
 
     /// Frames that carried an event: first copies and duplicates.
@@ -148,6 +153,14 @@ impl StepTally {
     pub(crate) fn max_latency_ms(&self) -> f64 {
         self.latency.max() as f64 / 1000.0
     }
+
+    /// Runtime lag of the load processes at quantile `q`, in milliseconds.
+    pub(crate) fn tool_lag_ms(&self, q: f64) -> f64 {
+        if self.tool_lag.is_empty() {
+            return 0.0;
+        }
+        self.tool_lag.value_at_quantile(q) as f64 / 1000.0
+    }
 }
 
 /// A `StepTally` as it crosses a pipe between load processes.
@@ -161,6 +174,7 @@ pub(crate) struct WireTally {
     misrouted: u64,
     /// Histogram buckets as (highest equivalent value, count).
     latency: Vec<(u64, u64)>,
+    tool_lag: Vec<(u64, u64)>,
 }
 
 impl From<&StepTally> for WireTally {
@@ -172,21 +186,14 @@ impl From<&StepTally> for WireTally {
             late: tally.late,
             unstamped: tally.unstamped,
             misrouted: tally.misrouted,
-            latency: tally
-                .latency
-                .iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect(),
+            latency: buckets(&tally.latency),
+            tool_lag: buckets(&tally.tool_lag),
         }
     }
 }
 
 impl From<WireTally> for StepTally {
     fn from(wire: WireTally) -> Self {
-        let mut latency = new_histogram();
-        for (value, count) in wire.latency {
-            latency.saturating_record_n(value.clamp(1, MAX_LATENCY_MICROS), count);
-        }
         Self {
             delivered: wire.delivered,
             duplicates: wire.duplicates,
@@ -194,7 +201,8 @@ impl From<WireTally> for StepTally {
             late: wire.late,
             unstamped: wire.unstamped,
             misrouted: wire.misrouted,
-            latency,
+            latency: from_buckets(&wire.latency),
+            tool_lag: from_buckets(&wire.tool_lag),
         }
     }
 }
@@ -253,9 +261,25 @@ impl Ledger {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+/// A histogram that clamps values into its bounds.
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // Constant, valid bounds: creation cannot fail.
     Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3).unwrap_or_else(|_| unreachable!())
+}
+
+fn buckets(histogram: &Histogram<u64>) -> Vec<(u64, u64)> {
+    histogram
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+fn from_buckets(buckets: &[(u64, u64)]) -> Histogram<u64> {
+    let mut histogram = new_histogram();
+    for (value, count) in buckets {
+        histogram.saturating_record_n((*value).clamp(1, MAX_LATENCY_MICROS), *count);
+    }
+    histogram
 }
 
 #[cfg(test)]
