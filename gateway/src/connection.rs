@@ -13,14 +13,13 @@ use axum::extract::ws::{self, CloseFrame, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use publisher_lib::contract::Group;
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
 use crate::config::Config;
 use crate::groups::{ConnId, Groups};
 use crate::hub::{self, Outcome};
 use crate::metrics;
-use crate::outbound::{self, Frame, Inbox, Outbound};
+use crate::outbound::{self, Closing, Delivery, Frame, Inbox, Outbound};
 use crate::protocol::codec::{self, Message};
 use crate::protocol::handshake::{self, HandshakeError};
 use crate::protocol::{CloseReason, ProtocolError, RecordBuffer};
@@ -75,8 +74,6 @@ pub struct Connection {
     pub groups: Arc<Groups>,
     /// Its settings.
     pub settings: Arc<Settings>,
-    /// Cancelled when the gateway shuts down.
-    pub shutdown: CancellationToken,
 }
 
 /// Why a write failed.
@@ -97,8 +94,11 @@ impl Connection {
     {
         metrics::connection_opened();
         let (outbound, mut inbox) = outbound::channel(self.settings.outbound_queue);
+        self.groups.register(self.id, &outbound);
         let mut joined = Vec::new();
-        let reason = match self.handshake(&mut socket).await {
+        // Boxed: the handshake's state is only needed at the start, and an idle connection
+        // should not carry it.
+        let reason = match Box::pin(self.handshake(&mut socket, &mut inbox)).await {
             Ok(pending) => {
                 self.run(&mut socket, &outbound, &mut inbox, &mut joined, pending)
                     .await
@@ -113,6 +113,7 @@ impl Connection {
         for group in &joined {
             self.groups.leave(self.id, group).await;
         }
+        self.groups.unregister(self.id);
         tracing::debug!(reason = reason.label(), "connection closed");
         metrics::connection_closed(reason.label());
         if reason == CloseReason::ClientClosed {
@@ -133,7 +134,11 @@ impl Connection {
     }
 
     /// Reads the handshake; returns records that followed it in the same message.
-    async fn handshake<S>(&self, socket: &mut S) -> Result<Vec<String>, CloseReason>
+    async fn handshake<S>(
+        &self,
+        socket: &mut S,
+        inbox: &mut Inbox,
+    ) -> Result<Vec<String>, CloseReason>
     where
         S: Stream<Item = Result<ws::Message, axum::Error>>
             + Sink<ws::Message, Error = axum::Error>
@@ -148,7 +153,11 @@ impl Connection {
         loop {
             let message = tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => return Err(CloseReason::ServerShutdown),
+                delivery = inbox.recv() => match delivery {
+                    Delivery::Close(closing) => return Err(closing.into()),
+                    // Nothing is sent before a group is joined.
+                    Delivery::Frame(_) => continue,
+                },
                 message = timeout_at(deadline, socket.next()) => message,
             };
             let text = match message {
@@ -205,23 +214,29 @@ impl Connection {
         let mut last_received = Instant::now();
         let token_expires = token_deadline(self.principal.valid_until);
         for record in pending {
-            if let Err(reason) = self.on_record(socket, &record, outbound, joined).await {
+            if let Err(reason) = Box::pin(self.on_record(socket, &record, outbound, joined)).await {
                 return reason;
             }
         }
         let timer =
             tokio::time::sleep_until(next_tick(last_sent, last_received, token_expires, settings));
-        // The shutdown and overflow futures are created once: re-creating them on every turn
-        // would register a waiter (a lock) per frame, and the shutdown token is shared by all.
-        let overflow = inbox.overflow_signal();
-        let overflowed = overflow.wait();
-        let shutdown = self.shutdown.cancelled();
-        tokio::pin!(timer, overflowed, shutdown);
+        tokio::pin!(timer);
+        // Three branches: everything the gateway sends this connection (frames, and the order to
+        // close) arrives through the inbox, so a delivery wakes one queue, not a shutdown token
+        // shared by every connection.
         loop {
             tokio::select! {
                 biased;
-                () = &mut shutdown => return CloseReason::ServerShutdown,
-                () = &mut overflowed => return CloseReason::SlowConsumer,
+                delivery = inbox.recv() => {
+                    let frame = match delivery {
+                        Delivery::Frame(frame) => frame,
+                        Delivery::Close(closing) => return closing.into(),
+                    };
+                    if let Err(e) = write_batch(socket, frame, inbox, settings.write_timeout).await {
+                        return e.into();
+                    }
+                    last_sent = Instant::now();
+                }
                 () = &mut timer => {
                     let now = Instant::now();
                     if now >= token_expires {
@@ -237,15 +252,6 @@ impl Connection {
                         last_sent = Instant::now();
                     }
                     timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings));
-                }
-                frame = inbox.recv() => {
-                    let Some(frame) = frame else {
-                        return CloseReason::ServerShutdown;
-                    };
-                    if let Err(e) = write_batch(socket, frame, inbox, settings.write_timeout).await {
-                        return e.into();
-                    }
-                    last_sent = Instant::now();
                 }
                 message = socket.next() => {
                     last_received = Instant::now();
@@ -263,7 +269,10 @@ impl Connection {
                         Err(e) => return CloseReason::Protocol(e),
                     };
                     for record in records {
-                        if let Err(reason) = self.on_record(socket, &record, outbound, joined).await {
+                        // Boxed: joins and their broker round trip are rare, and an idle
+                        // connection should not carry their state.
+                        let handled = Box::pin(self.on_record(socket, &record, outbound, joined));
+                        if let Err(reason) = handled.await {
                             return reason;
                         }
                     }
@@ -349,6 +358,15 @@ impl Connection {
                     "An unexpected error occurred invoking '{method}' on the server. HubException: {e}; try again"
                 ))
             }
+        }
+    }
+}
+
+impl From<Closing> for CloseReason {
+    fn from(closing: Closing) -> Self {
+        match closing {
+            Closing::SlowConsumer => CloseReason::SlowConsumer,
+            Closing::Shutdown => CloseReason::ServerShutdown,
         }
     }
 }

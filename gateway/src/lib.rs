@@ -139,19 +139,21 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         .into_future(),
     );
     let admin_server = tokio::spawn(
-        axum::serve(admin, http::admin(state, metrics))
+        axum::serve(admin, http::admin(state.clone(), metrics))
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
             .into_future(),
     );
     let drain_timeout = config.timeouts.drain_timeout;
+    let groups = Arc::clone(&state.groups);
     let stopping = trigger.clone();
     let task = tokio::spawn(async move {
         stopping.cancelled().await;
         let started = tokio::time::Instant::now();
         tracing::info!("shutdown started: not ready, no new connections");
         shutdown.begin_drain();
+        let open = groups.close_all(outbound::Closing::Shutdown);
         tracing::info!(
-            connections = shutdown.connections().len(),
+            connections = open,
             "closing connections with reconnect allowed"
         );
         // The listener has stopped accepting; plain HTTP requests still in flight finish on

@@ -1,14 +1,24 @@
 //! Per-connection bounded queue of frames, from fan-out to the socket.
 //!
-//! The push side ([`Outbound`]) never waits: a full queue marks the connection as overflowed
-//! and wakes its task, which closes it as a slow consumer. The socket side ([`Inbox`]) belongs to
-//! the connection task. A queue slot is one pointer, so an idle connection's queue is small.
+//! The push side ([`Outbound`]) never waits: a full queue marks the connection as a slow
+//! consumer and wakes its task, which closes it. The same handle tells a connection to close for
+//! shutdown, so the connection task has one thing to wait on for everything the gateway sends it.
+//! The socket side ([`Inbox`]) belongs to the connection task.
+//!
+//! It is a mutex around a `VecDeque` rather than a channel: an idle connection's queue is one
+//! small allocation with no buffer until a frame arrives, the consumer is woken only when the
+//! queue goes from empty to non-empty, and the lock is held for a push or a pop, never across an
+//! await.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+
+/// Queue capacity kept after a burst drains; larger buffers are released.
+const RETAINED_CAPACITY: usize = 16;
 
 /// One encoded SignalR record, shared by every recipient of a publication.
 #[derive(Debug, Clone)]
@@ -26,45 +36,68 @@ impl Frame {
     }
 }
 
+/// Why the gateway wants a connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Its queue overflowed: the client cannot keep up.
+    SlowConsumer,
+    /// The gateway is shutting down or draining.
+    Shutdown,
+}
+
+/// What the connection task receives.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A frame to write.
+    Frame(Frame),
+    /// Close now; frames still queued are dropped.
+    Close(Closing),
+}
+
 /// The push side of a connection's queue; cloned into every group the connection joins.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    tx: mpsc::Sender<Frame>,
-    overflow: Arc<Overflow>,
+    shared: Arc<Mutex<State>>,
 }
 
 /// The socket side of a connection's queue.
 #[derive(Debug)]
 pub struct Inbox {
-    rx: mpsc::Receiver<Frame>,
-    overflow: Arc<Overflow>,
+    shared: Arc<Mutex<State>>,
 }
 
-#[derive(Debug, Default)]
-struct Overflow {
-    happened: AtomicBool,
-    notify: Notify,
+#[derive(Debug)]
+struct State {
+    frames: VecDeque<Frame>,
+    capacity: usize,
+    closing: Option<Closing>,
+    receiver_gone: bool,
+    waker: Option<Waker>,
 }
 
-/// The frame was not queued: the connection is closing (full queue or gone).
+/// The frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
-    /// This push found the queue full; the connection is now marked as a slow consumer.
+    /// This push found the queue full; the connection is now closing as a slow consumer.
     Overflowed,
-    /// The connection was already overflowed or has ended.
+    /// The connection is already closing or has ended.
     Closed,
 }
 
 /// A queue holding up to `capacity` frames.
 pub fn channel(capacity: usize) -> (Outbound, Inbox) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let overflow = Arc::new(Overflow::default());
+    let shared = Arc::new(Mutex::new(State {
+        frames: VecDeque::new(),
+        capacity,
+        closing: None,
+        receiver_gone: false,
+        waker: None,
+    }));
     (
         Outbound {
-            tx,
-            overflow: Arc::clone(&overflow),
+            shared: Arc::clone(&shared),
         },
-        Inbox { rx, overflow },
+        Inbox { shared },
     )
 }
 
@@ -75,61 +108,107 @@ impl Outbound {
     /// [`Rejected`] when the frame was dropped; `Overflowed` is returned once per connection,
     /// so the caller can count slow consumers exactly.
     pub fn try_push(&self, frame: &Frame) -> Result<(), Rejected> {
-        if self.overflow.happened.load(Ordering::Relaxed) {
+        let mut state = lock(&self.shared);
+        if state.closing.is_some() || state.receiver_gone {
             return Err(Rejected::Closed);
         }
-        match self.tx.try_send(frame.clone()) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Rejected::Closed),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.overflow.happened.swap(true, Ordering::Relaxed) {
-                    return Err(Rejected::Closed);
-                }
-                self.overflow.notify.notify_one();
-                Err(Rejected::Overflowed)
-            }
+        if state.frames.len() >= state.capacity {
+            state.closing = Some(Closing::SlowConsumer);
+            state.frames.clear();
+            wake(state);
+            return Err(Rejected::Overflowed);
+        }
+        state.frames.push_back(frame.clone());
+        // The consumer takes everything queued whenever it runs, so only the first frame of a
+        // batch needs to wake it.
+        if state.frames.len() == 1 {
+            wake(state);
+        }
+        Ok(())
+    }
+
+    /// Tells the connection to close; the first reason given wins.
+    pub fn close(&self, closing: Closing) {
+        let mut state = lock(&self.shared);
+        if state.closing.is_none() {
+            state.closing = Some(closing);
+            state.frames.clear();
+            wake(state);
         }
     }
 
     /// Whether both ends belong to the same connection.
     pub fn same_queue(&self, other: &Outbound) -> bool {
-        self.tx.same_channel(&other.tx)
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 }
 
 impl Inbox {
-    /// The next frame.
+    /// The next frame, or the order to close.
     ///
     /// # Cancel safety
-    /// Cancel-safe: a frame is either returned or stays queued.
-    pub async fn recv(&mut self) -> Option<Frame> {
-        self.rx.recv().await
+    /// Cancel-safe: nothing is taken from the queue unless it is returned.
+    pub async fn recv(&mut self) -> Delivery {
+        poll_fn(|cx| {
+            let mut state = lock(&self.shared);
+            if let Some(closing) = state.closing {
+                return Poll::Ready(Delivery::Close(closing));
+            }
+            match state.frames.pop_front() {
+                Some(frame) => Poll::Ready(Delivery::Frame(frame)),
+                None => {
+                    if !state
+                        .waker
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        state.waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 
-    /// A frame already queued, if any (to batch writes).
+    /// A frame already queued, if any and if the connection is not closing (to batch writes).
     pub fn try_recv(&mut self) -> Option<Frame> {
-        self.rx.try_recv().ok()
+        let mut state = lock(&self.shared);
+        if state.closing.is_some() {
+            return None;
+        }
+        let frame = state.frames.pop_front();
+        if frame.is_none() && state.frames.capacity() > RETAINED_CAPACITY {
+            state.frames.shrink_to(RETAINED_CAPACITY);
+        }
+        frame
     }
 
-    /// A handle that resolves when the queue overflows, usable while frames are received.
-    pub fn overflow_signal(&self) -> OverflowSignal {
-        OverflowSignal(Arc::clone(&self.overflow))
+    /// Why the connection must close, if it must.
+    pub fn closing(&self) -> Option<Closing> {
+        lock(&self.shared).closing
     }
 }
 
-/// Resolves when a connection's queue has overflowed.
-#[derive(Debug)]
-pub struct OverflowSignal(Arc<Overflow>);
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut state = lock(&self.shared);
+        state.receiver_gone = true;
+        state.frames = VecDeque::new();
+        state.waker = None;
+    }
+}
 
-impl OverflowSignal {
-    /// Resolves once the queue has overflowed.
-    ///
-    /// # Cancel safety
-    /// Cancel-safe: the overflow is remembered, so a later call resolves at once.
-    pub async fn wait(&self) {
-        if self.0.happened.load(Ordering::Relaxed) {
-            return;
-        }
-        self.0.notify.notified().await;
+fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Every critical section leaves the state consistent, so a poisoned lock is still usable.
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Wakes the consumer after releasing the lock.
+fn wake(mut state: MutexGuard<'_, State>) {
+    let waker = state.waker.take();
+    drop(state);
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }

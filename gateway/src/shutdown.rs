@@ -2,8 +2,9 @@
 //!
 //! Connections and background tasks (the broker) are spawned through trackers so shutdown can
 //! wait for them; nothing long-lived is detached. The order is fixed: readiness turns false,
-//! the listener stops accepting, connections are told to close (with reconnect allowed), they are
-//! awaited under the drain deadline, and only then does the broker stop.
+//! the listener stops accepting, connections are told to close (with reconnect allowed, through
+//! their queues, by [`crate::groups::Groups::close_all`]), they are awaited under the drain
+//! deadline, and only then does the broker stop.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,6 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     draining: Arc<AtomicBool>,
-    close_connections: CancellationToken,
     stop_background: CancellationToken,
     connections: TaskTracker,
     background: TaskTracker,
@@ -47,11 +47,6 @@ impl Shutdown {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// The token connections watch; cancelled when they must close.
-    pub fn connection_token(&self) -> &CancellationToken {
-        &self.close_connections
-    }
-
     /// The token background tasks watch; cancelled after the connections are gone.
     pub fn background_token(&self) -> &CancellationToken {
         &self.stop_background
@@ -67,10 +62,10 @@ impl Shutdown {
         &self.background
     }
 
-    /// Tells every connection to close and waits for them, at most `deadline`.
+    /// Waits for every connection task to end, at most `deadline`. The caller has told them to
+    /// close (through their queues).
     pub async fn drain_connections(&self, deadline: Duration) -> Drained {
         self.begin_drain();
-        self.close_connections.cancel();
         self.connections.close();
         match tokio::time::timeout(deadline, self.connections.wait()).await {
             Ok(()) => Drained::Completely,

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use publisher_lib::contract::Group;
@@ -17,20 +17,29 @@ use tokio::sync::watch;
 
 use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
-use crate::outbound::{Frame, Outbound, Rejected};
+use crate::outbound::{Closing, Frame, Outbound, Rejected};
 use crate::protocol::codec;
 
 /// Identifies a connection inside this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(u64);
 
-/// The registry of local memberships.
+/// The registry of local memberships, and of every local connection's queue.
 #[derive(Debug)]
 pub struct Groups {
     groups: RwLock<HashMap<Group, Members>>,
+    connections: Mutex<Connections>,
     subscriptions: Subscriptions,
     next_conn: AtomicU64,
     next_generation: AtomicU64,
+}
+
+/// Every open connection's queue, so the gateway can tell them all to close.
+#[derive(Debug, Default)]
+struct Connections {
+    queues: HashMap<ConnId, Outbound>,
+    /// Set once shutdown began: connections registering later are closed at once.
+    closing: Option<Closing>,
 }
 
 /// The local members of one group, and whether its broker subscription is live.
@@ -53,6 +62,7 @@ impl Groups {
     pub fn new(subscriptions: Subscriptions) -> Self {
         Self {
             groups: RwLock::new(HashMap::new()),
+            connections: Mutex::new(Connections::default()),
             subscriptions,
             next_conn: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
@@ -62,6 +72,38 @@ impl Groups {
     /// A new connection id, unique in this process.
     pub fn next_conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Records a connection's queue, so [`Groups::close_all`] reaches it. A connection that
+    /// registers after `close_all` is told to close at once.
+    pub fn register(&self, conn: ConnId, outbound: &Outbound) {
+        let mut connections = self.connections();
+        match connections.closing {
+            Some(closing) => outbound.close(closing),
+            None => {
+                connections.queues.insert(conn, outbound.clone());
+            }
+        }
+    }
+
+    /// Forgets a connection's queue.
+    pub fn unregister(&self, conn: ConnId) {
+        self.connections().queues.remove(&conn);
+    }
+
+    /// Tells every connection, present and future, to close; returns how many were open.
+    pub fn close_all(&self, closing: Closing) -> usize {
+        let mut connections = self.connections();
+        connections.closing = Some(closing);
+        for queue in connections.queues.values() {
+            queue.close(closing);
+        }
+        connections.queues.len()
+    }
+
+    /// How many connections are registered.
+    pub fn connection_count(&self) -> usize {
+        self.connections().queues.len()
     }
 
     /// Adds `conn` to `group` and returns once the broker delivers the group's publications, so
@@ -167,6 +209,12 @@ impl Groups {
         groups.remove(group);
         metrics::groups_active(groups.len());
         Some(generation)
+    }
+
+    fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Group, Members>> {

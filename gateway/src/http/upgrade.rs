@@ -10,6 +10,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use serde::Deserialize;
 use tracing::Instrument;
 
@@ -98,7 +99,6 @@ pub async fn upgrade(
         principal,
         groups: Arc::clone(&state.groups),
         settings: Arc::clone(&state.settings),
-        shutdown: state.shutdown.connection_token().clone(),
     };
     let span = tracing::debug_span!(
         "connection",
@@ -116,5 +116,14 @@ pub async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .max_message_size(max_message)
         .max_frame_size(max_message)
-        .on_upgrade(move |socket| tracker.track_future(conn.serve(socket).instrument(span)))
+        .on_upgrade(move |socket| {
+            // A disabled span still costs a little on every poll of every connection; attach
+            // it only when its level is enabled.
+            let serve = conn.serve(socket);
+            if span.is_disabled() {
+                Either::Left(tracker.track_future(serve))
+            } else {
+                Either::Right(tracker.track_future(serve.instrument(span)))
+            }
+        })
 }
