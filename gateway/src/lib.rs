@@ -25,6 +25,7 @@ pub mod outbound;
 pub mod protocol;
 pub mod shutdown;
 pub mod telemetry;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -19,6 +19,7 @@ use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
 use crate::outbound::{Closing, Frame, Outbound, Rejected};
 use crate::protocol::codec;
+use crate::websocket;
 
 /// Identifies a connection inside this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -235,10 +236,12 @@ impl Fanout for Groups {
             let Some(members) = groups.get(&publication.group) else {
                 return;
             };
-            let frame = Frame::new(codec::encode_invocation(
+            // One WebSocket frame per publication: server frames are unmasked, so the same
+            // bytes are right for every recipient.
+            let frame = Frame::new(websocket::text_frame(&codec::encode_invocation(
                 publication.kind.name(),
                 &publication.payload,
-            ));
+            )));
             let mut queued = 0;
             let mut slow = 0;
             for queue in members.queues.values() {

@@ -144,6 +144,17 @@ fn publication(group: &Group) -> Publication {
     }
 }
 
+/// The SignalR record inside a server WebSocket frame (unmasked, one text frame).
+fn record_of(frame: &[u8]) -> String {
+    assert_eq!(frame[0], 0x81, "a final text frame");
+    let start = match frame[1] {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    String::from_utf8(frame[start..].to_vec()).unwrap()
+}
+
 fn job_assigned_frame() -> String {
     format!("{{\"type\":1,\"target\":\"JobAssigned\",\"arguments\":[{PAYLOAD}]}}\u{1e}")
 }
@@ -152,7 +163,7 @@ fn job_assigned_frame() -> String {
 fn check(inbox: &mut Inbox, expected: &[&str]) {
     let mut got = Vec::new();
     while let Some(frame) = inbox.try_recv() {
-        got.push(String::from_utf8(frame.bytes().to_vec()).unwrap());
+        got.push(record_of(&frame.bytes()));
     }
     assert_eq!(got, expected);
 }
@@ -265,8 +276,9 @@ async fn fan_out_delivers_one_shared_frame_to_each_member() {
 
     let frame_a = inbox_a.try_recv().unwrap().bytes();
     let frame_b = inbox_b.try_recv().unwrap().bytes();
-    assert_eq!(frame_a, job_assigned_frame().as_bytes());
-    assert_eq!(frame_b, job_assigned_frame().as_bytes());
+    let expected = crate::websocket::text_frame(job_assigned_frame().as_bytes());
+    assert_eq!(frame_a, expected);
+    assert_eq!(frame_b, expected);
     assert_eq!(
         frame_a.as_ptr(),
         frame_b.as_ptr(),

@@ -1,31 +1,28 @@
-//! `GET /hub/v1`: check Origin, token and connection token, then hand the socket to a tracked
-//! connection task.
+//! `GET /hub/v1`: check Origin, token and connection token, answer the WebSocket upgrade, then
+//! hand the raw connection to a tracked connection task.
+//!
+//! The upgrade is answered here rather than by a WebSocket library so that the connection task
+//! gets the TCP stream itself and can write shared, ready-made frames to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::future::Either;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::{AppState, bearer, unauthorized};
 use crate::auth::AuthError;
-use crate::connection::Connection;
+use crate::connection::{Connection, Socket};
 use crate::metrics;
-
-/// Read buffer per connection. Clients send little (pings, joins), and a small buffer keeps an
-/// idle connection cheap; larger messages are still read, in several steps.
-const READ_BUFFER_BYTES: usize = 512;
-/// Bytes buffered before tungstenite writes to the socket; frames of one batch are flushed together.
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// Most bytes tungstenite buffers for a socket that does not drain.
-const MAX_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+use crate::websocket;
 
 /// The query of the upgrade request.
 #[derive(Debug, Deserialize)]
@@ -41,27 +38,27 @@ pub async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     Query(query): Query<UpgradeQuery>,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
-    let upgrade = match upgrade {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => {
+    let headers = request.headers();
+    let key = match websocket_key(headers) {
+        Ok(key) => key,
+        Err(why) => {
             return (
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "{HUB}: only WebSocket upgrades are served here ({rejection})",
-                    HUB = super::HUB_PATH
+                    "{}: only WebSocket upgrades are served here ({why})",
+                    super::HUB_PATH
                 ),
             )
                 .into_response();
         }
     };
-    if !state.origins.allows_upgrade(&headers) {
+    if !state.origins.allows_upgrade(headers) {
         metrics::origin_refused("upgrade");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
-    let token = query.access_token.as_deref().or_else(|| bearer(&headers));
+    let token = query.access_token.as_deref().or_else(|| bearer(headers));
     let principal = match token
         .ok_or(AuthError::Missing)
         .and_then(|token| state.verifier.verify(token))
@@ -94,6 +91,7 @@ pub async fn upgrade(
             }
         }
     };
+    let on_upgrade = hyper::upgrade::on(&mut request);
     let conn = Connection {
         id: state.groups.next_conn_id(),
         principal,
@@ -108,22 +106,69 @@ pub async fn upgrade(
         role = conn.principal.role.label(),
         remote.addr = %remote,
     );
-    let tracker = state.shutdown.connections().clone();
     let max_message = state.settings.max_message_bytes;
-    upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
-        .max_message_size(max_message)
-        .max_frame_size(max_message)
-        .on_upgrade(move |socket| {
-            // A disabled span still costs a little on every poll of every connection; attach
-            // it only when its level is enabled.
-            let serve = conn.serve(socket);
-            if span.is_disabled() {
-                Either::Left(tracker.track_future(serve))
-            } else {
-                Either::Right(tracker.track_future(serve.instrument(span)))
+    state.shutdown.connections().spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
             }
+        };
+        // The listener hands out plain TCP streams; take the stream itself so frames are
+        // written to it without another layer. Anything else is served through hyper's wrapper.
+        let serve =
+            match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
+            {
+                Ok(parts) => Either::Left(conn.serve(Socket::new(
+                    parts.io.into_inner(),
+                    parts.read_buf,
+                    max_message,
+                ))),
+                Err(upgraded) => Either::Right(conn.serve(Socket::new(
+                    TokioIo::new(upgraded),
+                    Bytes::new(),
+                    max_message,
+                ))),
+            };
+        // A disabled span still costs a little on every poll; attach it only when enabled.
+        if span.is_disabled() {
+            serve.await;
+        } else {
+            serve.instrument(span).await;
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(&key)) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// The client's `Sec-WebSocket-Key`, if the request is a WebSocket upgrade we can serve.
+fn websocket_key(headers: &HeaderMap) -> Result<String, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err("not a WebSocket upgrade request");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err("WebSocket version 13 is required");
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|key| key.to_str().ok())
+        .map(str::to_owned)
+        .ok_or("Sec-WebSocket-Key is missing")
 }

@@ -55,6 +55,9 @@ pub enum ProtocolError {
     /// A binary WebSocket frame on the text-only JSON protocol.
     #[error("binary frames are not supported by the JSON hub protocol")]
     Binary,
+    /// WebSocket frames that break RFC 6455 (unmasked, reserved bits, bad UTF-8, ...).
+    #[error("invalid WebSocket frame: {0}")]
+    BadFrame(String),
 }
 
 impl ProtocolError {
@@ -66,6 +69,7 @@ impl ProtocolError {
             Self::UnknownType(_) => "unknown_type",
             Self::TooLarge { .. } => "too_large",
             Self::Binary => "binary_frame",
+            Self::BadFrame(_) => "bad_frame",
         }
     }
 }

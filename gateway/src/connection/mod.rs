@@ -1,18 +1,23 @@
-//! One task per WebSocket: handshake, then one `select!` loop over the socket, the outbound
-//! queue, the keep-alive timer and shutdown.
+//! One task per WebSocket: handshake, then one `select!` loop over the outbound queue, the
+//! keep-alive timer and the socket.
 //!
 //! The task owns everything about its connection (socket, queue, timers, the list of its
 //! groups), so there is no shared per-connection state. Frames are written in batches: whatever
-//! is queued when the socket is ready goes out in one flush. The loop is generic over the
-//! socket so its edge cases can be driven in memory.
+//! is queued when the socket is ready goes out in one vectored write. The loop is generic over
+//! the byte stream so its edge cases can be driven in memory.
+
+mod socket;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{self, CloseFrame, Utf8Bytes};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use bytes::Bytes;
 use publisher_lib::contract::Group;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, timeout, timeout_at};
+
+use socket::ReadError;
+pub use socket::Socket;
 
 use crate::auth::Principal;
 use crate::config::Config;
@@ -23,8 +28,9 @@ use crate::outbound::{self, Closing, Delivery, Frame, Inbox, Outbound};
 use crate::protocol::codec::{self, Message};
 use crate::protocol::handshake::{self, HandshakeError};
 use crate::protocol::{CloseReason, ProtocolError, RecordBuffer};
+use crate::websocket::{FrameError, Incoming};
 
-/// Frames written per flush at most, so one busy connection cannot starve its own reads.
+/// Frames written per system call at most, so one busy connection cannot starve its own reads.
 const MAX_BATCH: usize = 64;
 /// How long the final Close message and close frame may take to write.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -63,6 +69,14 @@ impl Settings {
     }
 }
 
+/// Why a write failed.
+enum WriteError {
+    /// The socket is gone.
+    Gone,
+    /// The client did not take the bytes in time.
+    TimedOut,
+}
+
 /// Everything a connection task needs besides its socket.
 #[derive(Debug)]
 pub struct Connection {
@@ -76,21 +90,11 @@ pub struct Connection {
     pub settings: Arc<Settings>,
 }
 
-/// Why a write failed.
-enum WriteError {
-    /// The socket is gone.
-    Gone,
-    /// The client did not take the bytes in time.
-    TimedOut,
-}
-
 impl Connection {
     /// Runs the connection to its end.
-    pub async fn serve<S>(self, mut socket: S)
+    pub async fn serve<S>(self, mut socket: Socket<S>)
     where
-        S: Stream<Item = Result<ws::Message, axum::Error>>
-            + Sink<ws::Message, Error = axum::Error>
-            + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         metrics::connection_opened();
         let (outbound, mut inbox) = outbound::channel(self.settings.outbound_queue);
@@ -116,33 +120,17 @@ impl Connection {
         self.groups.unregister(self.id);
         tracing::debug!(reason = reason.label(), "connection closed");
         metrics::connection_closed(reason.label());
-        if reason == CloseReason::ClientClosed {
-            // Completes the close handshake (tungstenite already answers a client's close
-            // frame; then this send fails, harmlessly).
-            let frame = CloseFrame {
-                code: reason.ws_code(),
-                reason: Utf8Bytes::from_static(""),
-            };
-            let _ = timeout(
-                CLOSE_WRITE_TIMEOUT,
-                socket.send(ws::Message::Close(Some(frame))),
-            )
-            .await;
-        } else {
-            close(&mut socket, &reason).await;
-        }
+        close(&mut socket, &reason).await;
     }
 
     /// Reads the handshake; returns records that followed it in the same message.
     async fn handshake<S>(
         &self,
-        socket: &mut S,
+        socket: &mut Socket<S>,
         inbox: &mut Inbox,
     ) -> Result<Vec<String>, CloseReason>
     where
-        S: Stream<Item = Result<ws::Message, axum::Error>>
-            + Sink<ws::Message, Error = axum::Error>
-            + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let deadline = Instant::now() + self.settings.handshake_timeout;
         let mut buffer = RecordBuffer::new(self.settings.max_message_bytes);
@@ -158,20 +146,33 @@ impl Connection {
                     // Nothing is sent before a group is joined.
                     Delivery::Frame(_) => continue,
                 },
-                message = timeout_at(deadline, socket.next()) => message,
+                message = timeout_at(deadline, socket.recv()) => message,
             };
             let text = match message {
                 Err(_) => return Err(refuse(HandshakeError::Canceled)),
-                Ok(None | Some(Err(_)) | Some(Ok(ws::Message::Close(_)))) => {
+                Ok(Err(ReadError::Gone) | Ok(Incoming::Close(_))) => {
                     return Err(CloseReason::ClientClosed);
                 }
-                Ok(Some(Ok(ws::Message::Text(text)))) => text,
-                Ok(Some(Ok(ws::Message::Binary(_)))) => {
+                Ok(Err(ReadError::Frame(FrameError::TooLarge { .. }))) => {
+                    return Err(refuse(HandshakeError::Canceled));
+                }
+                Ok(Err(ReadError::Frame(e))) => {
+                    return Err(refuse(HandshakeError::Malformed(e.to_string())));
+                }
+                Ok(Ok(Incoming::Text(text))) => text,
+                Ok(Ok(Incoming::Binary)) => {
                     return Err(refuse(HandshakeError::Malformed(
                         "binary frames are not supported by the JSON hub protocol".to_owned(),
                     )));
                 }
-                Ok(Some(Ok(_))) => continue,
+                Ok(Ok(Incoming::Ping(payload))) => {
+                    socket
+                        .pong(&payload)
+                        .await
+                        .map_err(|_| CloseReason::ClientClosed)?;
+                    continue;
+                }
+                Ok(Ok(Incoming::Pong)) => continue,
             };
             let mut records = match buffer.feed(&text) {
                 Ok(records) => records.into_iter(),
@@ -183,13 +184,9 @@ impl Connection {
             if let Err(error) = handshake::accept(&request) {
                 return Err(refuse(error));
             }
-            send(
-                socket,
-                handshake::ACCEPTED.into(),
-                self.settings.write_timeout,
-            )
-            .await
-            .map_err(|_| CloseReason::ClientClosed)?;
+            send(socket, handshake::ACCEPTED, self.settings.write_timeout)
+                .await
+                .map_err(|_| CloseReason::ClientClosed)?;
             tracing::debug!("handshake completed");
             return Ok(records.collect());
         }
@@ -197,16 +194,14 @@ impl Connection {
 
     async fn run<S>(
         &self,
-        socket: &mut S,
+        socket: &mut Socket<S>,
         outbound: &Outbound,
         inbox: &mut Inbox,
         joined: &mut Vec<Group>,
         pending: Vec<String>,
     ) -> CloseReason
     where
-        S: Stream<Item = Result<ws::Message, axum::Error>>
-            + Sink<ws::Message, Error = axum::Error>
-            + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let settings = &self.settings;
         let mut buffer = RecordBuffer::new(settings.max_message_bytes);
@@ -246,23 +241,34 @@ impl Connection {
                         return CloseReason::ClientTimeout;
                     }
                     if now >= last_sent + settings.keepalive_interval {
-                        if let Err(e) = send(socket, codec::PING.into(), settings.write_timeout).await {
+                        if let Err(e) = send(socket, codec::PING, settings.write_timeout).await {
                             return e.into();
                         }
                         last_sent = Instant::now();
                     }
                     timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings));
                 }
-                message = socket.next() => {
+                message = socket.recv() => {
                     last_received = Instant::now();
                     let text = match message {
-                        None | Some(Ok(ws::Message::Close(_))) => return CloseReason::ClientClosed,
-                        Some(Err(e)) => return read_error(&e, settings.max_message_bytes),
-                        Some(Ok(ws::Message::Text(text))) => text,
-                        Some(Ok(ws::Message::Binary(_))) => {
-                            return CloseReason::Protocol(ProtocolError::Binary);
+                        Ok(Incoming::Text(text)) => text,
+                        Ok(Incoming::Close(_)) | Err(ReadError::Gone) => {
+                            return CloseReason::ClientClosed;
                         }
-                        Some(Ok(_)) => continue,
+                        Ok(Incoming::Binary) => return CloseReason::Protocol(ProtocolError::Binary),
+                        Ok(Incoming::Ping(payload)) => {
+                            if socket.pong(&payload).await.is_err() {
+                                return CloseReason::ClientClosed;
+                            }
+                            continue;
+                        }
+                        Ok(Incoming::Pong) => continue,
+                        Err(ReadError::Frame(FrameError::TooLarge { limit })) => {
+                            return CloseReason::Protocol(ProtocolError::TooLarge { limit });
+                        }
+                        Err(ReadError::Frame(e)) => {
+                            return CloseReason::Protocol(ProtocolError::BadFrame(e.to_string()));
+                        }
                     };
                     let records = match buffer.feed(&text) {
                         Ok(records) => records,
@@ -284,13 +290,13 @@ impl Connection {
     /// Acts on one record from the client.
     async fn on_record<S>(
         &self,
-        socket: &mut S,
+        socket: &mut Socket<S>,
         record: &str,
         outbound: &Outbound,
         joined: &mut Vec<Group>,
     ) -> Result<(), CloseReason>
     where
-        S: Sink<ws::Message, Error = axum::Error> + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let invocation = match codec::decode(record) {
             Ok(Message::Invocation(invocation)) => invocation,
@@ -322,7 +328,7 @@ impl Connection {
             return Ok(());
         };
         let completion = codec::encode_completion(&id, error.as_deref());
-        send(socket, completion.into(), self.settings.write_timeout)
+        send(socket, &completion, self.settings.write_timeout)
             .await
             .map_err(CloseReason::from)
     }
@@ -380,37 +386,45 @@ impl From<WriteError> for CloseReason {
     }
 }
 
-/// Writes one text message and flushes it.
-async fn send<S>(socket: &mut S, text: Utf8Bytes, limit: Duration) -> Result<(), WriteError>
+/// Writes one text message.
+async fn send<S>(socket: &mut Socket<S>, text: &str, limit: Duration) -> Result<(), WriteError>
 where
-    S: Sink<ws::Message, Error = axum::Error> + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    match timeout(limit, socket.send(ws::Message::Text(text))).await {
+    match timeout(limit, socket.send_text(text)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(WriteError::Gone),
         Err(_) => Err(WriteError::TimedOut),
     }
 }
 
-/// Writes `first` and whatever else is queued, then flushes once.
+/// Writes `first` and whatever else is queued, in one vectored write where the kernel takes it.
 async fn write_batch<S>(
-    socket: &mut S,
+    socket: &mut Socket<S>,
     first: Frame,
     inbox: &mut Inbox,
     limit: Duration,
 ) -> Result<(), WriteError>
 where
-    S: Sink<ws::Message, Error = axum::Error> + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let write = async {
-        socket.feed(text_of(&first)).await?;
-        for _ in 1..MAX_BATCH {
-            let Some(frame) = inbox.try_recv() else {
-                break;
-            };
-            socket.feed(text_of(&frame)).await?;
+        match inbox.try_recv() {
+            // The common case at moderate load: one frame, no batch to build.
+            None => socket.send_frame(&first.bytes()).await,
+            Some(second) => {
+                let mut batch: Vec<Bytes> = Vec::with_capacity(8);
+                batch.push(first.bytes());
+                batch.push(second.bytes());
+                while batch.len() < MAX_BATCH {
+                    let Some(frame) = inbox.try_recv() else {
+                        break;
+                    };
+                    batch.push(frame.bytes());
+                }
+                socket.send_frames(&batch).await
+            }
         }
-        socket.flush().await
     };
     match timeout(limit, write).await {
         Ok(Ok(())) => Ok(()),
@@ -419,44 +433,25 @@ where
     }
 }
 
-fn text_of(frame: &Frame) -> ws::Message {
-    // Frames are built from validated JSON and ASCII, so they are always UTF-8.
-    let text = Utf8Bytes::try_from(frame.bytes()).expect("event frames are built from UTF-8 JSON");
-    ws::Message::Text(text)
-}
-
-/// Sends the Close record and a close frame, best effort.
-async fn close<S>(socket: &mut S, reason: &CloseReason)
+/// Sends the Close record (or the handshake error) and a close frame, best effort.
+async fn close<S>(socket: &mut Socket<S>, reason: &CloseReason)
 where
-    S: Sink<ws::Message, Error = axum::Error> + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let record = match reason {
         // Before the handshake completes the client reads a handshake response, not a Close.
-        CloseReason::Handshake(error) => error.reply(),
-        other => other.record(),
-    };
-    let frame = CloseFrame {
-        code: reason.ws_code(),
-        reason: Utf8Bytes::from(reason.label()),
+        CloseReason::Handshake(error) => Some(error.reply()),
+        // The client ended it: only the close frame completes the close handshake.
+        CloseReason::ClientClosed => None,
+        other => Some(other.record()),
     };
     let _ = timeout(CLOSE_WRITE_TIMEOUT, async {
-        socket.feed(ws::Message::Text(record.into())).await?;
-        socket.send(ws::Message::Close(Some(frame))).await
+        if let Some(record) = record {
+            socket.send_text(&record).await?;
+        }
+        socket.close(reason.ws_code(), reason.label()).await
     })
     .await;
-}
-
-/// What a read error means: an oversized message, or a client that broke the connection.
-fn read_error(error: &axum::Error, limit: usize) -> CloseReason {
-    let text = error.to_string();
-    if text.contains("Space limit exceeded")
-        || text.contains("too long")
-        || text.contains("too big")
-    {
-        CloseReason::Protocol(ProtocolError::TooLarge { limit })
-    } else {
-        CloseReason::ClientClosed
-    }
 }
 
 /// The instant the token expires, or far in the future for a token without a usable expiry.
@@ -481,5 +476,4 @@ fn next_tick(
 }
 
 #[cfg(test)]
-#[path = "connection_tests.rs"]
 mod tests;

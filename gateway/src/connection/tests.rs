@@ -1,71 +1,72 @@
 //! The connection loop driven through in-memory channels with paused time: keep-alive, client
 //! timeout, handshake timeout, token expiry and shutdown, without real sockets or real waiting.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use axum::extract::ws;
+use bytes::Bytes;
 use publisher_lib::contract::EventKind;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
 use crate::auth::Role;
 use crate::broker::{self, Fanout};
 use crate::shutdown::Shutdown;
 
-/// The gateway's end of an in-memory WebSocket.
-struct FakeSocket {
-    incoming: mpsc::UnboundedReceiver<Result<ws::Message, axum::Error>>,
-    outgoing: mpsc::UnboundedSender<ws::Message>,
-}
-
-/// The test's end: what the client sends and what it receives.
+/// The client's end of an in-memory WebSocket: masks what it sends, reads server frames.
 struct Client {
-    send: mpsc::UnboundedSender<Result<ws::Message, axum::Error>>,
-    recv: mpsc::UnboundedReceiver<ws::Message>,
+    stream: DuplexStream,
 }
 
-impl Stream for FakeSocket {
-    type Item = Result<ws::Message, axum::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.incoming.poll_recv(cx)
-    }
-}
-
-impl Sink<ws::Message> for FakeSocket {
-    type Error = axum::Error;
-
-    fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn start_send(self: Pin<&mut Self>, item: ws::Message) -> Result<(), Self::Error> {
-        self.outgoing
-            .send(item)
-            .map_err(|_| axum::Error::new("client gone"))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
+/// A frame the server sent.
+#[derive(Debug, PartialEq)]
+enum ServerFrame {
+    Text(String),
+    Close(u16),
 }
 
 impl Client {
-    fn send(&self, text: &str) {
-        self.send
-            .send(Ok(ws::Message::Text(text.into())))
+    async fn send(&mut self, text: &str) {
+        let mask = [1u8, 2, 3, 4];
+        let payload = text.as_bytes();
+        let mut frame = vec![0x81];
+        match payload.len() {
+            len @ 0..=125 => frame.push(0x80 | len as u8),
+            len => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream
+            .write_all(&frame)
+            .await
             .expect("connection task alive");
+    }
+
+    async fn frame(&mut self) -> ServerFrame {
+        let mut head = [0u8; 2];
+        self.stream
+            .read_exact(&mut head)
+            .await
+            .expect("gateway sent a frame");
+        assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
+        let len = match head[1] & 0x7F {
+            126 => usize::from(self.stream.read_u16().await.unwrap()),
+            127 => usize::try_from(self.stream.read_u64().await.unwrap()).unwrap(),
+            len => usize::from(len),
+        };
+        let mut payload = vec![0; len];
+        self.stream.read_exact(&mut payload).await.unwrap();
+        match head[0] {
+            0x81 => ServerFrame::Text(String::from_utf8(payload).unwrap()),
+            0x88 => ServerFrame::Close(u16::from_be_bytes([payload[0], payload[1]])),
+            other => panic!("unexpected frame {other:#x}"),
+        }
     }
 
     /// The next text message the gateway sent.
     async fn text(&mut self) -> String {
-        match self.recv.recv().await.expect("gateway sent something") {
-            ws::Message::Text(text) => text.as_str().to_owned(),
+        match self.frame().await {
+            ServerFrame::Text(text) => text,
             other => panic!("expected text, got {other:?}"),
         }
     }
@@ -73,16 +74,15 @@ impl Client {
     /// The close frame's code, after the messages before it.
     async fn close_code(&mut self) -> u16 {
         loop {
-            match self.recv.recv().await.expect("gateway sent a close frame") {
-                ws::Message::Close(Some(frame)) => return frame.code,
-                ws::Message::Close(None) => panic!("close frame without a code"),
-                _ => {}
+            if let ServerFrame::Close(code) = self.frame().await {
+                return code;
             }
         }
     }
 
     async fn handshake(&mut self) {
-        self.send("{\"protocol\":\"json\",\"version\":1}\u{1e}");
+        self.send("{\"protocol\":\"json\",\"version\":1}\u{1e}")
+            .await;
         assert_eq!(self.text().await, "{}\u{1e}");
     }
 }
@@ -123,20 +123,17 @@ fn start(principal: Principal) -> Harness {
     let (subscriptions, requests) = broker::subscriptions(16);
     let groups = Arc::new(Groups::new(subscriptions));
     broker::start_memory(groups.clone(), requests, &shutdown);
-    let (client_send, incoming) = mpsc::unbounded_channel();
-    let (outgoing, client_recv) = mpsc::unbounded_channel();
+    let (client, server) = tokio::io::duplex(64 * 1024);
     let connection = Connection {
         id: groups.next_conn_id(),
         principal,
         groups: groups.clone(),
         settings: Arc::new(settings()),
     };
-    let task = tokio::spawn(connection.serve(FakeSocket { incoming, outgoing }));
+    let socket = Socket::new(server, Bytes::new(), 32 * 1024);
+    let task = tokio::spawn(connection.serve(socket));
     Harness {
-        client: Client {
-            send: client_send,
-            recv: client_recv,
-        },
+        client: Client { stream: client },
         groups,
         _shutdown: shutdown,
         task,
@@ -158,9 +155,9 @@ async fn a_quiet_server_pings_after_the_keepalive_interval() {
     assert_eq!(h.client.text().await, "{\"type\":6}\u{1e}");
     assert_eq!(sent_at.elapsed(), Duration::from_secs(15));
     // The client answers, so it stays connected past the client timeout.
-    h.client.send("{\"type\":6}\u{1e}");
+    h.client.send("{\"type\":6}\u{1e}").await;
     assert_eq!(h.client.text().await, "{\"type\":6}\u{1e}");
-    h.client.send("{\"type\":6}\u{1e}");
+    h.client.send("{\"type\":6}\u{1e}").await;
     assert_eq!(h.client.text().await, "{\"type\":6}\u{1e}");
     assert_eq!(sent_at.elapsed(), Duration::from_secs(45));
 }
@@ -204,7 +201,7 @@ async fn an_expired_token_closes_the_connection_so_the_client_returns_with_a_fre
         if text != "{\"type\":6}\u{1e}" {
             break close_record(&text);
         }
-        h.client.send("{\"type\":6}\u{1e}");
+        h.client.send("{\"type\":6}\u{1e}").await;
     };
     assert!(started.elapsed() >= Duration::from_secs(9));
     assert!(started.elapsed() <= Duration::from_secs(10));
@@ -221,7 +218,7 @@ async fn shutdown_closes_with_reconnect_allowed_and_leaves_the_groups() {
     h.client.handshake().await;
     h.client.send(
         "{\"type\":1,\"invocationId\":\"1\",\"target\":\"JoinDispatchGroup\",\"arguments\":[\"west\"]}\u{1e}",
-    );
+    ).await;
     assert_eq!(
         h.client.text().await,
         "{\"invocationId\":\"1\",\"type\":3}\u{1e}"
@@ -242,7 +239,7 @@ async fn joined_connections_receive_event_frames_and_the_group_limit_holds() {
     for (id, region) in [("1", "west"), ("2", "east")] {
         h.client.send(&format!(
             "{{\"type\":1,\"invocationId\":\"{id}\",\"target\":\"JoinDispatchGroup\",\"arguments\":[\"{region}\"]}}\u{1e}"
-        ));
+        )).await;
         assert_eq!(
             h.client.text().await,
             format!("{{\"invocationId\":\"{id}\",\"type\":3}}\u{1e}")
@@ -250,7 +247,7 @@ async fn joined_connections_receive_event_frames_and_the_group_limit_holds() {
     }
     h.client.send(
         "{\"type\":1,\"invocationId\":\"3\",\"target\":\"JoinDispatchGroup\",\"arguments\":[\"north\"]}\u{1e}",
-    );
+    ).await;
     let refused: serde_json::Value =
         serde_json::from_str(h.client.text().await.trim_end_matches('\u{1e}')).unwrap();
     assert!(
@@ -278,15 +275,14 @@ fn an_idle_connection_task_stays_small() {
     // handshake and invocation handling are boxed so they do not count.
     let (subscriptions, _requests) = broker::subscriptions(16);
     let groups = Arc::new(Groups::new(subscriptions));
-    let (_client_send, incoming) = mpsc::unbounded_channel();
-    let (outgoing, _client_recv) = mpsc::unbounded_channel();
+    let (_client, server) = tokio::io::duplex(1024);
     let connection = Connection {
         id: groups.next_conn_id(),
         principal: dispatcher(Duration::from_secs(10)),
         groups: groups.clone(),
         settings: Arc::new(settings()),
     };
-    let task = connection.serve(FakeSocket { incoming, outgoing });
+    let task = connection.serve(Socket::new(server, Bytes::new(), 32 * 1024));
     let size = std::mem::size_of_val(&task);
-    assert!(size <= 1024, "the connection future is {size} bytes");
+    assert!(size <= 1536, "the connection future is {size} bytes");
 }
