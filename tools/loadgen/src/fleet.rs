@@ -388,10 +388,13 @@ impl Session {
         let offset = Duration::from_millis((self.index % 10_000) as u64);
         let mut ping = interval_at(Instant::now() + offset, PING_EVERY);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Created once: a fresh `changed()` per frame would register a waiter every time.
+        let stop = stopped.changed();
+        tokio::pin!(stop);
         loop {
             tokio::select! {
                 biased;
-                _ = stopped.changed() => {
+                _ = &mut stop => {
                     let _ = timeout(CLOSE_TIMEOUT, ws.close(None)).await;
                     return None;
                 }
