@@ -144,7 +144,7 @@ fn the_discriminator_is_required_and_closed() {
     );
     check(
         "[1,2]",
-        Err("event is not a JSON object: invalid type: sequence, expected a map"),
+        Err("event is not a JSON object: invalid type: expected a JSON object"),
     );
 }
 

@@ -48,12 +48,24 @@ pub(super) fn size(bytes: usize) -> Result<(), ValidationError> {
 
 /// Reads only the `type` discriminator.
 pub(super) fn kind(json: &[u8]) -> Result<EventKind, ValidationError> {
-    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
+    /// Only the discriminator; every other field is skipped without being stored.
+    #[derive(Deserialize)]
+    struct Tag {
+        #[serde(rename = "type")]
+        kind: Option<serde_json::Value>,
+    }
+    // Serde would also read the struct from an array; an event is an object.
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ValidationError::NotJson(
+            "invalid type: expected a JSON object".to_owned(),
+        ));
+    }
+    let tag: Tag = serde_json::from_slice(json)
         .map_err(|e| ValidationError::NotJson(strip_position(&e.to_string())))?;
-    match object.get("type") {
+    match tag.kind {
         None => Err(ValidationError::MissingType),
         Some(serde_json::Value::String(name)) => {
-            EventKind::from_name(name).ok_or_else(|| ValidationError::UnknownType(name.clone()))
+            EventKind::from_name(&name).ok_or(ValidationError::UnknownType(name))
         }
         Some(other) => Err(ValidationError::UnknownType(other.to_string())),
     }
