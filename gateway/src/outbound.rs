@@ -9,11 +9,18 @@
 //! small allocation with no buffer until a frame arrives, the consumer is woken only when the
 //! queue goes from empty to non-empty, and the lock is held for a push or a pop, never across an
 //! await.
+//!
+//! Direct writes: once the connection has attached its socket's write side ([`Wire`]), a push
+//! that finds nothing queued and the connection task not writing writes the frame to the socket
+//! at once, without waking the task. Only what the socket does not take (it would block, or took
+//! part) is queued for the task. The decision is made under the queue's lock, so frames never
+//! interleave and keep their order.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
@@ -33,6 +40,57 @@ impl Frame {
     /// The record bytes (a cheap reference-counted clone).
     pub fn bytes(&self) -> Bytes {
         Bytes::clone(&self.0)
+    }
+
+    /// What is left to write after the first `written` bytes went out.
+    fn tail(&self, written: usize) -> Frame {
+        Frame::new(self.0.slice(written..))
+    }
+}
+
+/// The write side of a connection's socket, usable from any task without waiting.
+pub trait Wire: Send + Sync + std::fmt::Debug + 'static {
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    ///
+    /// # Errors
+    /// `WouldBlock`, or the socket's error.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+
+    /// [`Wire::try_write`] for several buffers at once.
+    ///
+    /// # Errors
+    /// `WouldBlock`, or the socket's error.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// Ready once the socket may take more bytes.
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Wire for tokio::net::tcp::OwnedWriteHalf {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_write_ready(cx)
+    }
+}
+
+impl Wire for tokio::net::unix::OwnedWriteHalf {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        tokio::net::unix::OwnedWriteHalf::try_write(self, buf)
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::unix::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_write_ready(cx)
     }
 }
 
@@ -73,6 +131,10 @@ struct State {
     closing: Option<Closing>,
     receiver_gone: bool,
     waker: Option<Waker>,
+    /// The socket, once the connection allows direct writes.
+    wire: Option<Arc<dyn Wire>>,
+    /// The connection task is writing (or about to): no direct writes meanwhile.
+    writing: bool,
 }
 
 /// The frame was not queued.
@@ -92,6 +154,8 @@ pub fn channel(capacity: usize) -> (Outbound, Inbox) {
         closing: None,
         receiver_gone: false,
         waker: None,
+        wire: None,
+        writing: false,
     }));
     (
         Outbound {
@@ -111,6 +175,23 @@ impl Outbound {
         let mut state = lock(&self.shared);
         if state.closing.is_some() || state.receiver_gone {
             return Err(Rejected::Closed);
+        }
+        if state.frames.is_empty()
+            && !state.writing
+            && let Some(wire) = &state.wire
+        {
+            let bytes: &[u8] = &frame.0;
+            match wire.try_write(bytes) {
+                Ok(written) if written == bytes.len() => return Ok(()),
+                Ok(written) => {
+                    let rest = frame.tail(written);
+                    state.frames.push_back(rest);
+                    wake(state);
+                    return Ok(());
+                }
+                // Would block, or the socket failed: the task writes it, or finds the error.
+                Err(_) => {}
+            }
         }
         if state.frames.len() >= state.capacity {
             state.closing = Some(Closing::SlowConsumer);
@@ -155,7 +236,10 @@ impl Inbox {
                 return Poll::Ready(Delivery::Close(closing));
             }
             match state.frames.pop_front() {
-                Some(frame) => Poll::Ready(Delivery::Frame(frame)),
+                Some(frame) => {
+                    state.writing = true;
+                    Poll::Ready(Delivery::Frame(frame))
+                }
                 None => {
                     if !state
                         .waker
@@ -188,6 +272,25 @@ impl Inbox {
     pub fn closing(&self) -> Option<Closing> {
         lock(&self.shared).closing
     }
+
+    /// Lets pushes write straight to `wire` while the task is not writing.
+    pub fn attach(&self, wire: Arc<dyn Wire>) {
+        lock(&self.shared).wire = Some(wire);
+    }
+
+    /// The task is about to write: pushes queue instead of writing directly.
+    pub fn begin_writing(&self) {
+        lock(&self.shared).writing = true;
+    }
+
+    /// The task finished a write; direct writes resume once nothing is queued. (A frame
+    /// [`Inbox::recv`] returned counts as the task writing until this is called.)
+    pub fn finish_writing(&self) {
+        let mut state = lock(&self.shared);
+        if state.frames.is_empty() {
+            state.writing = false;
+        }
+    }
 }
 
 impl Drop for Inbox {
@@ -196,6 +299,9 @@ impl Drop for Inbox {
         state.receiver_gone = true;
         state.frames = VecDeque::new();
         state.waker = None;
+        // Releases the socket's write side as soon as the connection ends, whoever still holds
+        // an Outbound.
+        state.wire = None;
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use publisher_lib::contract::Group;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 use tokio::time::{Instant, timeout, timeout_at};
 
 use socket::ReadError;
@@ -94,7 +94,7 @@ impl Connection {
     /// Runs the connection to its end.
     pub async fn serve<S>(self, mut socket: Socket<S>)
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + Unpin,
     {
         metrics::connection_opened();
         let (outbound, mut inbox) = outbound::channel(self.settings.outbound_queue);
@@ -104,6 +104,7 @@ impl Connection {
         // should not carry it.
         let reason = match Box::pin(self.handshake(&mut socket, &mut inbox)).await {
             Ok(pending) => {
+                inbox.attach(socket.wire());
                 self.run(&mut socket, &outbound, &mut inbox, &mut joined, pending)
                     .await
             }
@@ -120,7 +121,8 @@ impl Connection {
         self.groups.unregister(self.id);
         tracing::debug!(reason = reason.label(), "connection closed");
         metrics::connection_closed(reason.label());
-        close(&mut socket, &reason).await;
+        inbox.begin_writing();
+        close(&socket, &reason).await;
     }
 
     /// Reads the handshake; returns records that followed it in the same message.
@@ -130,7 +132,7 @@ impl Connection {
         inbox: &mut Inbox,
     ) -> Result<Vec<String>, CloseReason>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + Unpin,
     {
         let deadline = Instant::now() + self.settings.handshake_timeout;
         let mut buffer = RecordBuffer::new(self.settings.max_message_bytes);
@@ -184,9 +186,14 @@ impl Connection {
             if let Err(error) = handshake::accept(&request) {
                 return Err(refuse(error));
             }
-            send(socket, handshake::ACCEPTED, self.settings.write_timeout)
-                .await
-                .map_err(|_| CloseReason::ClientClosed)?;
+            send(
+                socket,
+                inbox,
+                handshake::ACCEPTED,
+                self.settings.write_timeout,
+            )
+            .await
+            .map_err(|_| CloseReason::ClientClosed)?;
             tracing::debug!("handshake completed");
             return Ok(records.collect());
         }
@@ -201,7 +208,7 @@ impl Connection {
         pending: Vec<String>,
     ) -> CloseReason
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + Unpin,
     {
         let settings = &self.settings;
         let mut buffer = RecordBuffer::new(settings.max_message_bytes);
@@ -209,7 +216,9 @@ impl Connection {
         let mut last_received = Instant::now();
         let token_expires = token_deadline(self.principal.valid_until);
         for record in pending {
-            if let Err(reason) = Box::pin(self.on_record(socket, &record, outbound, joined)).await {
+            if let Err(reason) =
+                Box::pin(self.on_record(socket, inbox, &record, outbound, joined)).await
+            {
                 return reason;
             }
         }
@@ -241,7 +250,7 @@ impl Connection {
                         return CloseReason::ClientTimeout;
                     }
                     if now >= last_sent + settings.keepalive_interval {
-                        if let Err(e) = send(socket, codec::PING, settings.write_timeout).await {
+                        if let Err(e) = send(socket, inbox, codec::PING, settings.write_timeout).await {
                             return e.into();
                         }
                         last_sent = Instant::now();
@@ -277,7 +286,7 @@ impl Connection {
                     for record in records {
                         // Boxed: joins and their broker round trip are rare, and an idle
                         // connection should not carry their state.
-                        let handled = Box::pin(self.on_record(socket, &record, outbound, joined));
+                        let handled = Box::pin(self.on_record(socket, inbox, &record, outbound, joined));
                         if let Err(reason) = handled.await {
                             return reason;
                         }
@@ -291,12 +300,13 @@ impl Connection {
     async fn on_record<S>(
         &self,
         socket: &mut Socket<S>,
+        inbox: &Inbox,
         record: &str,
         outbound: &Outbound,
         joined: &mut Vec<Group>,
     ) -> Result<(), CloseReason>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + Unpin,
     {
         let invocation = match codec::decode(record) {
             Ok(Message::Invocation(invocation)) => invocation,
@@ -328,7 +338,7 @@ impl Connection {
             return Ok(());
         };
         let completion = codec::encode_completion(&id, error.as_deref());
-        send(socket, &completion, self.settings.write_timeout)
+        send(socket, inbox, &completion, self.settings.write_timeout)
             .await
             .map_err(CloseReason::from)
     }
@@ -386,12 +396,20 @@ impl From<WriteError> for CloseReason {
     }
 }
 
-/// Writes one text message.
-async fn send<S>(socket: &mut Socket<S>, text: &str, limit: Duration) -> Result<(), WriteError>
+/// Writes one text message, holding off direct writes from fan-out meanwhile.
+async fn send<S>(
+    socket: &Socket<S>,
+    inbox: &Inbox,
+    text: &str,
+    limit: Duration,
+) -> Result<(), WriteError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Unpin,
 {
-    match timeout(limit, socket.send_text(text)).await {
+    inbox.begin_writing();
+    let outcome = timeout(limit, socket.send_text(text)).await;
+    inbox.finish_writing();
+    match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(WriteError::Gone),
         Err(_) => Err(WriteError::TimedOut),
@@ -400,13 +418,13 @@ where
 
 /// Writes `first` and whatever else is queued, in one vectored write where the kernel takes it.
 async fn write_batch<S>(
-    socket: &mut Socket<S>,
+    socket: &Socket<S>,
     first: Frame,
     inbox: &mut Inbox,
     limit: Duration,
 ) -> Result<(), WriteError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Unpin,
 {
     let write = async {
         match inbox.try_recv() {
@@ -426,7 +444,9 @@ where
             }
         }
     };
-    match timeout(limit, write).await {
+    let outcome = timeout(limit, write).await;
+    inbox.finish_writing();
+    match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(WriteError::Gone),
         Err(_) => Err(WriteError::TimedOut),
@@ -434,9 +454,9 @@ where
 }
 
 /// Sends the Close record (or the handshake error) and a close frame, best effort.
-async fn close<S>(socket: &mut Socket<S>, reason: &CloseReason)
+async fn close<S>(socket: &Socket<S>, reason: &CloseReason)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Unpin,
 {
     let record = match reason {
         // Before the handshake completes the client reads a handshake response, not a Close.

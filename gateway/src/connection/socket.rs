@@ -1,14 +1,18 @@
-//! A server-side WebSocket over any byte stream: messages in, frames out.
+//! A server-side WebSocket over a socket: messages in, frames out.
 //!
 //! The gateway frames its own WebSocket (see [`crate::websocket`]) so an event's frame is built
-//! once and written as-is to every recipient, several queued frames in one vectored write. An
-//! idle socket holds only a small read buffer.
+//! once and written as-is to every recipient, several queued frames in one vectored write. The
+//! write side is a shared [`Wire`], so fan-out can also write to it directly (see
+//! [`crate::outbound`]). An idle socket holds only a small read buffer.
 
-use std::io::IoSlice;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::outbound::Wire;
 use crate::websocket::{self, Decoder, FrameError, Incoming};
 
 /// Bytes reserved for each read; client messages are small (pings, joins).
@@ -27,20 +31,28 @@ pub enum ReadError {
 
 /// The gateway's end of one WebSocket.
 #[derive(Debug)]
-pub struct Socket<S> {
-    stream: S,
+pub struct Socket<R> {
+    reader: R,
+    wire: Arc<dyn Wire>,
     read_buf: Vec<u8>,
     decoder: Decoder,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
-    /// Wraps an upgraded stream; `read` holds bytes that arrived with the upgrade request.
-    pub fn new(stream: S, read: Bytes, max_message_bytes: usize) -> Self {
+impl<R: AsyncRead + Unpin> Socket<R> {
+    /// Wraps an upgraded socket's halves; `read` holds bytes that arrived with the upgrade
+    /// request.
+    pub fn new(reader: R, wire: Arc<dyn Wire>, read: Bytes, max_message_bytes: usize) -> Self {
         Self {
-            stream,
+            reader,
+            wire,
             read_buf: read.to_vec(),
             decoder: Decoder::new(max_message_bytes),
         }
+    }
+
+    /// The shared write side.
+    pub fn wire(&self) -> Arc<dyn Wire> {
+        Arc::clone(&self.wire)
     }
 
     /// The next message from the client.
@@ -63,7 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                 }
             }
             self.read_buf.reserve(READ_CHUNK);
-            match self.stream.read_buf(&mut self.read_buf).await {
+            match self.reader.read_buf(&mut self.read_buf).await {
                 Ok(0) | Err(_) => return Err(ReadError::Gone),
                 Ok(_) => {}
             }
@@ -74,7 +86,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     ///
     /// # Errors
     /// The I/O error when the client is gone.
-    pub async fn send_text(&mut self, text: &str) -> std::io::Result<()> {
+    pub async fn send_text(&self, text: &str) -> io::Result<()> {
         self.send_frame(&websocket::text_frame(text.as_bytes()))
             .await
     }
@@ -83,43 +95,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     ///
     /// # Errors
     /// The I/O error when the client is gone.
-    pub async fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(frame).await?;
-        self.stream.flush().await
+    pub async fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
+        let mut rest = frame;
+        while !rest.is_empty() {
+            match self.wire.try_write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => rest = &rest[written..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Writes ready-made frames with as few system calls as the kernel allows.
     ///
     /// # Errors
     /// The I/O error when the client is gone.
-    pub async fn send_frames(&mut self, frames: &[Bytes]) -> std::io::Result<()> {
+    pub async fn send_frames(&self, frames: &[Bytes]) -> io::Result<()> {
         let mut slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
         let mut slices = &mut slices[..];
         while !slices.is_empty() {
-            let written = self.stream.write_vectored(slices).await?;
-            if written == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+            match self.wire.try_write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => IoSlice::advance_slices(&mut slices, written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
             }
-            IoSlice::advance_slices(&mut slices, written);
         }
-        self.stream.flush().await
+        Ok(())
     }
 
     /// Answers a client's ping.
     ///
     /// # Errors
     /// The I/O error when the client is gone.
-    pub async fn pong(&mut self, payload: &[u8]) -> std::io::Result<()> {
+    pub async fn pong(&self, payload: &[u8]) -> io::Result<()> {
         self.send_frame(&websocket::pong_frame(payload)).await
     }
 
-    /// Sends a close frame and ends the write side.
+    /// Sends a close frame. The write side shuts down when the last holder of the wire drops it.
     ///
     /// # Errors
     /// The I/O error when the client is gone.
-    pub async fn close(&mut self, code: u16, reason: &str) -> std::io::Result<()> {
-        self.send_frame(&websocket::close_frame(code, reason))
-            .await?;
-        self.stream.shutdown().await
+    pub async fn close(&self, code: u16, reason: &str) -> io::Result<()> {
+        self.send_frame(&websocket::close_frame(code, reason)).await
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        poll_fn(|cx| self.wire.poll_write_ready(cx)).await
     }
 }

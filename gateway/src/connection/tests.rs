@@ -3,7 +3,8 @@
 
 use bytes::Bytes;
 use publisher_lib::contract::EventKind;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 
 use super::*;
 use crate::auth::Role;
@@ -12,7 +13,7 @@ use crate::shutdown::Shutdown;
 
 /// The client's end of an in-memory WebSocket: masks what it sends, reads server frames.
 struct Client {
-    stream: DuplexStream,
+    stream: UnixStream,
 }
 
 /// A frame the server sent.
@@ -123,14 +124,15 @@ fn start(principal: Principal) -> Harness {
     let (subscriptions, requests) = broker::subscriptions(16);
     let groups = Arc::new(Groups::new(subscriptions));
     broker::start_memory(groups.clone(), requests, &shutdown);
-    let (client, server) = tokio::io::duplex(64 * 1024);
+    let (client, server) = UnixStream::pair().unwrap();
     let connection = Connection {
         id: groups.next_conn_id(),
         principal,
         groups: groups.clone(),
         settings: Arc::new(settings()),
     };
-    let socket = Socket::new(server, Bytes::new(), 32 * 1024);
+    let (reader, writer) = server.into_split();
+    let socket = Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024);
     let task = tokio::spawn(connection.serve(socket));
     Harness {
         client: Client { stream: client },
@@ -269,20 +271,26 @@ async fn joined_connections_receive_event_frames_and_the_group_limit_holds() {
     );
 }
 
-#[test]
-fn an_idle_connection_task_stays_small() {
+#[tokio::test]
+async fn an_idle_connection_task_stays_small() {
     // The task's state is what an idle connection costs besides its socket buffers; the
     // handshake and invocation handling are boxed so they do not count.
     let (subscriptions, _requests) = broker::subscriptions(16);
     let groups = Arc::new(Groups::new(subscriptions));
-    let (_client, server) = tokio::io::duplex(1024);
+    let (_client, server) = UnixStream::pair().unwrap();
+    let (reader, writer) = server.into_split();
     let connection = Connection {
         id: groups.next_conn_id(),
         principal: dispatcher(Duration::from_secs(10)),
         groups: groups.clone(),
         settings: Arc::new(settings()),
     };
-    let task = connection.serve(Socket::new(server, Bytes::new(), 32 * 1024));
+    let task = connection.serve(Socket::new(
+        reader,
+        Arc::new(writer),
+        Bytes::new(),
+        32 * 1024,
+    ));
     let size = std::mem::size_of_val(&task);
     assert!(size <= 1536, "the connection future is {size} bytes");
 }

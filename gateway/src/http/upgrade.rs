@@ -11,8 +11,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use futures_util::future::Either;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
@@ -115,22 +113,21 @@ pub async fn upgrade(
                 return;
             }
         };
-        // The listener hands out plain TCP streams; take the stream itself so frames are
-        // written to it without another layer. Anything else is served through hyper's wrapper.
-        let serve =
-            match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
-            {
-                Ok(parts) => Either::Left(conn.serve(Socket::new(
-                    parts.io.into_inner(),
-                    parts.read_buf,
-                    max_message,
-                ))),
-                Err(upgraded) => Either::Right(conn.serve(Socket::new(
-                    TokioIo::new(upgraded),
-                    Bytes::new(),
-                    max_message,
-                ))),
-            };
+        // The listener hands out plain TCP streams; take the stream itself, so frames are
+        // written to it without another layer and fan-out can write to it directly.
+        let Ok(parts) =
+            hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
+        else {
+            tracing::error!("upgraded connection is not a TCP stream; closing it");
+            return;
+        };
+        let (reader, writer) = parts.io.into_inner().into_split();
+        let serve = conn.serve(Socket::new(
+            reader,
+            Arc::new(writer),
+            parts.read_buf,
+            max_message,
+        ));
         // A disabled span still costs a little on every poll; attach it only when enabled.
         if span.is_disabled() {
             serve.await;
