@@ -326,6 +326,14 @@ impl Config {
         }
     }
 
+    /// The runtime threads in force: `--worker-threads`, or one per CPU this process may use.
+    pub fn worker_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
     /// Checks the configuration and reports every problem.
     ///
     /// # Errors

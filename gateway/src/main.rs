@@ -29,10 +29,7 @@ fn serve(mut config: Config) -> ExitCode {
         eprintln!("gateway: cannot set up logging: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let threads = match config.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
+    let threads = config.worker_threads();
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

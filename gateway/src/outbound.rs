@@ -137,6 +137,16 @@ struct State {
     writing: bool,
 }
 
+/// How a frame reaches the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Written by the pusher when the connection is idle (attached wire, nothing queued, task
+    /// not writing); queued otherwise.
+    DirectIfIdle,
+    /// Always queued for the connection task, which batches whatever accumulated.
+    Queue,
+}
+
 /// The frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
@@ -166,17 +176,19 @@ pub fn channel(capacity: usize) -> (Outbound, Inbox) {
 }
 
 impl Outbound {
-    /// Queues a frame without waiting.
+    /// Queues a frame without waiting, or with [`WriteMode::DirectIfIdle`] writes it to the
+    /// socket at once when nothing is queued and the connection task is not writing.
     ///
     /// # Errors
     /// [`Rejected`] when the frame was dropped; `Overflowed` is returned once per connection,
     /// so the caller can count slow consumers exactly.
-    pub fn try_push(&self, frame: &Frame) -> Result<(), Rejected> {
+    pub fn try_push(&self, frame: &Frame, mode: WriteMode) -> Result<(), Rejected> {
         let mut state = lock(&self.shared);
         if state.closing.is_some() || state.receiver_gone {
             return Err(Rejected::Closed);
         }
-        if state.frames.is_empty()
+        if mode == WriteMode::DirectIfIdle
+            && state.frames.is_empty()
             && !state.writing
             && let Some(wire) = &state.wire
         {

@@ -121,6 +121,10 @@ async function startGatewayOnce(options) {
     "--admin-listen", `127.0.0.1:${adminPort}`,
     "--jwt-secret", JWT_SECRET,
     "--service-key", SERVICE_KEY,
+    // One runtime thread, as a replica pinned to one core runs: it is the mode in which fan-out
+    // writes frames straight to idle sockets, so the official client exercises that path (the
+    // Rust system tests run multi-threaded and exercise the queued path).
+    "--worker-threads", "1",
     ...(allowMissingOrigin ? ["--allow-missing-origin"] : []),
     ...args,
   ];

@@ -52,6 +52,10 @@ pub struct Settings {
     pub outbound_queue: usize,
     /// Groups one connection may be in.
     pub max_groups: usize,
+    /// Whether fan-out may write frames straight to an idle connection's socket. It saves the
+    /// connection task a wake-up per frame; with several runtime threads the connection tasks
+    /// spread writes over the cores instead, so it is on only for a single-threaded runtime.
+    pub direct_writes: bool,
 }
 
 impl Settings {
@@ -65,6 +69,7 @@ impl Settings {
             max_message_bytes: config.limits.max_message_bytes,
             outbound_queue: config.limits.outbound_queue,
             max_groups: config.limits.max_groups_per_connection,
+            direct_writes: config.worker_threads() == 1,
         }
     }
 }
@@ -104,7 +109,9 @@ impl Connection {
         // should not carry it.
         let reason = match Box::pin(self.handshake(&mut socket, &mut inbox)).await {
             Ok(pending) => {
-                inbox.attach(socket.wire());
+                if self.settings.direct_writes {
+                    inbox.attach(socket.wire());
+                }
                 self.run(&mut socket, &outbound, &mut inbox, &mut joined, pending)
                     .await
             }

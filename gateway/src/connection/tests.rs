@@ -105,6 +105,7 @@ fn settings() -> Settings {
         max_message_bytes: 32 * 1024,
         outbound_queue: 16,
         max_groups: 2,
+        direct_writes: true,
     }
 }
 

@@ -17,9 +17,12 @@ use tokio::sync::watch;
 
 use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
-use crate::outbound::{Closing, Frame, Outbound, Rejected};
+use crate::outbound::{Closing, Frame, Outbound, Rejected, WriteMode};
 use crate::protocol::codec;
 use crate::websocket;
+
+/// Largest group whose publications are written straight to idle members' sockets.
+pub const MAX_DIRECT_WRITE_MEMBERS: usize = 256;
 
 /// Identifies a connection inside this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -242,10 +245,18 @@ impl Fanout for Groups {
                 publication.kind.name(),
                 &publication.payload,
             )));
+            // A small group is written to directly (no wake-up of the connection task); a large
+            // one is queued, so the publisher is not held up by thousands of writes and each
+            // connection task writes whatever accumulated in one system call.
+            let mode = if members.queues.len() <= MAX_DIRECT_WRITE_MEMBERS {
+                WriteMode::DirectIfIdle
+            } else {
+                WriteMode::Queue
+            };
             let mut queued = 0;
             let mut slow = 0;
             for queue in members.queues.values() {
-                match queue.try_push(&frame) {
+                match queue.try_push(&frame, mode) {
                     Ok(()) => queued += 1,
                     Err(Rejected::Overflowed) => slow += 1,
                     Err(Rejected::Closed) => {}

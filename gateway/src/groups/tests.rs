@@ -463,7 +463,10 @@ async fn a_full_queue_overflows_once_and_other_members_still_get_frames() {
     check(&mut inbox_fast, &[&frame, &frame, &frame]);
     // The overflow was marked by the fan-out already, so no later push counts it again.
     let probe = Frame::new(Bytes::from_static(b"{}\x1e"));
-    assert_eq!(out_slow.try_push(&probe), Err(Rejected::Closed));
+    assert_eq!(
+        out_slow.try_push(&probe, crate::outbound::WriteMode::Queue),
+        Err(Rejected::Closed)
+    );
 }
 
 #[tokio::test(start_paused = true)]
