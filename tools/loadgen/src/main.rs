@@ -14,8 +14,9 @@
 //!
 //! Modules, in reading order: `cli` (flags, loopback checks), `modes` (the phases of `run` and
 //! `idle`), `crew` (this process and child load processes), `fleet` (the connections),
-//! `publisher` (paced HTTP lanes), `signalr` (the protocol subset), `tally` (loss, duplicates,
-//! reordering, latency), `host` (/proc, clock, rlimit), `report` (rows and markdown).
+//! `ws` (client WebSocket framing), `publisher` (paced HTTP lanes), `signalr` (the protocol
+//! subset), `tally` (loss, duplicates, reordering, latency), `host` (/proc, clock, rlimit),
+//! `report` (rows and markdown).
 
 mod cli;
 mod crew;
@@ -26,6 +27,7 @@ mod publisher;
 mod report;
 mod signalr;
 mod tally;
+mod ws;
 
 use std::process::ExitCode;
 use std::time::Duration;

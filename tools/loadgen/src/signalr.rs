@@ -160,7 +160,19 @@ impl<'de> Deserialize<'de> for MaybePayload {
 
 impl Incoming {
     /// Classifies one record (without its separator).
+    ///
+    /// A delivery written exactly as the gateway frames the publisher's events is read by a
+    /// byte scan (`stamp_fast`); every other record, and any delivery the scan is not sure of,
+    /// goes through the full JSON parse, which decides.
     pub(crate) fn parse(record: &str) -> Self {
+        match stamp_fast(record) {
+            Some(stamp) => Self::Delivery(Some(stamp)),
+            None => Self::parse_json(record),
+        }
+    }
+
+    /// Classifies one record with serde_json.
+    fn parse_json(record: &str) -> Self {
         let Ok(envelope) = serde_json::from_str::<Envelope<'_>>(record) else {
             return Self::Other;
         };
@@ -178,6 +190,127 @@ impl Incoming {
             Some(_) => Self::Other,
         }
     }
+}
+
+/// How the gateway frames an event record up to its payload (`arguments[0]`).
+const EVENT_HEAD: &[u8] = b"{\"type\":1,\"target\":\"RecommendationReady\",\"arguments\":[";
+
+/// How the gateway ends an event record (before the separator).
+const EVENT_TAIL: &[u8] = b"]}";
+
+/// The stamp of a delivery, read without a JSON parser when the record is an event exactly as
+/// the gateway frames it (`EVENT_HEAD`, the payload, `EVENT_TAIL`), its payload an object with
+/// a top-level `"lg"` member written as the publisher writes it: `{"g":G,"n":N,"t":T,"s":S}`,
+/// plain integers, no whitespace. Members before `lg` are skipped by their JSON structure, so
+/// an `lg` nested in another member is not taken; the padding after it is not read.
+///
+/// `None` means "not sure", never "no stamp": the caller then parses the record as JSON. The
+/// scan trusts that the gateway forwards well-formed JSON (it checks payloads on publish), so
+/// it does not validate what follows the stamp.
+fn stamp_fast(record: &str) -> Option<Stamp> {
+    let body = record
+        .as_bytes()
+        .strip_prefix(EVENT_HEAD)?
+        .strip_suffix(EVENT_TAIL)?;
+    let members = body.strip_prefix(b"{")?;
+    let value = member(members, b"lg")?;
+    let (g, rest) = integer(value.strip_prefix(b"{\"g\":")?)?;
+    let (n, rest) = integer(rest.strip_prefix(b",\"n\":")?)?;
+    let (t, rest) = integer(rest.strip_prefix(b",\"t\":")?)?;
+    let (s, rest) = integer(rest.strip_prefix(b",\"s\":")?)?;
+    rest.strip_prefix(b"}")?;
+    Some(Stamp {
+        g: u32::try_from(g).ok()?,
+        n,
+        t,
+        s: u32::try_from(s).ok()?,
+    })
+}
+
+/// The value of member `key` of the object whose members start `members` (just after its
+/// `{`), and what follows it; `None` when it is not there or the object is not plain enough.
+fn member<'a>(mut members: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    loop {
+        let rest = skip_space(members).strip_prefix(b"\"")?;
+        let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+        if rest[end] != b'"' {
+            return None; // An escaped name: leave it to the JSON parser.
+        }
+        let name = &rest[..end];
+        let value = skip_space(skip_space(&rest[end + 1..]).strip_prefix(b":")?);
+        if name == key {
+            return Some(value);
+        }
+        members = skip_space(skip_value(value)?).strip_prefix(b",")?;
+    }
+}
+
+/// What follows the JSON value at the start of `json`.
+fn skip_value(json: &[u8]) -> Option<&[u8]> {
+    match json.first()? {
+        b'"' => skip_string(&json[1..]),
+        b'{' | b'[' => {
+            let mut depth = 0_usize;
+            let mut rest = json;
+            loop {
+                let at = rest
+                    .iter()
+                    .position(|&b| matches!(b, b'"' | b'{' | b'[' | b'}' | b']'))?;
+                match rest[at] {
+                    b'"' => rest = skip_string(&rest[at + 1..])?,
+                    b'{' | b'[' => {
+                        depth += 1;
+                        rest = &rest[at + 1..];
+                    }
+                    _ => {
+                        depth -= 1;
+                        rest = &rest[at + 1..];
+                        if depth == 0 {
+                            return Some(rest);
+                        }
+                    }
+                }
+            }
+        }
+        _ => {
+            let end = json
+                .iter()
+                .position(|&b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))?;
+            (end > 0).then(|| &json[end..])
+        }
+    }
+}
+
+/// What follows the string whose contents start `json` (just after its opening quote).
+fn skip_string(mut json: &[u8]) -> Option<&[u8]> {
+    loop {
+        let at = json.iter().position(|&b| b == b'"' || b == b'\\')?;
+        if json[at] == b'"' {
+            return Some(&json[at + 1..]);
+        }
+        json = json.get(at + 2..)?;
+    }
+}
+
+fn skip_space(json: &[u8]) -> &[u8] {
+    let start = json
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .unwrap_or(json.len());
+    &json[start..]
+}
+
+/// A JSON non-negative integer at the start of `json` (as serde_json reads it: no leading
+/// zero before another digit) that fits a `u64`, and what follows it.
+fn integer(json: &[u8]) -> Option<(u64, &[u8])> {
+    let digits = json.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || (digits > 1 && json[0] == b'0') {
+        return None;
+    }
+    let value = json[..digits].iter().try_fold(0_u64, |acc, &d| {
+        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })?;
+    Some((value, &json[digits..]))
 }
 
 #[cfg(test)]
@@ -261,6 +394,125 @@ mod tests {
                 s: 4,
             })),
         );
+    }
+
+    /// The record the gateway writes for `payload`.
+    fn event(payload: &str) -> String {
+        format!("{{\"type\":1,\"target\":\"RecommendationReady\",\"arguments\":[{payload}]}}")
+    }
+
+    #[test]
+    fn the_byte_scan_reads_stamps_as_the_publisher_writes_them() {
+        let stamp = Stamp {
+            g: 4_294_967_295,
+            n: 0,
+            t: 18_446_744_073_709_551_615,
+            s: 12,
+        };
+        let payload = r#"{"type":"RecommendationReady","jobId":"7d9f","region":"lg-3","configVersion":1,"nested":{"lg":{"g":9,"n":9,"t":9,"s":9},"a":[1,"]}",{"b":"\"}"}]},"esc":"a\"lg\":{","lg":{"g":4294967295,"n":0,"t":18446744073709551615,"s":12},"pad":"xxxx"}"#;
+        let record = event(payload);
+        assert_eq!(stamp_fast(&record), Some(stamp));
+        assert_eq!(
+            Incoming::parse_json(&record),
+            Incoming::Delivery(Some(stamp))
+        );
+        assert_eq!(Incoming::parse(&record), Incoming::Delivery(Some(stamp)));
+    }
+
+    #[test]
+    fn the_byte_scan_leaves_anything_unusual_to_the_json_parse() {
+        let declined = [
+            // Not the gateway's framing of an event.
+            r#"{"type":1,"target":"JobAssigned","arguments":[{"lg":{"g":1,"n":2,"t":3,"s":4}}]}"#.to_owned(),
+            r#"{"target":"RecommendationReady","type":1,"arguments":[{"lg":{"g":1,"n":2,"t":3,"s":4}}]}"#.to_owned(),
+            r#"{"type":1,"target":"RecommendationReady","arguments":[{"lg":{"g":1,"n":2,"t":3,"s":4}}],"x":1}"#.to_owned(),
+            // The stamp in the second argument, nested, absent, null or not a plain object.
+            event(r#""text",{"lg":{"g":1,"n":1,"t":1,"s":1}}"#),
+            event(r#"{"region":"a"},{"lg":{"g":1,"n":1,"t":1,"s":1}}"#),
+            event(r#"{"x":{"lg":{"g":1,"n":1,"t":1,"s":1}}}"#),
+            event(r#"{"x":"\"lg\":{\"g\":1,\"n\":1,\"t\":1,\"s\":1}"}"#),
+            event(r#"{"region":"a"}"#),
+            event(r#"{"lg":null}"#),
+            event("[]"),
+            event(""),
+            // Written otherwise than the publisher writes it.
+            event(r#"{"lg":{"n":2,"g":1,"t":3,"s":4}}"#),
+            event(r#"{"lg":{"g":1,"n":2,"t":3,"s":4,"x":5}}"#),
+            event(r#"{"lg":{ "g":1,"n":2,"t":3,"s":4}}"#),
+            event(r#"{"lg":{"g":1,"n":2,"t":3,"s":4 }}"#),
+            event(r#"{"lg":{"g":1,"n":2.5,"t":3,"s":4}}"#),
+            event(r#"{"lg":{"g":-1,"n":2,"t":3,"s":4}}"#),
+            event(r#"{"lg":{"g":01,"n":2,"t":3,"s":4}}"#),
+            event(r#"{"lg":{"g":4294967296,"n":2,"t":3,"s":4}}"#),
+            event(r#"{"lg":{"g":1,"n":18446744073709551616,"t":3,"s":4}}"#),
+            event(r#"{"l\u0067":{"g":1,"n":2,"t":3,"s":4}}"#),
+            event(r#"{"a":"unterminated,"lg":{"g":1,"n":2,"t":3,"s":4}}"#),
+        ];
+        for record in &declined {
+            assert_eq!(stamp_fast(record), None, "{record}");
+            // What the JSON parse makes of it stands.
+            assert_eq!(
+                Incoming::parse(record),
+                Incoming::parse_json(record),
+                "{record}"
+            );
+        }
+        check(
+            &event(r#"{"lg": {"s":4, "t":3, "n":2, "g":1}}"#),
+            Incoming::Delivery(Some(Stamp {
+                g: 1,
+                n: 2,
+                t: 3,
+                s: 4,
+            })),
+        );
+        check(
+            &event(r#"{"l\u0067":{"g":1,"n":2,"t":3,"s":4}}"#),
+            Incoming::Delivery(Some(Stamp {
+                g: 1,
+                n: 2,
+                t: 3,
+                s: 4,
+            })),
+        );
+        check(
+            &event(r#"{"lg":{"g":-1,"n":2,"t":3,"s":4}}"#),
+            Incoming::Other,
+        );
+    }
+
+    #[test]
+    fn the_byte_scan_agrees_with_the_json_parse_on_whitespace_and_leading_members() {
+        let members = [
+            r#""a":1"#,
+            r#""a":-1.5e3"#,
+            r#""a":true,"b":null"#,
+            r#""a" : "x,}]" , "b":[1,[2,{"c":"]"}]]"#,
+            r#""a":{"b":{"c":{}}},"d":[]"#,
+            r#""a":"\\","b":"\"""#,
+        ];
+        for lead in members {
+            let record = event(&format!(
+                r#"{{ {lead} , "lg" : {{"g":5,"n":6,"t":7,"s":8}},"pad":"x"}}"#
+            ));
+            let expected = Incoming::Delivery(Some(Stamp {
+                g: 5,
+                n: 6,
+                t: 7,
+                s: 8,
+            }));
+            assert_eq!(Incoming::parse_json(&record), expected, "{record}");
+            assert_eq!(
+                stamp_fast(&record),
+                Some(Stamp {
+                    g: 5,
+                    n: 6,
+                    t: 7,
+                    s: 8
+                }),
+                "{record}"
+            );
+        }
     }
 
     #[test]
