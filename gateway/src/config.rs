@@ -92,8 +92,8 @@ pub struct Config {
     /// origin, and print ready-to-use tokens. Never use in production.
     #[arg(long, env = "GATEWAY_DEV")]
     pub dev: bool,
-    /// Runtime worker threads; 0 means one per CPU the process may use. With one, the gateway
-    /// runs on a single-threaded runtime, which costs less per delivery on a single core.
+    /// Runtime worker threads; 0 means one per CPU the process may use. With one, fan-out
+    /// writes frames for small groups straight to idle sockets.
     #[arg(long, env = "GATEWAY_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
     /// Listeners.
