@@ -108,6 +108,15 @@ async fn event_over_two_kilobytes_is_refused_with_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_http_limit_is_refused_with_413_in_the_same_json_shape() {
+    let gateway = start_gateway(&[]).await;
+    let event = recommendation_ready("west", &[("padding", json!("x".repeat(70 * 1024)))]);
+    let (status, body) = gateway.publish(&event).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(error_of(&body).contains("length limit exceeded"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_service_key_is_refused_with_401() {
     let gateway = start_gateway(&[]).await;
     let event = recommendation_ready("west", &[]);

@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Capacity of the subscription-control channel between groups and the broker.
 pub const SUBSCRIPTION_QUEUE: usize = 1024;
+/// Longest a join waits for the broker to confirm a subscription before it fails (and the
+/// client may try again), so a stuck broker cannot hold a connection task forever.
+pub const SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One event for one group, as the broker hands it to fan-out.
 #[derive(Debug, Clone)]
@@ -138,21 +141,28 @@ pub fn subscriptions(capacity: usize) -> (Subscriptions, SubscriptionRequests) {
 }
 
 impl Subscriptions {
-    /// Subscribes and waits until the subscription is live.
+    /// Subscribes and waits until the subscription is live, at most [`SUBSCRIBE_TIMEOUT`].
     ///
     /// # Errors
-    /// [`BrokerError`] when the broker refuses or has stopped.
+    /// [`BrokerError`] when the broker refuses, has stopped, or does not confirm in time.
     pub async fn subscribe(&self, group: Group, generation: u64) -> Result<(), BrokerError> {
-        let (ack, answer) = oneshot::channel();
-        self.tx
-            .send(SubscriptionRequest::Subscribe {
-                group,
-                generation,
-                ack,
-            })
+        let request = async {
+            let (ack, answer) = oneshot::channel();
+            self.tx
+                .send(SubscriptionRequest::Subscribe {
+                    group,
+                    generation,
+                    ack,
+                })
+                .await
+                .map_err(|_| BrokerError::Stopped)?;
+            answer.await.map_err(|_| BrokerError::Stopped)?
+        };
+        tokio::time::timeout(SUBSCRIBE_TIMEOUT, request)
             .await
-            .map_err(|_| BrokerError::Stopped)?;
-        answer.await.map_err(|_| BrokerError::Stopped)?
+            .map_err(|_| {
+                BrokerError::Unavailable("subscription not confirmed in time".to_owned())
+            })?
     }
 
     /// Asks the broker to unsubscribe; does not wait for it.

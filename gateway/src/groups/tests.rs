@@ -224,7 +224,9 @@ async fn a_join_completes_only_once_the_subscription_is_live() {
     };
     assert_eq!(asked, group);
     assert!(
-        timeout(Duration::from_secs(60), &mut join).await.is_err(),
+        timeout(broker::SUBSCRIBE_TIMEOUT / 2, &mut join)
+            .await
+            .is_err(),
         "join completed without an acknowledgement"
     );
 
@@ -438,6 +440,29 @@ async fn a_stopped_broker_fails_the_join() {
         Err(BrokerError::Stopped)
     );
     assert_eq!(groups.group_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_never_confirms_fails_the_join_after_the_timeout() {
+    let (subscriptions, _requests) = broker::subscriptions(8);
+    let groups = Groups::new(subscriptions);
+    let (outbound, _inbox) = outbound::channel(8);
+    let started = tokio::time::Instant::now();
+
+    let outcome = groups.join(groups.next_conn_id(), &west(), &outbound).await;
+
+    assert_eq!(
+        outcome,
+        Err(BrokerError::Unavailable(
+            "subscription not confirmed in time".to_owned()
+        ))
+    );
+    assert_eq!(started.elapsed(), broker::SUBSCRIBE_TIMEOUT);
+    assert_eq!(
+        groups.group_count(),
+        0,
+        "a failed join leaves no member behind"
+    );
 }
 
 #[tokio::test(start_paused = true)]

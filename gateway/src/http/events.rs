@@ -6,6 +6,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use publisher_lib::contract::{Event, ValidationError};
@@ -16,7 +17,11 @@ use super::{AppState, bearer};
 use crate::metrics;
 
 /// Validates and publishes one event.
-pub async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let Some(key) = &state.service_key else {
         return error(
             StatusCode::FORBIDDEN,
@@ -33,6 +38,14 @@ pub async fn publish(State(state): State<AppState>, headers: HeaderMap, body: By
         metrics::auth_failed("publish", reason);
         return error(StatusCode::UNAUTHORIZED, "missing or invalid service key");
     }
+    let body = match body {
+        Ok(body) => body,
+        // Over the body limit (413) or unreadable: answered in the same JSON shape as the rest.
+        Err(rejection) => {
+            metrics::event_rejected("unreadable_body");
+            return error(rejection.status(), &rejection.body_text());
+        }
+    };
     let payload = trim(body);
     let event = match Event::from_json(&payload) {
         Ok(event) => event,
