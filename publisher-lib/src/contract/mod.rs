@@ -4,10 +4,12 @@
 //! SignalR framing, sockets or Redis. Both the gateway and every publishing backend use it, so an
 //! event is judged by the same rules wherever it enters.
 
+mod envelope;
 mod event;
 mod group;
 mod validate;
 
+pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};
 pub use event::{Event, EventKind, JobAssigned, RecommendationReady, Source};
 pub use group::{Group, GroupKind, InvalidGroup, MAX_GROUP_ID_LEN};
 pub use validate::{MAX_EVENT_BYTES, ValidationError};

@@ -224,3 +224,52 @@ fn a_group_knows_its_kind_and_id() {
     assert_eq!(group.id(), "c-42");
     assert_eq!(group.to_string(), "/contractor/c-42");
 }
+
+#[test]
+fn an_envelope_round_trips_with_the_event_bytes_untouched() {
+    let id = uuid::Uuid::parse_str("0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d").unwrap();
+    let event = with(RECOMMENDATION, "extra", r#"{"a":[1,2]}"#);
+    let bytes = Envelope::encode(
+        id,
+        EventKind::RecommendationReady,
+        1_795_700_000_123_456,
+        &event,
+    );
+    let decoded = Envelope::decode(&bytes).unwrap();
+    assert_eq!(decoded.id, id);
+    assert_eq!(decoded.kind, EventKind::RecommendationReady);
+    assert_eq!(decoded.published_at_micros, 1_795_700_000_123_456);
+    assert_eq!(decoded.event, event);
+}
+
+#[test]
+fn messages_that_are_not_envelopes_are_refused() {
+    fn check(message: &str, expected: &str) {
+        let got = Envelope::decode(message.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(got.starts_with(expected), "{message}: {got}");
+    }
+    check("[1]", "malformed envelope: expected a JSON object");
+    check(r#"{"v":1}"#, "malformed envelope: missing field");
+    check(
+        r#"{"v":2,"id":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","type":"JobAssigned","publishedAt":1,"event":{}}"#,
+        "unsupported envelope version 2",
+    );
+    check(
+        r#"{"v":1,"id":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","type":"JobCancelled","publishedAt":1,"event":{}}"#,
+        "unknown event type `JobCancelled`",
+    );
+}
+
+#[test]
+fn a_groups_channel_is_a_cluster_hash_tag_and_reads_back() {
+    let group = Group::try_dispatch("west").unwrap();
+    assert_eq!(group.channel("rt:"), "rt:{/dispatch/west}");
+    assert_eq!(
+        Group::from_channel("rt:", "rt:{/dispatch/west}"),
+        Some(group)
+    );
+    assert_eq!(Group::from_channel("rt:", "other:{/dispatch/west}"), None);
+    assert_eq!(Group::from_channel("rt:", "rt:{/admin/x}"), None);
+}
