@@ -7,8 +7,8 @@
 //! - [`config`]: flags, environment, validation.
 //! - [`protocol`], [`auth`], [`hub`]: the pure core (SignalR codec, tokens and join rules, hub methods).
 //! - [`outbound`], [`groups`], [`broker`]: the data path, broker → groups → queue.
-//! - [`connection`]: one task per WebSocket.
-//! - [`http`]: routers and handlers, the only place besides `connection` that names axum.
+//! - [`websocket`], [`connection`]: RFC 6455 framing, and one task per WebSocket.
+//! - [`http`]: routers and handlers, and the upgrade; with `start`, the only place that names axum.
 //! - [`metrics`], [`shutdown`], [`telemetry`]: cross-cutting.
 //!
 //! [`start`] is the only place that wires the parts together.
