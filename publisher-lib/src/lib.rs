@@ -1,9 +1,32 @@
 //! What a backend links to publish SmartScheduler's real-time events.
 //!
-//! Today this crate holds the wire contract shared by every backend and by the gateway:
-//! the two events (`RecommendationReady`, `JobAssigned`), their validation, the groups they are
-//! routed to, and the SignalR target names. The Redis publisher and the `realtime-publish`
-//! command line arrive with the scale-out work.
+//! [`contract`] is the wire contract shared by every backend and by the gateway: the two events
+//! (`RecommendationReady`, `JobAssigned`), their validation, the groups they are routed to, the
+//! Redis envelope and the SignalR target names.
+//!
+//! With the `redis` feature (on by default), `Publisher` publishes an event to the Redis channel
+//! of each of its groups, where every gateway replica is subscribed, and `BackgroundPublisher`
+//! puts a bounded queue with retries in front of it. The `cli` feature (also on by default)
+//! builds the `realtime-publish` command line. The gateway depends on this crate with
+//! `default-features = false` and gets only the contract.
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn publish() -> Result<(), Box<dyn std::error::Error>> {
+//! use publisher_lib::contract::Event;
+//! use publisher_lib::{Publisher, PublisherConfig};
+//!
+//! let publisher = Publisher::new(PublisherConfig::new("redis://127.0.0.1:6379"))?;
+//! let event = Event::from_json(br#"{"type":"RecommendationReady",
+//!   "jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d",
+//!   "region":"west","configVersion":1,"generatedAt":"2025-11-08T12:34:56Z"}"#)?;
+//! let receipt = publisher.publish(&event).await?;
+//! println!("published {} to {} groups", receipt.id, receipt.deliveries.len());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Reading and routing an event needs only the contract:
 //!
 //! ```
 //! use publisher_lib::contract::{Event, Group};
@@ -17,4 +40,20 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "redis")]
+mod background;
 pub mod contract;
+#[cfg(feature = "redis")]
+mod publisher;
+
+#[cfg(feature = "redis")]
+pub use background::{
+    BackgroundConfig, BackgroundPublisher, DEFAULT_CAPACITY, DEFAULT_INITIAL_BACKOFF,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, Dropped,
+};
+#[cfg(feature = "redis")]
+pub use publisher::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_RECONNECT_DELAY, DEFAULT_PREFIX, DEFAULT_PUBLISH_TIMEOUT,
+    DEFAULT_RESPONSE_TIMEOUT, GroupDelivery, PublishError, PublishReceipt, Publisher,
+    PublisherConfig,
+};

@@ -1,0 +1,246 @@
+//! Publishing without waiting: a bounded queue drained by one background task.
+//!
+//! [`BackgroundPublisher::try_publish`] validates the event, gives it an envelope id and queues
+//! it without ever blocking; a full queue drops the event, counts it in
+//! `publisher_events_dropped_total` and logs a warning. The task publishes queued events in order
+//! through a [`Publisher`], retrying transient failures with capped exponential backoff and
+//! jitter; every attempt for one event reuses its envelope id, so duplicates can be dropped
+//! downstream. It does not persist anything: events still queued when the process dies are lost.
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::contract::{Event, ValidationError};
+use crate::publisher::Publisher;
+
+/// Default queue capacity, in events.
+pub const DEFAULT_CAPACITY: usize = 1024;
+/// Default number of attempts per event, the first one included.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Default pause before the first retry.
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Default longest pause between two retries.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How a [`BackgroundPublisher`] queues and retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BackgroundConfig {
+    /// Queue capacity, in events; at least 1.
+    pub capacity: usize,
+    /// Attempts per event, the first one included; at least 1.
+    pub max_attempts: u32,
+    /// Pause before the first retry; doubled after each failure.
+    pub initial_backoff: Duration,
+    /// Longest pause between two retries.
+    pub max_backoff: Duration,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self {
+            capacity: DEFAULT_CAPACITY,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+impl BackgroundConfig {
+    /// Replaces the queue capacity.
+    #[must_use]
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Replaces the number of attempts per event.
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+}
+
+/// Why [`BackgroundPublisher::try_publish`] did not queue an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Dropped {
+    /// The queue was full.
+    #[error("publish queue is full; event dropped")]
+    QueueFull,
+    /// The publisher was shut down.
+    #[error("background publisher is shut down; event dropped")]
+    Closed,
+    /// The event breaks a rule of the contract.
+    #[error("event refused before queueing")]
+    Invalid(#[source] ValidationError),
+}
+
+impl Dropped {
+    /// Low-cardinality label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::Closed => "closed",
+            Self::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// A publisher that queues events and publishes them from a background task. Cheap to clone;
+/// clones share the queue.
+#[derive(Debug, Clone)]
+pub struct BackgroundPublisher {
+    queue: mpsc::Sender<Command>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Publish { event: Box<Event>, id: Uuid },
+    Flush(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+impl BackgroundPublisher {
+    /// Starts the background task on the current Tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn spawn(publisher: Publisher, config: BackgroundConfig) -> Self {
+        let (queue, commands) = mpsc::channel(config.capacity.max(1));
+        tokio::spawn(drain(publisher, config, commands));
+        Self { queue }
+    }
+
+    /// Queues `event` under a new envelope id, never blocking.
+    ///
+    /// # Errors
+    /// [`Dropped`] when the event is invalid, the queue is full or the publisher is shut down;
+    /// the drop is counted and logged.
+    pub fn try_publish(&self, event: Event) -> Result<Uuid, Dropped> {
+        let id = Uuid::new_v4();
+        let result = match event.to_json() {
+            Err(e) => Err(Dropped::Invalid(e)),
+            Ok(_) => self
+                .queue
+                .try_send(Command::Publish {
+                    event: Box::new(event),
+                    id,
+                })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => Dropped::QueueFull,
+                    mpsc::error::TrySendError::Closed(_) => Dropped::Closed,
+                }),
+        };
+        match result {
+            Ok(()) => Ok(id),
+            Err(dropped) => {
+                count_drop(dropped.label());
+                tracing::warn!(%id, reason = dropped.label(), "real-time event dropped");
+                Err(dropped)
+            }
+        }
+    }
+
+    /// Waits until every event queued before this call is published or given up.
+    ///
+    /// Returns at once after a shutdown.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future only stops waiting.
+    pub async fn flush(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.queue.send(Command::Flush(done)).await.is_ok() {
+            // An error means the task has ended, so nothing is left to wait for.
+            let _ = finished.await;
+        }
+    }
+
+    /// Publishes (or gives up) everything queued so far, then stops the task; later
+    /// [`BackgroundPublisher::try_publish`] calls return [`Dropped::Closed`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future only stops waiting; the shutdown still happens.
+    pub async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.queue.send(Command::Shutdown(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+async fn drain(
+    publisher: Publisher,
+    config: BackgroundConfig,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Publish { event, id } => {
+                publish_with_retries(&publisher, &config, &event, id).await
+            }
+            Command::Flush(done) => {
+                let _ = done.send(());
+            }
+            Command::Shutdown(done) => {
+                commands.close();
+                // Events queued before the shutdown command were handled above; any still
+                // buffered were queued concurrently with it and are published too.
+                while let Some(command) = commands.recv().await {
+                    match command {
+                        Command::Publish { event, id } => {
+                            publish_with_retries(&publisher, &config, &event, id).await;
+                        }
+                        Command::Flush(done) | Command::Shutdown(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
+async fn publish_with_retries(
+    publisher: &Publisher,
+    config: &BackgroundConfig,
+    event: &Event,
+    id: Uuid,
+) {
+    let max_attempts = config.max_attempts.max(1);
+    let mut backoff = config.initial_backoff;
+    for attempt in 1..=max_attempts {
+        match publisher.publish_with_id(event, id).await {
+            Ok(_) => return,
+            Err(error) if error.is_transient() && attempt < max_attempts => {
+                tracing::debug!(%id, attempt, error = %error, "publish failed; retrying");
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = backoff.saturating_mul(2).min(config.max_backoff);
+            }
+            Err(error) => {
+                count_drop("gave_up");
+                tracing::warn!(%id, attempt, error = %error, reason = error.label(), "giving up on real-time event");
+                return;
+            }
+        }
+    }
+}
+
+/// Equal jitter: half the delay fixed, the other half random, so retries of many publishers
+/// spread out without ever retrying at once.
+fn jittered(delay: Duration) -> Duration {
+    let half = delay / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(rand::rng().random_range(0..=nanos))
+}
+
+fn count_drop(reason: &'static str) {
+    metrics::counter!("publisher_events_dropped_total", "reason" => reason).increment(1);
+}

@@ -1,0 +1,384 @@
+//! `Publisher`, `BackgroundPublisher` and `realtime-publish` against a real `redis-server`.
+//!
+//! Each test spawns its own `redis-server` on a free loopback port (never 6379), killed when the
+//! test ends, and subscribes with the redis crate's async pub/sub like a gateway replica would.
+//! Every wait is bounded by a deadline; nothing sleeps to synchronise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use publisher_lib::contract::{Envelope, Event, EventKind, Group};
+use publisher_lib::{
+    BackgroundConfig, BackgroundPublisher, Dropped, PublishError, Publisher, PublisherConfig,
+};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const RECOMMENDATION: &str = r#"{"type":"RecommendationReady","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","region":"west","configVersion":3,"generatedAt":"2025-11-08T12:34:56Z"}"#;
+
+const JOB_ASSIGNED: &str = r#"{"type":"JobAssigned","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","contractorId":"a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d","assignmentId":"11111111-2222-4333-8444-555555555555","startUtc":"2025-11-09T08:00:00Z","endUtc":"2025-11-09T10:00:00Z","region":"west","source":"manual","auditId":"99999999-8888-4777-8666-555555555555"}"#;
+
+/// A `redis-server` child process on a free port; killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        assert_ne!(port, 6379, "tests must never touch the default redis");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let mut server = Self { child, port };
+        server.wait_until_ready().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn wait_until_ready(&mut self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let started = tokio::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("redis-server exited early: {status}");
+            }
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
+                let pong: redis::RedisResult<String> =
+                    redis::cmd("PING").query_async(&mut connection).await;
+                if pong.as_deref() == Ok("PONG") {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "redis-server on port {} did not answer PING within {DEADLINE:?}",
+                self.port
+            );
+            // Polling interval while waiting for the server to accept connections, not a
+            // synchronisation sleep: readiness is decided by PING answering.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a new `redis-server` on the same port after [`RedisServer::stop`].
+    async fn restart(&mut self) {
+        self.stop();
+        self.child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        self.wait_until_ready().await;
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Awaits `future`, failing the test if it takes longer than `limit`.
+async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within {limit:?}"))
+}
+
+/// A subscriber on the channels of `groups`, like one gateway replica.
+async fn subscribe(server: &RedisServer, groups: &[Group]) -> redis::aio::PubSubStream {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    for group in groups {
+        pubsub
+            .subscribe(group.channel(publisher_lib::DEFAULT_PREFIX))
+            .await
+            .unwrap();
+    }
+    pubsub.into_on_message()
+}
+
+/// The next `count` messages as (channel, envelope).
+async fn receive(stream: &mut redis::aio::PubSubStream, count: usize) -> Vec<(String, Envelope)> {
+    within(DEADLINE, "receiving published messages", async {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let message = stream.next().await.expect("subscription ended");
+            let envelope = Envelope::decode(message.get_payload_bytes()).unwrap();
+            out.push((message.get_channel_name().to_owned(), envelope));
+        }
+        out
+    })
+    .await
+}
+
+fn event(json: &str) -> Event {
+    Event::from_json(json.as_bytes()).unwrap()
+}
+
+fn event_text(event: &Event) -> String {
+    String::from_utf8(event.to_json().unwrap()).unwrap()
+}
+
+fn publisher(server: &RedisServer) -> Publisher {
+    Publisher::new(PublisherConfig::new(server.url())).unwrap()
+}
+
+#[tokio::test]
+async fn recommendation_reaches_the_dispatch_channel_as_an_envelope() {
+    let server = RedisServer::start().await;
+    let event = event(RECOMMENDATION);
+    let west = Group::try_dispatch("west").unwrap();
+    let mut stream = subscribe(&server, std::slice::from_ref(&west)).await;
+
+    let receipt = within(DEADLINE, "publish", publisher(&server).publish(&event))
+        .await
+        .unwrap();
+
+    assert_eq!(receipt.kind, EventKind::RecommendationReady);
+    assert_eq!(receipt.deliveries.len(), 1);
+    assert_eq!(receipt.deliveries[0].group, west);
+    assert_eq!(receipt.deliveries[0].subscribers, 1);
+    let received = receive(&mut stream, 1).await;
+    let (channel, envelope) = &received[0];
+    assert_eq!(channel, "rt:{/dispatch/west}");
+    assert_eq!(envelope.id, receipt.id);
+    assert_eq!(envelope.kind, EventKind::RecommendationReady);
+    assert_eq!(envelope.event, event_text(&event));
+    assert!(envelope.published_at_micros > 0);
+}
+
+#[tokio::test]
+async fn job_assigned_reaches_the_dispatch_and_contractor_channels() {
+    let server = RedisServer::start().await;
+    let event = event(JOB_ASSIGNED);
+    let groups = event.groups();
+    assert_eq!(groups.len(), 2);
+    let mut stream = subscribe(&server, &groups).await;
+    let id = Uuid::new_v4();
+
+    let receipt = within(
+        DEADLINE,
+        "publish",
+        publisher(&server).publish_with_id(&event, id),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(receipt.id, id);
+    let counts: Vec<_> = receipt.deliveries.iter().map(|d| d.subscribers).collect();
+    assert_eq!(counts, [1, 1]);
+    let received = receive(&mut stream, 2).await;
+    let channels: HashSet<_> = received.iter().map(|(c, _)| c.as_str()).collect();
+    let expected: HashSet<_> = groups.iter().map(|g| g.channel("rt:")).collect();
+    assert_eq!(
+        channels,
+        expected.iter().map(String::as_str).collect::<HashSet<_>>()
+    );
+    for (_, envelope) in &received {
+        assert_eq!(envelope.id, id);
+        assert_eq!(envelope.kind, EventKind::JobAssigned);
+        assert_eq!(envelope.event, event_text(&event));
+    }
+}
+
+#[tokio::test]
+async fn invalid_event_is_refused_without_touching_redis() {
+    // Nothing listens on this port: reaching for Redis would give Unreachable or Timeout.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let publisher =
+        Publisher::new(PublisherConfig::new(format!("redis://127.0.0.1:{port}"))).unwrap();
+    let Event::RecommendationReady(mut payload) = event(RECOMMENDATION) else {
+        unreachable!("the fixture is a RecommendationReady");
+    };
+    payload.region = "no spaces allowed".to_owned();
+
+    let error = within(
+        DEADLINE,
+        "publish",
+        publisher.publish(&Event::RecommendationReady(payload)),
+    )
+    .await
+    .unwrap_err();
+
+    assert!(matches!(error, PublishError::Invalid(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn stopped_redis_fails_fast_with_a_typed_error() {
+    let mut server = RedisServer::start().await;
+    let config = PublisherConfig::new(server.url()).with_publish_timeout(Duration::from_secs(1));
+    let publisher = Publisher::new(config).unwrap();
+    let event = event(RECOMMENDATION);
+    within(DEADLINE, "first publish", publisher.publish(&event))
+        .await
+        .unwrap();
+
+    server.stop();
+    let error = within(
+        Duration::from_secs(5),
+        "publish to a stopped redis",
+        publisher.publish(&event),
+    )
+    .await
+    .unwrap_err();
+
+    assert!(
+        matches!(
+            error,
+            PublishError::Unreachable(_) | PublishError::Timeout(_)
+        ),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn publisher_recovers_when_redis_comes_back() {
+    let mut server = RedisServer::start().await;
+    let config =
+        PublisherConfig::new(server.url()).with_publish_timeout(Duration::from_millis(500));
+    let publisher = Publisher::new(config).unwrap();
+    let event = event(RECOMMENDATION);
+    within(DEADLINE, "first publish", publisher.publish(&event))
+        .await
+        .unwrap();
+    server.stop();
+    assert!(publisher.publish(&event).await.is_err());
+
+    server.restart().await;
+    let mut stream = subscribe(&server, &event.groups()).await;
+    // Each attempt is bounded by the publish timeout; the whole wait by the deadline.
+    let receipt = within(DEADLINE, "a publish after the restart", async {
+        loop {
+            if let Ok(receipt) = publisher.publish(&event).await {
+                return receipt;
+            }
+        }
+    })
+    .await;
+
+    let received = receive(&mut stream, 1).await;
+    assert_eq!(received[0].1.id, receipt.id);
+}
+
+#[tokio::test]
+async fn background_publisher_delivers_everything_after_flush() {
+    let server = RedisServer::start().await;
+    let event = event(RECOMMENDATION);
+    let mut stream = subscribe(&server, &event.groups()).await;
+    let background = BackgroundPublisher::spawn(publisher(&server), BackgroundConfig::default());
+
+    let mut ids = HashSet::new();
+    for _ in 0..50 {
+        ids.insert(background.try_publish(event.clone()).unwrap());
+    }
+    within(DEADLINE, "flush", background.flush()).await;
+
+    let received: HashSet<_> = receive(&mut stream, 50)
+        .await
+        .into_iter()
+        .map(|(_, envelope)| {
+            assert_eq!(envelope.event, event_text(&event));
+            envelope.id
+        })
+        .collect();
+    assert_eq!(received, ids);
+    within(DEADLINE, "shutdown", background.shutdown()).await;
+}
+
+#[tokio::test]
+async fn background_publisher_drops_when_full_and_after_shutdown() {
+    let server = RedisServer::start().await;
+    let event = event(RECOMMENDATION);
+    let background = BackgroundPublisher::spawn(
+        publisher(&server),
+        BackgroundConfig::default().with_capacity(1),
+    );
+
+    // The test runtime is single-threaded, so the task cannot drain between these two calls.
+    background.try_publish(event.clone()).unwrap();
+    assert_eq!(
+        background.try_publish(event.clone()),
+        Err(Dropped::QueueFull)
+    );
+
+    within(DEADLINE, "shutdown", background.shutdown()).await;
+    assert_eq!(background.try_publish(event), Err(Dropped::Closed));
+}
+
+#[tokio::test]
+async fn cli_publishes_via_redis_and_prints_the_receipt() {
+    let server = RedisServer::start().await;
+    let event = event(JOB_ASSIGNED);
+    let mut stream = subscribe(&server, &event.groups()).await;
+
+    let output = within(
+        DEADLINE,
+        "realtime-publish",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_realtime-publish"))
+            .args(["--redis-url", &server.url(), JOB_ASSIGNED])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+
+    assert!(output.status.success(), "{output:?}");
+    let receipt: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(receipt["type"], "JobAssigned");
+    assert_eq!(receipt["groups"][0]["subscribers"], 1);
+    assert_eq!(receipt["groups"][1]["subscribers"], 1);
+    let received = receive(&mut stream, 2).await;
+    for (_, envelope) in received {
+        assert_eq!(receipt["id"], envelope.id.to_string());
+        assert_eq!(envelope.event, event_text(&event));
+    }
+}
+
+#[tokio::test]
+async fn cli_rejects_an_invalid_event_with_exit_code_64() {
+    let output = within(
+        DEADLINE,
+        "realtime-publish",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_realtime-publish"))
+            .args(["--redis-url", "redis://127.0.0.1:1", r#"{"type":"Nope"}"#])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown event type"));
+}
