@@ -99,6 +99,9 @@ pub struct Config {
     /// Listeners.
     #[command(flatten)]
     pub listen: ListenConfig,
+    /// Redis, for several replicas.
+    #[command(flatten)]
+    pub redis: RedisConfig,
     /// User tokens, service key and connection tokens.
     #[command(flatten)]
     pub auth: AuthConfig,
@@ -125,6 +128,22 @@ pub struct ListenConfig {
     /// Address of the admin listener: /healthz, /readyz, /metrics.
     #[arg(long = "admin-listen", env = "GATEWAY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin: SocketAddr,
+}
+
+/// Redis settings; without a URL the gateway runs alone on its in-process broker.
+#[derive(Debug, Clone, Args)]
+pub struct RedisConfig {
+    /// Redis URL (`redis://[user:password@]host:port[/db]`); switches from the in-process broker
+    /// to Redis pub/sub so several replicas share publications.
+    #[arg(long = "redis-url", env = "GATEWAY_REDIS_URL", hide_env_values = true)]
+    pub url: Option<Secret>,
+    /// Prefix of every channel (and, later, key), so several deployments can share one Redis.
+    #[arg(
+        long = "redis-prefix",
+        env = "GATEWAY_REDIS_PREFIX",
+        default_value = "rt:"
+    )]
+    pub prefix: String,
 }
 
 /// Authentication settings.
@@ -427,6 +446,20 @@ impl Config {
         }
         if l.max_groups_per_connection == 0 {
             problems.push("--max-groups-per-connection must be at least 1".to_owned());
+        }
+        if self.redis.prefix.contains(['{', '}']) {
+            problems.push(
+                "--redis-prefix must not contain '{' or '}' (they delimit the hash tag)".to_owned(),
+            );
+        }
+        if let Some(url) = &self.redis.url
+            && !(url.0.starts_with("redis://")
+                || url.0.starts_with("rediss://")
+                || url.0.starts_with("redis+unix://"))
+        {
+            problems.push(
+                "--redis-url must start with redis://, rediss:// or redis+unix://".to_owned(),
+            );
         }
         if self.listen.public == self.listen.admin && self.listen.public.port() != 0 {
             problems.push("--listen and --admin-listen must differ".to_owned());

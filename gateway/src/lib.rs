@@ -92,7 +92,19 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
     let shutdown = Shutdown::new();
     let (subscriptions, requests) = broker::subscriptions(broker::SUBSCRIPTION_QUEUE);
     let groups = Arc::new(Groups::new(subscriptions));
-    let broker = broker::start_memory(groups.clone(), requests, &shutdown);
+    let broker = match &config.redis.url {
+        None => broker::start_memory(groups.clone(), requests, &shutdown),
+        Some(url) => broker::Broker::Redis(
+            broker::redis::RedisBroker::start(
+                url.expose(),
+                &config.redis.prefix,
+                groups.clone(),
+                requests,
+                &shutdown,
+            )
+            .map_err(|e| ConfigError(vec![format!("--redis-url: {e}")]))?,
+        ),
+    };
     let state = AppState {
         verifier: Arc::new(keys.verifier),
         connection_tokens: keys.connection_tokens,

@@ -25,6 +25,11 @@ const FRAMES_DELIVERED: &str = "gateway_frames_delivered_total";
 const SLOW_CONSUMER_CLOSES: &str = "gateway_slow_consumer_closes_total";
 const PUBLISH_TO_DELIVERY: &str = "gateway_publish_to_delivery_seconds";
 const BROKER_UP: &str = "gateway_broker_up";
+const BROKER_RECONNECT_ATTEMPTS: &str = "gateway_broker_reconnect_attempts_total";
+const BROKER_RECONNECTS: &str = "gateway_broker_reconnects_total";
+const BROKER_DOWNTIME: &str = "gateway_broker_downtime_seconds_total";
+const EVENTS_RECEIVED: &str = "gateway_events_received_total";
+const ENVELOPES_REJECTED: &str = "gateway_envelopes_rejected_total";
 
 /// Latency buckets, in seconds: sub-millisecond fan-out up to multi-second stalls.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -98,6 +103,27 @@ fn describe() {
         "time from publish to fan-out on this replica"
     );
     describe_gauge!(BROKER_UP, "1 when the broker is connected and healthy");
+    describe_counter!(
+        BROKER_RECONNECT_ATTEMPTS,
+        "failed or lost broker connections followed by a retry"
+    );
+    describe_counter!(
+        BROKER_RECONNECTS,
+        "broker subscriber reconnections that succeeded"
+    );
+    describe_counter!(
+        BROKER_DOWNTIME,
+        Unit::Seconds,
+        "time the broker subscriber spent disconnected"
+    );
+    describe_counter!(
+        EVENTS_RECEIVED,
+        "publications received from the broker, by source"
+    );
+    describe_counter!(
+        ENVELOPES_REJECTED,
+        "broker messages dropped because they were not envelopes, by reason"
+    );
 }
 
 /// A connection was accepted.
@@ -156,6 +182,27 @@ pub fn fanned_out(frames: usize, latency: Duration) {
 /// `count` connections were closed because their queue was full.
 pub fn slow_consumers_closed(count: usize) {
     counter!(SLOW_CONSUMER_CLOSES).increment(count as u64);
+}
+
+/// The broker subscriber will try to connect again.
+pub fn broker_reconnect_attempt() {
+    counter!(BROKER_RECONNECT_ATTEMPTS).increment(1);
+}
+
+/// The broker subscriber is connected again after `down`.
+pub fn broker_reconnected(down: Duration) {
+    counter!(BROKER_RECONNECTS).increment(1);
+    counter!(BROKER_DOWNTIME).increment(down.as_secs());
+}
+
+/// A publication arrived from the broker (`redis`).
+pub fn event_received(source: &'static str) {
+    counter!(EVENTS_RECEIVED, "source" => source).increment(1);
+}
+
+/// A broker message was not an envelope.
+pub fn envelope_rejected(reason: &'static str) {
+    counter!(ENVELOPES_REJECTED, "reason" => reason).increment(1);
 }
 
 /// The broker's health changed.

@@ -8,6 +8,7 @@ mod keepalive;
 mod origin;
 mod protocol_errors;
 mod publish_http;
+mod redis;
 mod shutdown;
 mod slow_consumer;
 mod tidy;

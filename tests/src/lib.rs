@@ -764,3 +764,80 @@ async fn read_head(stream: &mut TcpStream) -> String {
     };
     within(DEADLINE, read, "an HTTP response head").await
 }
+
+/// A `redis-server` started for one test on a free loopback port, killed when dropped. Never the
+/// server on 6379.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    /// Starts a server without persistence on a free port and waits until it answers.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut server = Self { port, child: None };
+        server.spawn().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    async fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        within(
+            DEADLINE,
+            async move {
+                loop {
+                    if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await {
+                        let mut answer = [0u8; 7];
+                        if stream.write_all(b"PING\r\n").await.is_ok()
+                            && stream.read_exact(&mut answer).await.is_ok()
+                            && &answer == b"+PONG\r\n"
+                        {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            "redis-server to answer PING",
+        )
+        .await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

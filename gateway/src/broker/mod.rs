@@ -9,6 +9,7 @@
 //! variant of the same enum.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -61,6 +62,8 @@ pub enum BrokerError {
 pub enum Broker {
     /// In-process delivery: one replica, no Redis.
     Memory(memory::MemoryBroker),
+    /// Redis pub/sub: every replica receives what any publisher sends.
+    Redis(redis::RedisBroker),
 }
 
 impl Broker {
@@ -79,6 +82,7 @@ impl Broker {
                 broker.publish(kind, payload, groups);
                 Ok(())
             }
+            Self::Redis(broker) => broker.publish(kind, &payload, groups).await,
         }
     }
 
@@ -86,6 +90,7 @@ impl Broker {
     pub fn is_healthy(&self) -> bool {
         match self {
             Self::Memory(_) => true,
+            Self::Redis(broker) => broker.is_healthy(),
         }
     }
 
@@ -93,6 +98,7 @@ impl Broker {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Memory(_) => "memory",
+            Self::Redis(_) => "redis",
         }
     }
 }

@@ -1,0 +1,98 @@
+//! Several gateways on one real redis-server: publications reach every replica, readiness is a
+//! real round trip, and a restarted Redis is recovered without dropping clients.
+
+use std::time::Duration;
+
+use e2e::{
+    DEADLINE, RedisServer, StatusCode, TestGateway, dispatcher, recommendation_ready,
+    start_gateway, within,
+};
+use publisher_lib::contract::Event;
+use publisher_lib::{Publisher, PublisherConfig};
+use serde_json::json;
+
+async fn replica(redis: &RedisServer) -> TestGateway {
+    let gateway = start_gateway(&["--redis-url", &redis.url()]).await;
+    wait_ready(&gateway, StatusCode::OK).await;
+    gateway
+}
+
+/// Polls `/readyz` until it answers `status`, failing after a deadline.
+async fn wait_ready(gateway: &TestGateway, status: StatusCode) {
+    within(
+        Duration::from_secs(20),
+        async {
+            loop {
+                if let Ok((got, _)) = gateway.readyz().await
+                    && got == status
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+        &format!("/readyz to answer {status}"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_published_on_one_replica_reaches_a_client_of_another() {
+    let redis = RedisServer::start().await;
+    let a = replica(&redis).await;
+    let b = replica(&redis).await;
+    let mut client = a.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    let event = recommendation_ready("west", &[("schemaVersion", json!(2))]);
+    b.publish_accepted(&event).await;
+
+    let (target, payload) = within(DEADLINE, client.next_event(), "the event").await;
+    assert_eq!(target, "RecommendationReady");
+    assert_eq!(
+        payload, event,
+        "the event's bytes travel untouched through Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_published_with_publisher_lib_reaches_subscribed_clients() {
+    let redis = RedisServer::start().await;
+    let gateway = replica(&redis).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    let event = Event::from_json(recommendation_ready("west", &[]).as_bytes()).unwrap();
+    let publisher = Publisher::new(PublisherConfig::new(redis.url())).unwrap();
+    publisher.publish(&event).await.unwrap();
+
+    let (_, payload) = within(DEADLINE, client.next_event(), "the event").await;
+    assert_eq!(payload.as_bytes(), event.to_json().unwrap().as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_the_gateway_is_ready_again_and_its_clients_get_events() {
+    let mut redis = RedisServer::start().await;
+    let gateway = replica(&redis).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    redis.kill();
+    wait_ready(&gateway, StatusCode::SERVICE_UNAVAILABLE).await;
+    let (status, _) = gateway.publish(&recommendation_ready("west", &[])).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "publishing fails while Redis is down"
+    );
+
+    redis.restart().await;
+    wait_ready(&gateway, StatusCode::OK).await;
+    let event = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&event).await;
+    let (_, payload) = within(DEADLINE, client.next_event(), "the event after the restart").await;
+    assert_eq!(
+        payload, event,
+        "the same, still-connected client receives it"
+    );
+}
