@@ -1,0 +1,128 @@
+//! The redis-cli example of docs/redis-contract.md, run as written against a real redis-server.
+
+use e2e::{DEADLINE, RedisServer, StatusCode, dispatcher, start_gateway, within, workspace_root};
+
+/// The `redis-cli ...` line of the tested example.
+fn documented_command() -> String {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md")).unwrap();
+    let after_marker = doc
+        .split("<!-- The line below is run by tests/it/contract_doc.rs")
+        .nth(1)
+        .expect("the tested example is marked");
+    after_marker
+        .lines()
+        .find(|line| line.starts_with("redis-cli "))
+        .expect("a redis-cli line follows the marker")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_redis_cli_publish_reaches_a_subscribed_client() {
+    let redis = RedisServer::start().await;
+    let gateway = start_gateway(&["--redis-url", &redis.url()]).await;
+    within(
+        DEADLINE,
+        async {
+            while !matches!(gateway.readyz().await, Ok((StatusCode::OK, _))) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        },
+        "the gateway to be ready",
+    )
+    .await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    let command = documented_command().replace("-p 6379", &format!("-p {}", redis.port()));
+    let output = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .expect("redis-cli runs");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "1",
+        "one replica subscribed"
+    );
+
+    let (target, payload) = within(DEADLINE, client.next_event(), "the event").await;
+    assert_eq!(target, "RecommendationReady");
+    let sent = command
+        .split("\"event\":")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("}'");
+    assert_eq!(payload, sent, "the documented event arrives byte for byte");
+}
+
+/// The `ACL SETUSER <user> ...` line of the permissions section, with its password placeholder
+/// replaced.
+fn documented_acl(user: &str, placeholder: &str, password: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md")).unwrap();
+    let line = doc
+        .lines()
+        .find(|line| line.starts_with(&format!("ACL SETUSER {user} ")))
+        .unwrap_or_else(|| panic!("the doc has an ACL line for {user}"));
+    line.replace(placeholder, password)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_users_are_enough_for_the_gateway_and_a_publisher() {
+    let redis = RedisServer::start().await;
+    for (user, placeholder, password) in [
+        ("realtime-gateway", ">GATEWAY_PASSWORD", ">gw-pass"),
+        ("realtime-publisher", ">PUBLISHER_PASSWORD", ">pub-pass"),
+    ] {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port().to_string()])
+            .args(documented_acl(user, placeholder, password))
+            .output()
+            .expect("redis-cli runs");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "OK",
+            "{output:?}"
+        );
+    }
+    let url = format!(
+        "redis://realtime-gateway:gw-pass@127.0.0.1:{}",
+        redis.port()
+    );
+    let gateway = start_gateway(&["--redis-url", &url]).await;
+    within(
+        DEADLINE,
+        async {
+            while !matches!(gateway.readyz().await, Ok((StatusCode::OK, _))) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        },
+        "the gateway to be ready with only its documented permissions",
+    )
+    .await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    // The gateway's own HTTP publish needs only its permissions...
+    let over_http = e2e::recommendation_ready("west", &[]);
+    gateway.publish_accepted(&over_http).await;
+    let (_, payload) = within(DEADLINE, client.next_event(), "the HTTP event").await;
+    assert_eq!(payload, over_http);
+
+    // ...and a backend publishes with only the publisher's.
+    let publisher_url = format!(
+        "redis://realtime-publisher:pub-pass@127.0.0.1:{}",
+        redis.port()
+    );
+    let publisher =
+        publisher_lib::Publisher::new(publisher_lib::PublisherConfig::new(publisher_url)).unwrap();
+    let event = publisher_lib::contract::Event::from_json(
+        e2e::recommendation_ready("west", &[]).as_bytes(),
+    )
+    .unwrap();
+    publisher.publish(&event).await.unwrap();
+    let (_, payload) = within(DEADLINE, client.next_event(), "the published event").await;
+    assert_eq!(payload.as_bytes(), event.to_json().unwrap().as_slice());
+}
