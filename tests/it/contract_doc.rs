@@ -4,7 +4,8 @@ use e2e::{DEADLINE, RedisServer, StatusCode, dispatcher, start_gateway, within, 
 
 /// The `redis-cli ...` line of the tested example.
 fn documented_command() -> String {
-    let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md")).unwrap();
+    let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md"))
+        .expect("docs/redis-contract.md is readable");
     let after_marker = doc
         .split("<!-- The line below is run by tests/it/contract_doc.rs")
         .nth(1)
@@ -58,7 +59,8 @@ async fn the_documented_redis_cli_publish_reaches_a_subscribed_client() {
 /// The `ACL SETUSER <user> ...` line of the permissions section, with its password placeholder
 /// replaced.
 fn documented_acl(user: &str, placeholder: &str, password: &str) -> Vec<String> {
-    let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md")).unwrap();
+    let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md"))
+        .expect("docs/redis-contract.md is readable");
     let line = doc
         .lines()
         .find(|line| line.starts_with(&format!("ACL SETUSER {user} ")))
