@@ -71,7 +71,7 @@ async fn an_event_published_with_publisher_lib_reaches_subscribed_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_redis_restart_the_gateway_is_ready_again_and_its_clients_get_events() {
+async fn after_a_short_redis_outage_the_gateway_is_ready_again_and_its_clients_get_events() {
     let mut redis = RedisServer::start().await;
     let gateway = replica(&redis).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
@@ -85,9 +85,16 @@ async fn after_a_redis_restart_the_gateway_is_ready_again_and_its_clients_get_ev
         StatusCode::SERVICE_UNAVAILABLE,
         "publishing fails while Redis is down"
     );
+    // A wait on purpose: a 2 s outage is what is tested.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
-    redis.restart().await;
+    redis.start_again().await;
+    let back = tokio::time::Instant::now();
     wait_ready(&gateway, StatusCode::OK).await;
+    eprintln!(
+        "ready again {:?} after Redis came back (2 s outage)",
+        back.elapsed()
+    );
     let event = recommendation_ready("west", &[]);
     gateway.publish_accepted(&event).await;
     let (_, payload) = within(DEADLINE, client.next_event(), "the event after the restart").await;
@@ -95,4 +102,70 @@ async fn after_a_redis_restart_the_gateway_is_ready_again_and_its_clients_get_ev
         payload, event,
         "the same, still-connected client receives it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_long_redis_outage_the_gateway_recovers_by_itself() {
+    let mut redis = RedisServer::start().await;
+    let gateway = replica(&redis).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    redis.kill();
+    wait_ready(&gateway, StatusCode::SERVICE_UNAVAILABLE).await;
+    // A wait on purpose: the outage itself is what is tested (15 s, longer than the redis
+    // crate's own retry budget), not a way to synchronise.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    redis.start_again().await;
+    let back = tokio::time::Instant::now();
+    wait_ready(&gateway, StatusCode::OK).await;
+    eprintln!(
+        "ready again {:?} after Redis came back (15 s outage)",
+        back.elapsed()
+    );
+
+    let event = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&event).await;
+    let (_, payload) = within(DEADLINE, client.next_event(), "the event after the outage").await;
+    assert_eq!(payload, event);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_turns_readiness_false_and_publishes_fail_fast_until_it_thaws() {
+    let redis = RedisServer::start().await;
+    let gateway = replica(&redis).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    redis.signal("STOP");
+    wait_ready(&gateway, StatusCode::SERVICE_UNAVAILABLE).await;
+    let started = tokio::time::Instant::now();
+    let (status, body) = gateway.publish(&recommendation_ready("west", &[])).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the publish failed after {:?}, not fast",
+        started.elapsed()
+    );
+
+    redis.signal("CONT");
+    wait_ready(&gateway, StatusCode::OK).await;
+    let event = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&event).await;
+    // The publish that failed while frozen may still have been delivered when Redis thawed (it
+    // was written to the socket); skip anything before the event published after the thaw.
+    let payload = within(
+        DEADLINE,
+        async {
+            loop {
+                let (_, payload) = client.next_event().await;
+                if payload == event {
+                    return payload;
+                }
+            }
+        },
+        "the event after the thaw",
+    )
+    .await;
+    assert_eq!(payload, event);
 }

@@ -798,14 +798,33 @@ impl RedisServer {
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A stopped process still dies of SIGKILL; CONT first keeps `wait` prompt.
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the server process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// Starts the server again on the same port.
     pub async fn restart(&mut self) {
         self.kill();
+        self.spawn().await;
+    }
+
+    /// Starts the server again on the same port after it was killed.
+    pub async fn start_again(&mut self) {
         self.spawn().await;
     }
 

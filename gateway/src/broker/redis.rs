@@ -38,7 +38,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const RESUBSCRIBE_BATCH: usize = 1000;
 /// First and longest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Handle of the Redis broker.
 #[derive(Clone)]

@@ -1,0 +1,277 @@
+// Three replicas behind nginx, sharing publications through Redis: the local topology that
+// deploy/local/up starts (redis-server, three gateways, nginx round-robin without sticky
+// sessions), driven with the official client through the load balancer.
+//
+// Needs redis-server, nginx, curl and envsubst on this machine (deploy/local/up says which is
+// missing). The topology's logs stay in a temporary state directory, printed when a test fails.
+
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { randomUUID } from "node:crypto";
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import { HubConnectionState } from "@microsoft/signalr";
+
+import {
+  GATEWAY_BIN,
+  JWT_SECRET,
+  SERVICE_KEY,
+  arrivals,
+  connect,
+  contractorToken,
+  deferred,
+  dispatcherToken,
+  freePort,
+  hubConnection,
+  inbox,
+  jobAssigned,
+  publishAccepted,
+  recommendationReady,
+  uniqueRegion,
+  within,
+} from "./harness.mjs";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const DEPLOY = path.resolve(here, "../../deploy/local");
+const RETRY_DELAYS = [0, 200, 500, 1000, 1000, 2000];
+
+/** Runs deploy/local/<script> with `env`; resolves with its output, rejects with it on failure. */
+function runScript(script, env, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    execFile(path.join(DEPLOY, script), [], { env, timeout: timeoutMs }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`deploy/local/${script} failed: ${error.message}\n${stdout}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/** `count` distinct ports that were free a moment ago. */
+async function distinctFreePorts(count) {
+  const ports = new Set();
+  while (ports.size < count) ports.add(await freePort());
+  return [...ports];
+}
+
+let stateDir;
+let env;
+let lb; // { hubUrl, eventsUrl } of nginx
+let replicas; // [{ name, eventsUrl, adminUrl, pidFile }]
+
+function logTails() {
+  try {
+    const logs = path.join(stateDir, "logs");
+    return readdirSync(logs)
+      .map((file) => `--- ${file}\n${readFileSync(path.join(logs, file), "utf8").split("\n").slice(-15).join("\n")}`)
+      .join("\n");
+  } catch {
+    return "";
+  }
+}
+
+before(async () => {
+  stateDir = mkdtempSync(path.join(os.tmpdir(), "realtime-lb-"));
+  // A port found free can be taken before the topology binds it: then try other ports.
+  for (let attempt = 1; ; attempt += 1) {
+    const [redis, lbPort, p1, p2, p3, a1, a2, a3] = await distinctFreePorts(8);
+    env = {
+      ...Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("GATEWAY_"))),
+      GATEWAY_BIN,
+      STATE_DIR: stateDir,
+      REDIS_PORT: String(redis),
+      LB_PORT: String(lbPort),
+      REPLICA_PORTS: `${p1} ${p2} ${p3}`,
+      ADMIN_PORTS: `${a1} ${a2} ${a3}`,
+      JWT_SECRET,
+      SERVICE_KEY,
+      CONNECTION_TOKEN_SECRET: `lb-connection-token-secret-${randomUUID()}`,
+      READY_TIMEOUT: "30",
+    };
+    try {
+      await runScript("up", env, 60_000);
+    } catch (error) {
+      if (attempt === 3 || !/already in use|Address in use|AddrInUse/i.test(error.message)) throw error;
+      continue;
+    }
+    lb = { hubUrl: `http://127.0.0.1:${lbPort}/hub/v1`, eventsUrl: `http://127.0.0.1:${lbPort}/api/v1/events` };
+    replicas = [
+      [p1, a1],
+      [p2, a2],
+      [p3, a3],
+    ].map(([port, admin], i) => ({
+      name: `replica ${i + 1}`,
+      eventsUrl: `http://127.0.0.1:${port}/api/v1/events`,
+      hubUrl: `http://127.0.0.1:${port}/hub/v1`,
+      adminUrl: `http://127.0.0.1:${admin}`,
+      pidFile: path.join(stateDir, "pids", `gateway-${i + 1}.pid`),
+    }));
+    return;
+  }
+});
+
+after(async () => {
+  if (env) await runScript("down", env, 60_000);
+  if (stateDir && !process.env.KEEP_LB_STATE) rmSync(stateDir, { recursive: true, force: true });
+});
+
+/** gateway_connections_active of a replica (0 when the gauge was never set). */
+async function activeConnections(replica) {
+  const response = await fetch(`${replica.adminUrl}/metrics`, { signal: AbortSignal.timeout(5000) });
+  assert.equal(response.status, 200, `${replica.name} /metrics`);
+  const text = await response.text();
+  const line = text.split("\n").find((l) => /^gateway_connections_active(\{[^}]*\})? /.test(l));
+  return line ? Number(line.split(" ").at(-1)) : 0;
+}
+
+/** Resolves when the process `pid` has exited (polled with a deadline). */
+async function exitOf(pid, ms) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    let alive;
+    try {
+      process.kill(pid, 0);
+      // A zombie has exited; it only waits for its (new) parent to reap it.
+      alive = !/\)\s+Z\s/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+    } catch {
+      alive = false;
+    }
+    if (!alive) return;
+    if (Date.now() > deadline) throw new Error(`pid ${pid} still running after ${ms} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** A test body whose failures carry the topology's logs. */
+function withLogs(body) {
+  return async (t) => {
+    try {
+      await body(t);
+    } catch (error) {
+      error.message += `\n${logTails()}`;
+      throw error;
+    }
+  };
+}
+
+/**
+ * gateway_connections_active of every replica in `among`, once they add up to `total` (polled
+ * with a deadline: a client's stop() may resolve just before its replica counts the close).
+ */
+async function settledActive(among, total, ms = 5000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const active = await Promise.all(among.map(activeConnections));
+    if (active.reduce((a, b) => a + b, 0) === total) return active;
+    if (Date.now() > deadline) throw new Error(`connections per replica ${active}, expected ${total} in all`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+test("clients negotiating through nginx spread over the three replicas and all receive an event published once to one replica",
+  withLogs(async (t) => {
+    const region = uniqueRegion("lb");
+    const token = dispatcherToken([region]);
+    const clients = [];
+    // One after the other: round-robin then gives every replica some of the WebSockets.
+    for (let i = 0; i < 6; i += 1) clients.push(await connect(t, lb, token));
+    const inboxes = clients.map((client) => inbox(client, "RecommendationReady"));
+    await Promise.all(clients.map((client) => client.invoke("JoinDispatchGroup", region)));
+
+    const active = await settledActive(replicas, 6);
+    for (const [i, count] of active.entries()) assert.ok(count > 0, `${replicas[i].name} has no connection: ${active}`);
+
+    const event = recommendationReady(region);
+    await publishAccepted(replicas[1], event);
+    const received = await Promise.all(inboxes.map((events) => events.nth(1)));
+    for (const args of received) assert.deepStrictEqual(args, [event]);
+  }));
+
+test("a contractor connected through nginx receives only its own JobAssigned, whichever replica publishes",
+  withLogs(async (t) => {
+    const region = uniqueRegion("lb");
+    const ownId = randomUUID();
+    const otherId = randomUUID();
+    const own = await connect(t, lb, contractorToken(ownId));
+    const other = await connect(t, lb, contractorToken(otherId), { skipNegotiation: true });
+    const ownEvents = arrivals(own);
+    const otherEvents = arrivals(other);
+    await own.invoke("JoinContractorGroup", ownId);
+    await other.invoke("JoinContractorGroup", otherId);
+
+    const forOther = jobAssigned(region, otherId);
+    const forOwn = jobAssigned(region, ownId);
+    await publishAccepted(replicas[0], forOther);
+    await publishAccepted(replicas[2], forOwn);
+
+    // Published in this order, the other contractor's event would arrive first had it been sent.
+    assert.deepStrictEqual((await ownEvents.take(1))[0], { target: "JobAssigned", args: [forOwn] });
+    assert.deepStrictEqual((await otherEvents.take(1))[0], { target: "JobAssigned", args: [forOther] });
+  }));
+
+test("the clients of a replica stopped with SIGTERM reconnect through nginx to the others and receive later events",
+  withLogs(async (t) => {
+    const region = uniqueRegion("lb");
+    const token = dispatcherToken([region]);
+    const stopped = replicas[1];
+    const clients = [];
+    const lost = [];
+    const allLost = deferred();
+    let expectedLost = Infinity;
+    for (let i = 0; i < 6; i += 1) {
+      const connection = hubConnection(t, lb, token, {
+        configure: (builder) => builder.withAutomaticReconnect(RETRY_DELAYS),
+      });
+      const state = {
+        connection,
+        events: inbox(connection, "RecommendationReady"),
+        rejoined: deferred(),
+        closedWith: "not closed",
+      };
+      state.rejoined.promise.catch(() => {}); // onclose at the end of the test must not be unhandled
+      connection.onreconnecting(() => {
+        lost.push(state);
+        if (lost.length >= expectedLost) allLost.resolve();
+      });
+      connection.onreconnected((connectionId) => {
+        connection.invoke("JoinDispatchGroup", region).then(() => state.rejoined.resolve(connectionId), state.rejoined.reject);
+      });
+      connection.onclose((error) => {
+        state.closedWith = error;
+        state.rejoined.reject(new Error(`a client gave up instead of reconnecting: ${error?.message ?? error}`));
+      });
+      await within(10_000, connection.start(), "start() through nginx");
+      await connection.invoke("JoinDispatchGroup", region);
+      state.firstId = connection.connectionId;
+      clients.push(state);
+    }
+
+    const before = (await settledActive(replicas, 6))[1];
+    assert.ok(before > 0, `${stopped.name} has no connection to lose`);
+    expectedLost = before;
+    const event = recommendationReady(region);
+    await publishAccepted(replicas[0], event);
+    for (const client of clients) assert.deepStrictEqual(await client.events.nth(1), [event]);
+
+    const pid = Number(readFileSync(stopped.pidFile, "utf8"));
+    process.kill(pid, "SIGTERM");
+    await exitOf(pid, 15_000);
+
+    // Its clients were closed with reconnect allowed: exactly those reconnect.
+    await within(10_000, allLost.promise, `onreconnecting of the ${before} clients of ${stopped.name}`);
+    const moved = [...lost];
+    const ids = await within(20_000, Promise.all(moved.map((client) => client.rejoined.promise)), "reconnect and rejoin");
+    for (const [i, client] of moved.entries()) assert.notEqual(ids[i], client.firstId, "a new connection was negotiated");
+    for (const client of clients) {
+      assert.equal(client.connection.state, HubConnectionState.Connected);
+      assert.equal(client.closedWith, "not closed");
+    }
+    assert.equal(lost.length, before, `only the clients of ${stopped.name} reconnected`);
+    await settledActive([replicas[0], replicas[2]], 6);
+
+    const later = recommendationReady(region, { schemaVersion: 2 });
+    await publishAccepted(replicas[2], later);
+    for (const client of clients) assert.deepStrictEqual(await client.events.nth(2), [later]);
+  }));
