@@ -187,6 +187,16 @@ test("clients negotiating through nginx spread over the three replicas and all r
     await publishAccepted(replicas[1], event);
     const received = await Promise.all(inboxes.map((events) => events.nth(1)));
     for (const args of received) assert.deepStrictEqual(args, [event]);
+
+    // Published once more straight into Redis by realtime-publish (publisher-lib's Publisher).
+    const second = recommendationReady(region);
+    const cli = path.resolve(path.dirname(GATEWAY_BIN), "realtime-publish");
+    await new Promise((resolve, reject) => {
+      execFile(cli, ["--redis-url", `redis://127.0.0.1:${env.REDIS_PORT}`, JSON.stringify(second)],
+        { timeout: 10_000 }, (error, stdout, stderr) => (error ? reject(new Error(`${error.message}\n${stderr}`)) : resolve(stdout)));
+    });
+    const again = await Promise.all(inboxes.map((events) => events.nth(2)));
+    for (const args of again) assert.deepStrictEqual(args, [second]);
   }));
 
 test("a contractor connected through nginx receives only its own JobAssigned, whichever replica publishes",
