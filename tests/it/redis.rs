@@ -169,3 +169,34 @@ async fn a_frozen_redis_turns_readiness_false_and_publishes_fail_fast_until_it_t
     .await;
     assert_eq!(payload, event);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_joining_at_once_each_get_their_own_groups_events() {
+    let redis = RedisServer::start().await;
+    let gateway = replica(&redis).await;
+    let regions: Vec<String> = (0..40).map(|i| format!("burst-{i}")).collect();
+    let mut clients = Vec::new();
+    for region in &regions {
+        clients.push(gateway.connect(&dispatcher("d-1", &[region])).await);
+    }
+    // All joins in flight together, so the broker receives them as one burst.
+    let joins = clients
+        .iter_mut()
+        .zip(&regions)
+        .map(|(client, region)| client.join_dispatch("1", region));
+    futures_util::future::join_all(joins).await;
+
+    let mut sent = Vec::new();
+    for region in &regions {
+        let event = recommendation_ready(region, &[]);
+        gateway.publish_accepted(&event).await;
+        sent.push(event);
+    }
+    for (client, event) in clients.iter_mut().zip(&sent) {
+        let (_, payload) = within(DEADLINE, client.next_event(), "its region's event").await;
+        assert_eq!(
+            &payload, event,
+            "each client gets exactly its own group's event"
+        );
+    }
+}

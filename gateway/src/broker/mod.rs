@@ -182,6 +182,11 @@ impl Subscriptions {
 }
 
 impl SubscriptionRequests {
+    /// A request already queued, if any (to batch many joins into one SUBSCRIBE).
+    pub fn try_recv(&mut self) -> Option<SubscriptionRequest> {
+        self.rx.try_recv().ok()
+    }
+
     /// The next request; `None` once every handle is gone.
     ///
     /// # Cancel safety

@@ -256,28 +256,16 @@ impl Supervisor {
                     let Some(request) = request else {
                         return Session::Stopped;
                     };
-                    match request {
-                        SubscriptionRequest::Subscribe { group, generation, ack } => {
-                            let channel = group.channel(&self.broker.prefix);
-                            self.desired.insert(group, generation);
-                            let outcome = match timeout(COMMAND_TIMEOUT, sink.subscribe(channel)).await {
-                                Ok(Ok(())) => Ok(()),
-                                Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-                                Err(_) => Err(BrokerError::Unavailable("subscribe timed out".to_owned())),
-                            };
-                            let failed = outcome.is_err();
-                            let _ = ack.send(outcome);
-                            if failed {
-                                return Session::Lost;
-                            }
-                        }
-                        SubscriptionRequest::Unsubscribe { group, generation } => {
-                            if self.desired.get(&group) == Some(&generation) {
-                                self.desired.remove(&group);
-                                let channel = group.channel(&self.broker.prefix);
-                                let _ = timeout(COMMAND_TIMEOUT, sink.unsubscribe(channel)).await;
-                            }
-                        }
+                    // Joins that arrive together (a burst of clients) become one SUBSCRIBE.
+                    let mut batch = vec![request];
+                    while batch.len() < RESUBSCRIBE_BATCH {
+                        let Some(next) = requests.try_recv() else {
+                            break;
+                        };
+                        batch.push(next);
+                    }
+                    if let Err(()) = self.apply(&mut sink, batch).await {
+                        return Session::Lost;
                     }
                 }
                 _ = probe.tick() => {
@@ -288,6 +276,62 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Applies a batch of requests in order: consecutive subscribes share one SUBSCRIBE.
+    /// Fails when Redis refused or did not answer (the session must be rebuilt).
+    async fn apply(
+        &mut self,
+        sink: &mut redis::aio::PubSubSink,
+        batch: Vec<SubscriptionRequest>,
+    ) -> Result<(), ()> {
+        let mut channels = Vec::new();
+        let mut acks = Vec::new();
+        for request in batch {
+            match request {
+                SubscriptionRequest::Subscribe {
+                    group,
+                    generation,
+                    ack,
+                } => {
+                    channels.push(group.channel(&self.broker.prefix));
+                    self.desired.insert(group, generation);
+                    acks.push(ack);
+                }
+                SubscriptionRequest::Unsubscribe { group, generation } => {
+                    self.flush_subscribes(sink, &mut channels, &mut acks)
+                        .await?;
+                    if self.desired.get(&group) == Some(&generation) {
+                        self.desired.remove(&group);
+                        let channel = group.channel(&self.broker.prefix);
+                        let _ = timeout(COMMAND_TIMEOUT, sink.unsubscribe(channel)).await;
+                    }
+                }
+            }
+        }
+        self.flush_subscribes(sink, &mut channels, &mut acks).await
+    }
+
+    async fn flush_subscribes(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        channels: &mut Vec<String>,
+        acks: &mut Vec<tokio::sync::oneshot::Sender<Result<(), BrokerError>>>,
+    ) -> Result<(), ()> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let outcome = match timeout(COMMAND_TIMEOUT, sink.subscribe(std::mem::take(channels))).await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => Err(BrokerError::Unavailable("subscribe timed out".to_owned())),
+        };
+        let failed = outcome.is_err();
+        for ack in acks.drain(..) {
+            let _ = ack.send(outcome.clone());
+        }
+        if failed { Err(()) } else { Ok(()) }
     }
 
     /// Records a request while disconnected and answers it with `outcome`.
