@@ -137,6 +137,10 @@ pub struct RedisConfig {
     /// to Redis pub/sub so several replicas share publications.
     #[arg(long = "redis-url", env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub url: Option<Secret>,
+    /// PEM file of the certificate authority that signed the Redis server's certificate, for
+    /// `rediss://` (TLS) URLs; the system's roots are used without it.
+    #[arg(long = "redis-ca-file", env = "GATEWAY_REDIS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every channel (and, later, key), so several deployments can share one Redis.
     #[arg(
         long = "redis-prefix",

@@ -97,6 +97,12 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         Some(url) => broker::Broker::Redis(
             broker::redis::RedisBroker::start(
                 url.expose(),
+                match &config.redis.ca_file {
+                    None => None,
+                    Some(path) => Some(tokio::fs::read(path).await.map_err(|e| {
+                        ConfigError(vec![format!("--redis-ca-file {}: {e}", path.display())])
+                    })?),
+                },
                 &config.redis.prefix,
                 groups.clone(),
                 requests,

@@ -200,3 +200,24 @@ async fn many_clients_joining_at_once_each_get_their_own_groups_events() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_is_used_through_a_rediss_url_and_the_configured_authority() {
+    let dir = std::env::temp_dir().join(format!("e2e-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let redis = RedisServer::start_tls(&dir).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port());
+    let ca = dir.join("ca.pem");
+    let gateway =
+        start_gateway(&["--redis-url", &url, "--redis-ca-file", ca.to_str().unwrap()]).await;
+    wait_ready(&gateway, StatusCode::OK).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    let event = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&event).await;
+    let (_, payload) = within(DEADLINE, client.next_event(), "the event through TLS").await;
+    assert_eq!(payload, event);
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -771,6 +771,8 @@ async fn read_head(stream: &mut TcpStream) -> String {
 pub struct RedisServer {
     port: u16,
     child: Option<std::process::Child>,
+    /// With TLS: the directory holding `ca.pem`, `server.pem` and `server.key`.
+    tls: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -780,7 +782,83 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            child: None,
+            tls: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Starts a server that speaks only TLS, with a certificate for 127.0.0.1 signed by a test
+    /// authority generated in `dir` (`ca.pem` is what clients must trust).
+    pub async fn start_tls(dir: &std::path::Path) -> Self {
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl runs");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("write san.ext");
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=e2e-test-ca",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut server = Self {
+            port,
+            child: None,
+            tls: Some(dir.to_owned()),
+        };
         server.spawn().await;
         server
     }
@@ -829,27 +907,40 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let port = self.port.to_string();
+        let mut command = std::process::Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some(dir) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem")),
+        };
+        let child = command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (.ci/run installs it)");
         self.child = Some(child);
-        let port = self.port;
+        let tls = self.tls.clone();
         within(
             DEADLINE,
             async move {
                 loop {
-                    if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await {
-                        let mut answer = [0u8; 7];
-                        if stream.write_all(b"PING\r\n").await.is_ok()
-                            && stream.read_exact(&mut answer).await.is_ok()
-                            && &answer == b"+PONG\r\n"
-                        {
-                            return;
-                        }
+                    if answers_ping(&port, tls.as_deref()).await {
+                        return;
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -858,6 +949,20 @@ impl RedisServer {
         )
         .await;
     }
+}
+
+/// Whether a redis-server on `port` answers PING (through redis-cli, which speaks TLS too).
+async fn answers_ping(port: &str, tls: Option<&std::path::Path>) -> bool {
+    let mut command = tokio::process::Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", port]);
+    if let Some(dir) = tls {
+        command.arg("--tls").arg("--cacert").arg(dir.join("ca.pem"));
+    }
+    command
+        .arg("PING")
+        .output()
+        .await
+        .is_ok_and(|output| output.stdout.starts_with(b"PONG"))
 }
 
 impl Drop for RedisServer {

@@ -43,7 +43,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Handle of the Redis broker.
 #[derive(Clone)]
 pub struct RedisBroker {
-    client: redis::Client,
+    client: Arc<redis::Client>,
     publisher: Arc<OnceCell<ConnectionManager>>,
     prefix: Arc<str>,
     healthy: Arc<AtomicBool>,
@@ -58,20 +58,33 @@ impl std::fmt::Debug for RedisBroker {
 }
 
 impl RedisBroker {
-    /// Starts the supervised subscriber; it connects in the background.
+    /// Starts the supervised subscriber; it connects in the background. `ca_pem` is the
+    /// authority that signed the server's certificate, for `rediss://` URLs.
     ///
     /// # Errors
-    /// When the URL is not a Redis URL.
+    /// When the URL is not a Redis URL, or the certificate authority is not PEM.
     pub fn start(
         url: &str,
+        ca_pem: Option<Vec<u8>>,
         prefix: &str,
         fanout: Arc<dyn Fanout>,
         requests: SubscriptionRequests,
         shutdown: &Shutdown,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        // TLS uses rustls with the ring provider; installing it twice (tests) is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = match ca_pem {
+            None => redis::Client::open(url)?,
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+        };
         let broker = Self {
-            client,
+            client: Arc::new(client),
             publisher: Arc::new(OnceCell::new()),
             prefix: Arc::from(prefix),
             healthy: Arc::new(AtomicBool::new(false)),
