@@ -229,11 +229,6 @@ impl Outbound {
             wake(state);
         }
     }
-
-    /// Whether both ends belong to the same connection.
-    pub fn same_queue(&self, other: &Outbound) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
-    }
 }
 
 impl Inbox {

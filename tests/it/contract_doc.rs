@@ -21,16 +21,7 @@ fn documented_command() -> String {
 async fn the_documented_redis_cli_publish_reaches_a_subscribed_client() {
     let redis = RedisServer::start().await;
     let gateway = start_gateway(&["--redis-url", &redis.url()]).await;
-    within(
-        DEADLINE,
-        async {
-            while !matches!(gateway.readyz().await, Ok((StatusCode::OK, _))) {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        },
-        "the gateway to be ready",
-    )
-    .await;
+    gateway.wait_readyz(StatusCode::OK).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 
@@ -94,16 +85,7 @@ async fn the_documented_acl_users_are_enough_for_the_gateway_and_a_publisher() {
         redis.port()
     );
     let gateway = start_gateway(&["--redis-url", &url]).await;
-    within(
-        DEADLINE,
-        async {
-            while !matches!(gateway.readyz().await, Ok((StatusCode::OK, _))) {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        },
-        "the gateway to be ready with only its documented permissions",
-    )
-    .await;
+    gateway.wait_readyz(StatusCode::OK).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 

@@ -13,27 +13,8 @@ use serde_json::json;
 
 async fn replica(redis: &RedisServer) -> TestGateway {
     let gateway = start_gateway(&["--redis-url", &redis.url()]).await;
-    wait_ready(&gateway, StatusCode::OK).await;
+    gateway.wait_readyz(StatusCode::OK).await;
     gateway
-}
-
-/// Polls `/readyz` until it answers `status`, failing after a deadline.
-async fn wait_ready(gateway: &TestGateway, status: StatusCode) {
-    within(
-        Duration::from_secs(20),
-        async {
-            loop {
-                if let Ok((got, _)) = gateway.readyz().await
-                    && got == status
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        },
-        &format!("/readyz to answer {status}"),
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +59,7 @@ async fn after_a_short_redis_outage_the_gateway_is_ready_again_and_its_clients_g
     client.join_dispatch("1", "west").await;
 
     redis.kill();
-    wait_ready(&gateway, StatusCode::SERVICE_UNAVAILABLE).await;
+    gateway.wait_readyz(StatusCode::SERVICE_UNAVAILABLE).await;
     let (status, _) = gateway.publish(&recommendation_ready("west", &[])).await;
     assert_eq!(
         status,
@@ -90,7 +71,7 @@ async fn after_a_short_redis_outage_the_gateway_is_ready_again_and_its_clients_g
 
     redis.start_again().await;
     let back = tokio::time::Instant::now();
-    wait_ready(&gateway, StatusCode::OK).await;
+    gateway.wait_readyz(StatusCode::OK).await;
     eprintln!(
         "ready again {:?} after Redis came back (2 s outage)",
         back.elapsed()
@@ -112,13 +93,13 @@ async fn after_a_long_redis_outage_the_gateway_recovers_by_itself() {
     client.join_dispatch("1", "west").await;
 
     redis.kill();
-    wait_ready(&gateway, StatusCode::SERVICE_UNAVAILABLE).await;
+    gateway.wait_readyz(StatusCode::SERVICE_UNAVAILABLE).await;
     // A wait on purpose: the outage itself is what is tested (15 s, longer than the redis
     // crate's own retry budget), not a way to synchronise.
     tokio::time::sleep(Duration::from_secs(15)).await;
     redis.start_again().await;
     let back = tokio::time::Instant::now();
-    wait_ready(&gateway, StatusCode::OK).await;
+    gateway.wait_readyz(StatusCode::OK).await;
     eprintln!(
         "ready again {:?} after Redis came back (15 s outage)",
         back.elapsed()
@@ -138,7 +119,7 @@ async fn a_frozen_redis_turns_readiness_false_and_publishes_fail_fast_until_it_t
     client.join_dispatch("1", "west").await;
 
     redis.signal("STOP");
-    wait_ready(&gateway, StatusCode::SERVICE_UNAVAILABLE).await;
+    gateway.wait_readyz(StatusCode::SERVICE_UNAVAILABLE).await;
     let started = tokio::time::Instant::now();
     let (status, body) = gateway.publish(&recommendation_ready("west", &[])).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -149,7 +130,7 @@ async fn a_frozen_redis_turns_readiness_false_and_publishes_fail_fast_until_it_t
     );
 
     redis.signal("CONT");
-    wait_ready(&gateway, StatusCode::OK).await;
+    gateway.wait_readyz(StatusCode::OK).await;
     let event = recommendation_ready("west", &[]);
     gateway.publish_accepted(&event).await;
     // The publish that failed while frozen may still have been delivered when Redis thawed (it
@@ -210,7 +191,7 @@ async fn a_tls_redis_is_used_through_a_rediss_url_and_the_configured_authority()
     let ca = dir.join("ca.pem");
     let gateway =
         start_gateway(&["--redis-url", &url, "--redis-ca-file", ca.to_str().unwrap()]).await;
-    wait_ready(&gateway, StatusCode::OK).await;
+    gateway.wait_readyz(StatusCode::OK).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 

@@ -342,6 +342,26 @@ impl TestGateway {
         Ok((status, response.text().await?))
     }
 
+    /// Polls `/readyz` until it answers `status`, failing after a deadline (readiness follows
+    /// the broker, so there is no event to await).
+    pub async fn wait_readyz(&self, status: StatusCode) {
+        within(
+            Duration::from_secs(20),
+            async {
+                loop {
+                    if let Ok((got, _)) = self.readyz().await
+                        && got == status
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            &format!("/readyz to answer {status}"),
+        )
+        .await;
+    }
+
     /// The Prometheus text of the admin `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let get = async {

@@ -105,11 +105,6 @@ impl Groups {
         connections.queues.len()
     }
 
-    /// How many connections are registered.
-    pub fn connection_count(&self) -> usize {
-        self.connections().queues.len()
-    }
-
     /// Adds `conn` to `group` and returns once the broker delivers the group's publications, so
     /// an event published after a join completes is never missed. Joining twice is harmless.
     ///
