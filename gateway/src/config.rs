@@ -133,8 +133,10 @@ pub struct ListenConfig {
 /// Redis settings; without a URL the gateway runs alone on its in-process broker.
 #[derive(Debug, Clone, Args)]
 pub struct RedisConfig {
-    /// Redis URL (`redis://[user:password@]host:port[/db]`); switches from the in-process broker
-    /// to Redis pub/sub so several replicas share publications.
+    /// Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or
+    /// `redis+sentinel://[user:password@]host:port[,host:port...]/<master>` to follow a Sentinel
+    /// failover); switches from the in-process broker to Redis pub/sub so several replicas share
+    /// publications. Needs Redis 6 or later (RESP3).
     #[arg(long = "redis-url", env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub url: Option<Secret>,
     /// PEM file of the certificate authority that signed the Redis server's certificate, for
@@ -148,6 +150,15 @@ pub struct RedisConfig {
         default_value = "rt:"
     )]
     pub prefix: String,
+    /// Redis messages held between the subscriber connection and fan-out; when fan-out falls
+    /// this far behind, further messages are dropped and counted.
+    #[arg(
+        long = "redis-subscriber-buffer",
+        env = "GATEWAY_REDIS_SUBSCRIBER_BUFFER",
+        default_value_t = 65_536,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub subscriber_buffer: u32,
 }
 
 /// Authentication settings.
@@ -457,12 +468,18 @@ impl Config {
             );
         }
         if let Some(url) = &self.redis.url
-            && !(url.0.starts_with("redis://")
-                || url.0.starts_with("rediss://")
-                || url.0.starts_with("redis+unix://"))
+            && ![
+                "redis://",
+                "rediss://",
+                "redis+unix://",
+                "redis+sentinel://",
+                "rediss+sentinel://",
+            ]
+            .iter()
+            .any(|scheme| url.0.starts_with(scheme))
         {
             problems.push(
-                "--redis-url must start with redis://, rediss:// or redis+unix://".to_owned(),
+                "--redis-url must start with redis://, rediss://, redis+unix://, redis+sentinel:// or rediss+sentinel://".to_owned(),
             );
         }
         if self.listen.public == self.listen.admin && self.listen.public.port() != 0 {

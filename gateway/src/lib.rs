@@ -96,14 +96,17 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         None => broker::start_memory(groups.clone(), requests, &shutdown),
         Some(url) => broker::Broker::Redis(
             broker::redis::RedisBroker::start(
-                url.expose(),
-                match &config.redis.ca_file {
-                    None => None,
-                    Some(path) => Some(tokio::fs::read(path).await.map_err(|e| {
-                        ConfigError(vec![format!("--redis-ca-file {}: {e}", path.display())])
-                    })?),
+                broker::redis::RedisSettings {
+                    url: url.expose().to_owned(),
+                    ca_pem: match &config.redis.ca_file {
+                        None => None,
+                        Some(path) => Some(tokio::fs::read(path).await.map_err(|e| {
+                            ConfigError(vec![format!("--redis-ca-file {}: {e}", path.display())])
+                        })?),
+                    },
+                    prefix: config.redis.prefix.clone(),
+                    subscriber_buffer: config.redis.subscriber_buffer as usize,
                 },
-                &config.redis.prefix,
                 groups.clone(),
                 requests,
                 &shutdown,

@@ -27,7 +27,8 @@ const PUBLISH_TO_DELIVERY: &str = "gateway_publish_to_delivery_seconds";
 const BROKER_UP: &str = "gateway_broker_up";
 const BROKER_RECONNECT_ATTEMPTS: &str = "gateway_broker_reconnect_attempts_total";
 const BROKER_RECONNECTS: &str = "gateway_broker_reconnects_total";
-const BROKER_DOWNTIME: &str = "gateway_broker_downtime_seconds_total";
+const BROKER_OUTAGE: &str = "gateway_broker_outage_seconds";
+const BROKER_MESSAGES_DROPPED: &str = "gateway_broker_messages_dropped_total";
 const EVENTS_RECEIVED: &str = "gateway_events_received_total";
 const ENVELOPES_REJECTED: &str = "gateway_envelopes_rejected_total";
 
@@ -35,6 +36,9 @@ const ENVELOPES_REJECTED: &str = "gateway_envelopes_rejected_total";
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Outage buckets, in seconds: a blip up to a long Redis restart.
+const OUTAGE_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 ///
@@ -53,6 +57,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(PUBLISH_TO_DELIVERY.to_owned()),
             &LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(BROKER_OUTAGE.to_owned()),
+            &OUTAGE_BUCKETS,
         )?
         .install_recorder()?;
     describe();
@@ -111,10 +119,14 @@ fn describe() {
         BROKER_RECONNECTS,
         "broker subscriber reconnections that succeeded"
     );
-    describe_counter!(
-        BROKER_DOWNTIME,
+    describe_histogram!(
+        BROKER_OUTAGE,
         Unit::Seconds,
-        "time the broker subscriber spent disconnected"
+        "how long each broker subscriber outage lasted, from loss to re-subscribed"
+    );
+    describe_counter!(
+        BROKER_MESSAGES_DROPPED,
+        "broker messages dropped because fan-out fell behind and the subscriber buffer was full"
     );
     describe_counter!(
         EVENTS_RECEIVED,
@@ -192,7 +204,12 @@ pub fn broker_reconnect_attempt() {
 /// The broker subscriber is connected again after `down`.
 pub fn broker_reconnected(down: Duration) {
     counter!(BROKER_RECONNECTS).increment(1);
-    counter!(BROKER_DOWNTIME).increment(down.as_secs());
+    histogram!(BROKER_OUTAGE).record(down.as_secs_f64());
+}
+
+/// The subscriber's buffer was full and a message was dropped.
+pub fn broker_message_dropped() {
+    counter!(BROKER_MESSAGES_DROPPED).increment(1);
 }
 
 /// A publication arrived from the broker (`redis`).

@@ -7,8 +7,9 @@
 //! With the `redis` feature (on by default), `Publisher` publishes an event to the Redis channel
 //! of each of its groups, where every gateway replica is subscribed, and `BackgroundPublisher`
 //! puts a bounded queue with retries in front of it. The `cli` feature (also on by default)
-//! builds the `realtime-publish` command line. The gateway depends on this crate with
-//! `default-features = false` and gets only the contract.
+//! builds the `realtime-publish` command line. [`target`] reads Redis URLs (plain, TLS,
+//! Sentinel). The gateway links the contract and `Publisher` (without the `cli` feature), so its
+//! HTTP endpoint publishes exactly as a backend does.
 //!
 //! ```no_run
 //! # #[cfg(feature = "redis")]
@@ -45,6 +46,8 @@ mod background;
 pub mod contract;
 #[cfg(feature = "redis")]
 mod publisher;
+#[cfg(feature = "redis")]
+pub mod target;
 
 #[cfg(feature = "redis")]
 pub use background::{

@@ -14,15 +14,19 @@
 //! What deadpool's wait/create/recycle timeouts would bound is bounded here by the manager's
 //! connection timeout, its response timeout and [`PublisherConfig::publish_timeout`] around the
 //! whole call. Reconnection is retried without limit, with a capped delay, because the notes
-//! showed the default retry count giving up for good after a 12 s outage.
+//! showed the default retry count giving up for good after a 12 s outage. Behind Sentinel
+//! ([`crate::target`]) a failed call drops the manager, and the next call asks the Sentinels for
+//! the current master again.
 
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use uuid::Uuid;
 
 use crate::contract::{Envelope, Event, EventKind, Group, ValidationError};
+use crate::target::RedisTarget;
 
 /// The channel prefix the gateway subscribes under unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "rt:";
@@ -39,8 +43,12 @@ pub const DEFAULT_MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PublisherConfig {
-    /// Redis URL, e.g. `redis://127.0.0.1:6379`.
+    /// Redis URL, e.g. `redis://127.0.0.1:6379`, `rediss://...` or
+    /// `redis+sentinel://host:26379/<master>` (see [`crate::target`]).
     pub url: String,
+    /// For TLS URLs: the authority (PEM) that signed the server's certificate, when it is not
+    /// one of the system roots.
+    pub ca_certificate: Option<Vec<u8>>,
     /// Channel prefix; channels are `<prefix>{<group>}`.
     pub prefix: String,
     /// Bound on one whole publish call; past it the call fails with [`PublishError::Timeout`].
@@ -58,6 +66,7 @@ impl PublisherConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca_certificate: None,
             prefix: DEFAULT_PREFIX.to_owned(),
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -73,6 +82,13 @@ impl PublisherConfig {
         self
     }
 
+    /// Trusts `pem` (a certificate authority) for TLS connections.
+    #[must_use]
+    pub fn with_ca_certificate(mut self, pem: Vec<u8>) -> Self {
+        self.ca_certificate = Some(pem);
+        self
+    }
+
     /// Replaces the bound on one whole publish call.
     #[must_use]
     pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
@@ -84,9 +100,38 @@ impl PublisherConfig {
 /// Publishes events to Redis. Cheap to clone; clones share one connection.
 #[derive(Clone)]
 pub struct Publisher {
-    connection: ConnectionManager,
+    connection: Arc<SharedConnection>,
     prefix: String,
     publish_timeout: Duration,
+}
+
+/// The one connection manager all clones share, built on first use from the target.
+struct SharedConnection {
+    target: RedisTarget,
+    config: ConnectionManagerConfig,
+    current: Mutex<Option<ConnectionManager>>,
+}
+
+impl SharedConnection {
+    async fn get(&self) -> Result<ConnectionManager, redis::RedisError> {
+        if let Some(manager) = self.lock().as_ref() {
+            return Ok(manager.clone());
+        }
+        let client = self.target.client().await?;
+        let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
+        Ok(self.lock().get_or_insert(manager).clone())
+    }
+
+    /// After a failure behind Sentinel: the next call resolves the master again.
+    fn forget(&self) {
+        if self.target.follows_failover() {
+            *self.lock() = None;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// What a successful publish did.
@@ -180,16 +225,23 @@ impl Publisher {
     /// # Errors
     /// [`PublishError::InvalidUrl`] when the URL cannot be parsed.
     pub fn new(config: PublisherConfig) -> Result<Self, PublishError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(PublishError::InvalidUrl)?;
+        let target = RedisTarget::parse(
+            &config.url,
+            config.ca_certificate.as_deref(),
+            redis::ProtocolVersion::RESP2,
+        )
+        .map_err(PublishError::InvalidUrl)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
             .set_number_of_retries(usize::MAX)
             .set_max_delay(config.max_reconnect_delay);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(PublishError::InvalidUrl)?;
         Ok(Self {
-            connection,
+            connection: Arc::new(SharedConnection {
+                target,
+                config: manager_config,
+                current: Mutex::new(None),
+            }),
             prefix: config.prefix,
             publish_timeout: config.publish_timeout,
         })
@@ -227,23 +279,33 @@ impl Publisher {
     ) -> Result<PublishReceipt, PublishError> {
         let json = event.to_json().map_err(PublishError::Invalid)?;
         let json = std::str::from_utf8(&json).expect("serde_json always writes UTF-8");
-        let kind = event.kind();
-        let envelope = Envelope::encode(id, kind, now_micros(), json);
-        let groups = event.groups();
+        self.publish_validated(event.kind(), json, event.groups(), id)
+            .await
+    }
 
+    /// Publishes an event that was already validated, as its JSON text, to `groups`: the path
+    /// of a gateway that validated the event where it entered.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`], without [`PublishError::Invalid`].
+    ///
+    /// # Cancel safety
+    /// As [`Publisher::publish`].
+    pub async fn publish_validated(
+        &self,
+        kind: EventKind,
+        json: &str,
+        groups: Vec<Group>,
+        id: Uuid,
+    ) -> Result<PublishReceipt, PublishError> {
+        let envelope = Envelope::encode(id, kind, now_micros(), json);
         let mut pipe = redis::pipe();
         for group in &groups {
             pipe.cmd("PUBLISH")
                 .arg(group.channel(&self.prefix))
                 .arg(&envelope);
         }
-        let mut connection = self.connection.clone();
-        let counts: Vec<u64> =
-            tokio::time::timeout(self.publish_timeout, pipe.query_async(&mut connection))
-                .await
-                .map_err(|_| PublishError::Timeout(self.publish_timeout))?
-                .map_err(|e| PublishError::from_redis(e, self.publish_timeout))?;
-
+        let counts: Vec<u64> = self.query(&pipe).await?;
         let deliveries = groups
             .into_iter()
             .zip(counts)
@@ -255,6 +317,36 @@ impl Publisher {
             deliveries,
         })
     }
+
+    /// PUBLISHes `message` on `channel`, outside the contract (a gateway's health round trip),
+    /// and returns how many subscribers received it.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish_validated`].
+    pub async fn publish_raw(&self, channel: &str, message: &[u8]) -> Result<u64, PublishError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH").arg(channel).arg(message);
+        let (count,): (u64,) = self.query(&pipe).await?;
+        Ok(count)
+    }
+
+    /// Runs `pipe` under the publish timeout; a failure behind Sentinel forgets the master.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, PublishError> {
+        let call = async {
+            let mut connection = self.connection.get().await?;
+            pipe.query_async::<T>(&mut connection).await
+        };
+        let outcome = match tokio::time::timeout(self.publish_timeout, call).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => PublishError::from_redis(e, self.publish_timeout),
+            Err(_) => PublishError::Timeout(self.publish_timeout),
+        };
+        self.connection.forget();
+        Err(outcome)
+    }
 }
 
 impl fmt::Debug for Publisher {
@@ -262,6 +354,7 @@ impl fmt::Debug for Publisher {
         f.debug_struct("Publisher")
             .field("prefix", &self.prefix)
             .field("publish_timeout", &self.publish_timeout)
+            .field("target", &self.connection.target)
             .finish_non_exhaustive()
     }
 }

@@ -39,14 +39,10 @@ impl RedisServer {
             .unwrap()
             .port();
         assert_ne!(port, 6379, "tests must never touch the default redis");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        let mut server = Self { child, port };
+        let mut server = Self {
+            child: spawn_redis_server(port, &[]),
+            port,
+        };
         server.wait_until_ready().await;
         server
     }
@@ -82,14 +78,13 @@ impl RedisServer {
 
     /// Starts a new `redis-server` on the same port after [`RedisServer::stop`].
     async fn restart(&mut self) {
+        self.restart_with(&[]).await;
+    }
+
+    /// Like [`RedisServer::restart`], with extra `redis-server` arguments.
+    async fn restart_with(&mut self, extra: &[&str]) {
         self.stop();
-        self.child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
+        self.child = spawn_redis_server(self.port, extra);
         self.wait_until_ready().await;
     }
 
@@ -97,6 +92,18 @@ impl RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `redis-server` child on `port`, without persistence, with `extra` arguments.
+fn spawn_redis_server(port: u16, extra: &[&str]) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed")
 }
 
 impl Drop for RedisServer {
@@ -314,6 +321,107 @@ async fn background_publisher_delivers_everything_after_flush() {
         })
         .collect();
     assert_eq!(received, ids);
+    within(DEADLINE, "shutdown", background.shutdown()).await;
+}
+
+/// `INFO errorstats` count of `error` replies (NOPERM, ...) since the server started.
+async fn error_replies(server: &RedisServer, error: &str) -> u64 {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let prefix = format!("errorstat_{error}:count=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn background_publisher_retries_across_a_redis_restart() {
+    const EVENTS: usize = 20;
+    let mut server = RedisServer::start().await;
+    let event = event(RECOMMENDATION);
+    let config =
+        PublisherConfig::new(server.url()).with_publish_timeout(Duration::from_millis(500));
+    // Never give up, and retry often: the events must survive however long Redis is away.
+    let mut retries = BackgroundConfig::default()
+        .with_capacity(EVENTS + 8)
+        .with_max_attempts(u32::MAX);
+    retries.initial_backoff = Duration::from_millis(10);
+    retries.max_backoff = Duration::from_millis(50);
+    let background = BackgroundPublisher::spawn(Publisher::new(config).unwrap(), retries);
+
+    // The publisher is connected and delivering before Redis goes away.
+    let mut stream = subscribe(&server, &event.groups()).await;
+    let before = background.try_publish(event.clone()).unwrap();
+    within(DEADLINE, "flush before the stop", background.flush()).await;
+    assert_eq!(receive(&mut stream, 1).await[0].1.id, before);
+    drop(stream);
+
+    server.stop();
+    let ids: Vec<Uuid> = (0..EVENTS)
+        .map(|_| background.try_publish(event.clone()).unwrap())
+        .collect();
+    // While Redis is down the task keeps retrying the first event instead of giving up, so a
+    // flush cannot complete; waiting for it lets the task fail against the stopped server.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), background.flush())
+            .await
+            .is_err(),
+        "flush completed while redis was down: events were given up"
+    );
+
+    // Pub/sub keeps nothing for later subscribers, so the new server must have its subscriber
+    // before any retry can get through. It comes back refusing PUBLISH (NOPERM, a transient
+    // failure the task retries) until the subscriber is in place.
+    server
+        .restart_with(&[
+            "--user", "default", "on", "nopass", "~*", "&*", "+@all", "-publish",
+        ])
+        .await;
+    let mut stream = subscribe(&server, &event.groups()).await;
+    // The task is retrying against the new server: its attempts are refused there.
+    within(
+        DEADLINE,
+        "publish attempts refused by the new server",
+        async {
+            // Polling interval of a condition checked on the server, not a synchronisation sleep.
+            while error_replies(&server, "NOPERM").await < 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("+publish")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    // Every event queued during the outage is published now.
+    within(DEADLINE, "flush after the restart", background.flush()).await;
+    let received = receive(&mut stream, EVENTS).await;
+    for (_, envelope) in &received {
+        assert_eq!(envelope.event, event_text(&event));
+    }
+    let received_ids: Vec<Uuid> = received.iter().map(|(_, envelope)| envelope.id).collect();
+    assert_eq!(received_ids, ids, "each event once, in the order queued");
+
+    // A duplicate of any of them would arrive before an event published after them all.
+    let after = background.try_publish(event.clone()).unwrap();
+    within(DEADLINE, "flush of the last event", background.flush()).await;
+    assert_eq!(
+        receive(&mut stream, 1).await[0].1.id,
+        after,
+        "an event was delivered twice"
+    );
     within(DEADLINE, "shutdown", background.shutdown()).await;
 }
 

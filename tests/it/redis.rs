@@ -199,6 +199,205 @@ async fn a_tls_redis_is_used_through_a_rediss_url_and_the_configured_authority()
     gateway.publish_accepted(&event).await;
     let (_, payload) = within(DEADLINE, client.next_event(), "the event through TLS").await;
     assert_eq!(payload, event);
+
+    // publisher-lib reaches the same TLS-only server with the same authority.
+    let config =
+        PublisherConfig::new(url.as_str()).with_ca_certificate(std::fs::read(&ca).unwrap());
+    let published = Event::from_json(recommendation_ready("west", &[]).as_bytes()).unwrap();
+    Publisher::new(config)
+        .unwrap()
+        .publish(&published)
+        .await
+        .unwrap();
+    let (_, payload) = within(DEADLINE, client.next_event(), "publisher-lib's event").await;
+    assert_eq!(payload.as_bytes(), published.to_json().unwrap().as_slice());
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls `condition` every 50 ms until it holds, failing after `limit`.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    within(
+        limit,
+        async {
+            while !condition().await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+        what,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_the_gateway_and_publisher_follow_a_failover_to_the_promoted_replica() {
+    let dir = std::env::temp_dir().join(format!("e2e-sentinel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut master = RedisServer::start().await;
+    let master_port = master.port().to_string();
+    let replica_server = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master_port]).await;
+    let sentinel = RedisServer::start_sentinel(&dir, master.port()).await;
+    // Sentinel must know the replica, and the replica must be in sync, before a failover works.
+    eventually(
+        Duration::from_secs(20),
+        "the sentinel to see a synced replica",
+        || async {
+            sentinel
+                .cli(&["SENTINEL", "replicas", "primary"])
+                .await
+                .contains(&replica_server.port().to_string())
+                && replica_server
+                    .cli(&["INFO", "replication"])
+                    .await
+                    .contains("master_link_status:up")
+        },
+    )
+    .await;
+
+    let url = format!("redis+sentinel://127.0.0.1:{}/primary", sentinel.port());
+    let gateway = start_gateway(&["--redis-url", &url]).await;
+    gateway.wait_readyz(StatusCode::OK).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+    let publisher = Publisher::new(PublisherConfig::new(url.as_str())).unwrap();
+    let before = Event::from_json(recommendation_ready("west", &[]).as_bytes()).unwrap();
+    publisher.publish(&before).await.unwrap();
+    let (_, payload) = within(DEADLINE, client.next_event(), "the event before failover").await;
+    assert_eq!(payload.as_bytes(), before.to_json().unwrap().as_slice());
+
+    master.kill();
+    let promoted = replica_server.port().to_string();
+    eventually(
+        Duration::from_secs(30),
+        "the sentinel to promote the replica",
+        || async {
+            sentinel
+                .cli(&["SENTINEL", "get-master-addr-by-name", "primary"])
+                .await
+                .contains(&promoted)
+        },
+    )
+    .await;
+    let failed_over = tokio::time::Instant::now();
+    gateway.wait_readyz(StatusCode::OK).await;
+    eprintln!(
+        "ready on the promoted master {:?} after the promotion",
+        failed_over.elapsed()
+    );
+
+    // The gateway's HTTP path and publisher-lib both find the new master by themselves.
+    let event = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&event).await;
+    let (_, payload) = within(
+        DEADLINE,
+        client.next_event(),
+        "the gateway's event after failover",
+    )
+    .await;
+    assert_eq!(payload, event);
+    let after = Event::from_json(recommendation_ready("west", &[]).as_bytes()).unwrap();
+    let receipt = within(
+        DEADLINE,
+        async {
+            loop {
+                // The first calls may still fail on the dead master; each failure re-resolves it.
+                match publisher.publish(&after).await {
+                    Ok(receipt) => return receipt,
+                    Err(e) => assert!(e.is_transient(), "{e}"),
+                }
+            }
+        },
+        "publisher-lib to publish on the new master",
+    )
+    .await;
+    assert_eq!(
+        receipt.deliveries[0].subscribers, 1,
+        "the gateway is subscribed on the new master"
+    );
+    let (_, payload) = within(
+        DEADLINE,
+        client.next_event(),
+        "publisher-lib's event after failover",
+    )
+    .await;
+    assert_eq!(payload.as_bytes(), after.to_json().unwrap().as_slice());
+    drop(sentinel);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_the_subscriber_buffer_is_dropped_and_counted_and_delivery_goes_on() {
+    const FLOOD: usize = 20_000;
+    let redis = RedisServer::start().await;
+    let gateway = start_gateway(&[
+        "--redis-url",
+        &redis.url(),
+        "--redis-subscriber-buffer",
+        "1",
+        "--outbound-queue",
+        "100000",
+    ])
+    .await;
+    gateway.wait_readyz(StatusCode::OK).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    // One pipeline of envelopes, written to Redis faster than fan-out takes one at a time.
+    let envelope = publisher_lib::contract::Envelope::encode(
+        uuid::Uuid::new_v4(),
+        publisher_lib::contract::EventKind::RecommendationReady,
+        0,
+        &recommendation_ready("west", &[]),
+    );
+    let mut pipe = redis::pipe();
+    for _ in 0..FLOOD {
+        pipe.cmd("PUBLISH")
+            .arg("rt:{/dispatch/west}")
+            .arg(&envelope)
+            .ignore();
+    }
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    pipe.query_async::<()>(&mut connection).await.unwrap();
+
+    // Every message is either delivered (counted as received) or dropped (counted as dropped).
+    let received = "gateway_events_received_total{source=\"redis\"}";
+    eventually(
+        DEADLINE,
+        "every flooded message to be received or dropped",
+        || async {
+            let total = gateway.metric(received).await
+                + gateway
+                    .metric("gateway_broker_messages_dropped_total")
+                    .await;
+            total >= FLOOD as f64
+        },
+    )
+    .await;
+    let dropped = gateway
+        .metric("gateway_broker_messages_dropped_total")
+        .await;
+    assert!(
+        dropped > 0.0,
+        "a one-message buffer dropped nothing out of {FLOOD}"
+    );
+    assert_eq!(gateway.metric(received).await + dropped, FLOOD as f64);
+
+    // Still ready, and the next event arrives after whatever of the flood got through.
+    gateway.wait_readyz(StatusCode::OK).await;
+    let last = recommendation_ready("west", &[("last", json!(true))]);
+    gateway.publish_accepted(&last).await;
+    within(
+        DEADLINE,
+        async { while client.next_event().await.1 != last {} },
+        "the event after the flood",
+    )
+    .await;
 }

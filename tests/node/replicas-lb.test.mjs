@@ -49,6 +49,29 @@ function runScript(script, env, timeoutMs) {
   });
 }
 
+/**
+ * Runs realtime-publish (built next to the gateway) with `args` and `event` as JSON; resolves with
+ * the receipt it prints on stdout, rejects with its output when it exits non-zero.
+ */
+function realtimePublish(args, event) {
+  const cli = path.resolve(path.dirname(GATEWAY_BIN), "realtime-publish");
+  // The key comes from `args` only: REALTIME_PUBLISH_KEY from the outer shell must not leak in.
+  const cliEnv = Object.fromEntries(Object.entries(process.env).filter(([key]) => key !== "REALTIME_PUBLISH_KEY"));
+  return new Promise((resolve, reject) => {
+    execFile(cli, [...args, JSON.stringify(event)], { env: cliEnv, timeout: 10_000 }, (error, stdout, stderr) => {
+      if (error) {
+        reject(new Error(`realtime-publish failed: ${error.message}\n${stdout}\n${stderr}`));
+        return;
+      }
+      try {
+        resolve(JSON.parse(stdout));
+      } catch {
+        reject(new Error(`realtime-publish printed no JSON receipt: ${stdout}\n${stderr}`));
+      }
+    });
+  });
+}
+
 /** `count` distinct ports that were free a moment ago. */
 async function distinctFreePorts(count) {
   const ports = new Set();
@@ -190,13 +213,19 @@ test("clients negotiating through nginx spread over the three replicas and all r
 
     // Published once more straight into Redis by realtime-publish (publisher-lib's Publisher).
     const second = recommendationReady(region);
-    const cli = path.resolve(path.dirname(GATEWAY_BIN), "realtime-publish");
-    await new Promise((resolve, reject) => {
-      execFile(cli, ["--redis-url", `redis://127.0.0.1:${env.REDIS_PORT}`, JSON.stringify(second)],
-        { timeout: 10_000 }, (error, stdout, stderr) => (error ? reject(new Error(`${error.message}\n${stderr}`)) : resolve(stdout)));
-    });
+    const viaRedis = await realtimePublish(["--redis-url", `redis://127.0.0.1:${env.REDIS_PORT}`], second);
+    assert.equal(viaRedis.via, "redis", JSON.stringify(viaRedis));
     const again = await Promise.all(inboxes.map((events) => events.nth(2)));
     for (const args of again) assert.deepStrictEqual(args, [second]);
+
+    // And once more by realtime-publish through another replica's POST /api/v1/events.
+    const third = recommendationReady(region);
+    const gatewayUrl = new URL(replicas[2].eventsUrl).origin;
+    const viaGateway = await realtimePublish(["--gateway-url", gatewayUrl, "--key", SERVICE_KEY], third);
+    assert.equal(viaGateway.via, "gateway", JSON.stringify(viaGateway));
+    assert.equal(viaGateway.status, 202, JSON.stringify(viaGateway));
+    const thirdTime = await Promise.all(inboxes.map((events) => events.nth(3)));
+    for (const args of thirdTime) assert.deepStrictEqual(args, [third]);
   }));
 
 test("a contractor connected through nginx receives only its own JobAssigned, whichever replica publishes",

@@ -793,22 +793,66 @@ pub struct RedisServer {
     child: Option<std::process::Child>,
     /// With TLS: the directory holding `ca.pem`, `server.pem` and `server.key`.
     tls: Option<PathBuf>,
+    /// Arguments after the common ones (e.g. `--replicaof`).
+    extra: Vec<String>,
+    /// For a Sentinel: its configuration file (Sentinel rewrites it, so it is the test's own).
+    sentinel_config: Option<PathBuf>,
 }
 
 impl RedisServer {
     /// Starts a server without persistence on a free port and waits until it answers.
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server without persistence with `extra` arguments, e.g. `--replicaof`.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            tls: None,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+            sentinel_config: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Starts a Sentinel that monitors the master at `master_port` as `primary` (quorum 1,
+    /// down after 1 s), its configuration file in `dir`.
+    pub async fn start_sentinel(dir: &std::path::Path, master_port: u16) -> Self {
+        let port = free_port();
+        let config = dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\n\
+                 sentinel monitor primary 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds primary 1000\n\
+                 sentinel failover-timeout primary 5000\n"
+            ),
+        )
+        .expect("write the sentinel configuration");
         let mut server = Self {
             port,
             child: None,
             tls: None,
+            extra: Vec::new(),
+            sentinel_config: Some(config),
         };
         server.spawn().await;
         server
+    }
+
+    /// Runs `redis-cli` against this server and returns its standard output.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     /// Starts a server that speaks only TLS, with a certificate for 127.0.0.1 signed by a test
@@ -870,14 +914,12 @@ impl RedisServer {
             "-extfile",
             "san.ext",
         ]);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
         let mut server = Self {
-            port,
+            port: free_port(),
             child: None,
             tls: Some(dir.to_owned()),
+            extra: Vec::new(),
+            sentinel_config: None,
         };
         server.spawn().await;
         server
@@ -929,8 +971,19 @@ impl RedisServer {
     async fn spawn(&mut self) {
         let port = self.port.to_string();
         let mut command = std::process::Command::new("redis-server");
-        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(config) = &self.sentinel_config {
+            command.arg(config).arg("--sentinel");
+        } else {
+            command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+            // A replica's full sync writes an RDB file: keep it out of the working tree.
+            command
+                .arg("--dir")
+                .arg(std::env::temp_dir())
+                .args(["--dbfilename", &format!("e2e-redis-{port}.rdb")]);
+        }
+        command.args(&self.extra);
         match &self.tls {
+            None if self.sentinel_config.is_some() => &mut command,
             None => command.args(["--port", &port]),
             Some(dir) => command
                 .args([
@@ -969,6 +1022,14 @@ impl RedisServer {
         )
         .await;
     }
+}
+
+/// A port that was free a moment ago on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// Whether a redis-server on `port` answers PING (through redis-cli, which speaks TLS too).

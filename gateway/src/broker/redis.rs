@@ -1,26 +1,30 @@
 //! The Redis broker: publications reach every replica through Redis pub/sub.
 //!
-//! One supervised subscriber connection per replica holds a SUBSCRIBE for each group that has a
-//! local member (the set is the registry's, kept here as `desired`), plus a private health
-//! channel. When the connection ends the supervisor reconnects with capped exponential backoff
-//! and jitter and re-subscribes everything in batches; the redis crate's own pub/sub never
-//! reconnects by itself. Readiness is a real round trip: every probe interval the broker
-//! PUBLISHes to its health channel and expects to receive it back. Publishing (HTTP events) uses
-//! one shared connection manager that reconnects by itself, under a timeout so a frozen Redis
-//! fails fast. Messages are envelopes (`publisher_lib::contract::Envelope`); the event bytes
-//! inside reach fan-out untouched. Events published while the subscriber was away are lost
-//! here (counted as reconnects and downtime); the recovery work adds sequence numbers.
+//! One supervised subscriber connection per replica (RESP3, multiplexed) holds a SUBSCRIBE for
+//! each group that has a local member (the set is the registry's, kept here as `desired`), plus
+//! a private health channel. Messages go from the connection into a bounded buffer: when fan-out
+//! falls behind, the newest are dropped and counted rather than piling up without limit (the
+//! redis crate's own pub/sub buffers without a bound). When the connection ends the supervisor
+//! reconnects with capped exponential backoff and jitter, asks the target for the server again
+//! (a Sentinel failover is followed here), and re-subscribes everything in batches. Readiness is
+//! a real round trip: every probe interval the broker PUBLISHes to its health channel and expects
+//! to receive it back. Publishing (HTTP events, probes) goes through `publisher_lib::Publisher`,
+//! the same code every backend uses. Messages are envelopes (`publisher_lib::contract::Envelope`);
+//! the event bytes inside reach fan-out untouched. Events published while the subscriber was away
+//! are lost here (counted as reconnects and outage time); the recovery work adds sequence numbers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use publisher_lib::contract::{Envelope, EventKind, Group};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
+use publisher_lib::target::RedisTarget;
+use publisher_lib::{PublishError, Publisher, PublisherConfig};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 
@@ -28,23 +32,41 @@ use super::{BrokerError, Fanout, Publication, SubscriptionRequest, SubscriptionR
 use crate::metrics;
 use crate::shutdown::Shutdown;
 
-/// How often the health round trip is made.
+/// How often the health round trip is made while healthy.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often it is made while unhealthy, so readiness returns soon after Redis does.
+const PROBE_INTERVAL_UNHEALTHY: Duration = Duration::from_millis(200);
 /// Without a successful round trip for this long, the broker reports unhealthy.
 const PROBE_GRACE: Duration = Duration::from_secs(3);
-/// Bound on connecting, on one subscribe batch, and on one publish.
+/// Bound on connecting and on one publish.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on one (UN)SUBSCRIBE: on RESP3 its reply queues behind the messages already in flight,
+/// which took over a second under a flood here.
+const SUBSCRIBE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 1000;
 /// First and longest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Where the Redis broker connects and how.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` or `redis+sentinel://` URL.
+    pub url: String,
+    /// Certificate authority (PEM) for TLS, when not one of the system roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Channel prefix.
+    pub prefix: String,
+    /// Messages the subscriber may hold before fan-out takes them; more are dropped.
+    pub subscriber_buffer: usize,
+}
 
 /// Handle of the Redis broker.
 #[derive(Clone)]
 pub struct RedisBroker {
-    client: Arc<redis::Client>,
-    publisher: Arc<OnceCell<ConnectionManager>>,
+    target: RedisTarget,
+    publisher: Publisher,
     prefix: Arc<str>,
     healthy: Arc<AtomicBool>,
 }
@@ -52,48 +74,49 @@ pub struct RedisBroker {
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
+            .field("target", &self.target)
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisBroker {
-    /// Starts the supervised subscriber; it connects in the background. `ca_pem` is the
-    /// authority that signed the server's certificate, for `rediss://` URLs.
+    /// Starts the supervised subscriber; it connects in the background.
     ///
     /// # Errors
     /// When the URL is not a Redis URL, or the certificate authority is not PEM.
     pub fn start(
-        url: &str,
-        ca_pem: Option<Vec<u8>>,
-        prefix: &str,
+        settings: RedisSettings,
         fanout: Arc<dyn Fanout>,
         requests: SubscriptionRequests,
         shutdown: &Shutdown,
-    ) -> Result<Self, redis::RedisError> {
-        // TLS uses rustls with the ring provider; installing it twice (tests) is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = match ca_pem {
-            None => redis::Client::open(url)?,
-            Some(root_cert) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )?,
-        };
+    ) -> Result<Self, BrokerError> {
+        let invalid = |e: &dyn std::fmt::Display| BrokerError::Unavailable(e.to_string());
+        let target = RedisTarget::parse(
+            &settings.url,
+            settings.ca_pem.as_deref(),
+            redis::ProtocolVersion::RESP3,
+        )
+        .map_err(|e| invalid(&e))?;
+        let mut config = PublisherConfig::new(settings.url.as_str())
+            .with_prefix(settings.prefix.as_str())
+            .with_publish_timeout(COMMAND_TIMEOUT);
+        config.ca_certificate = settings.ca_pem;
+        config.max_reconnect_delay = BACKOFF_MAX;
+        let publisher = Publisher::new(config).map_err(|e| invalid(&describe(&e)))?;
         let broker = Self {
-            client: Arc::new(client),
-            publisher: Arc::new(OnceCell::new()),
-            prefix: Arc::from(prefix),
+            target,
+            publisher,
+            prefix: Arc::from(settings.prefix.as_str()),
             healthy: Arc::new(AtomicBool::new(false)),
         };
         let supervisor = Supervisor {
             broker: broker.clone(),
             fanout,
-            health_channel: format!("{prefix}health:{}", uuid::Uuid::new_v4()),
+            health_channel: format!("{}health:{}", settings.prefix, uuid::Uuid::new_v4()),
             desired: HashMap::new(),
+            buffer: settings.subscriber_buffer.max(1),
+            dropped: Arc::new(AtomicU64::new(0)),
             stop: shutdown.background_token().clone(),
         };
         shutdown.background().spawn(supervisor.run(requests));
@@ -117,45 +140,19 @@ impl RedisBroker {
     ) -> Result<(), BrokerError> {
         let event = std::str::from_utf8(payload)
             .map_err(|_| BrokerError::Unavailable("event is not UTF-8".to_owned()))?;
-        let envelope = Envelope::encode(uuid::Uuid::new_v4(), kind, now_micros(), event);
-        let mut pipe = redis::pipe();
-        for group in groups {
-            pipe.cmd("PUBLISH")
-                .arg(group.channel(&self.prefix))
-                .arg(&envelope)
-                .ignore();
-        }
-        let mut connection = self.connection().await?;
-        match timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut connection)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-            Err(_) => Err(BrokerError::Unavailable(
-                "redis did not answer in time".to_owned(),
-            )),
-        }
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, BrokerError> {
-        let init = async {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(COMMAND_TIMEOUT))
-                .set_number_of_retries(usize::MAX)
-                .set_max_delay(BACKOFF_MAX);
-            match timeout(
-                COMMAND_TIMEOUT,
-                self.client.get_connection_manager_with_config(config),
-            )
+        self.publisher
+            .publish_validated(kind, event, groups.to_vec(), uuid::Uuid::new_v4())
             .await
-            {
-                Ok(Ok(manager)) => Ok(manager),
-                Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-                Err(_) => Err(BrokerError::Unavailable(
-                    "connecting to redis timed out".to_owned(),
-                )),
-            }
-        };
-        self.publisher.get_or_try_init(|| init).await.cloned()
+            .map(drop)
+            .map_err(|e| BrokerError::Unavailable(describe(&e)))
+    }
+}
+
+/// A publish error with its cause, for logs.
+fn describe(error: &PublishError) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
     }
 }
 
@@ -166,6 +163,10 @@ struct Supervisor {
     health_channel: String,
     /// Every group this replica wants, with the generation that asked for it.
     desired: HashMap<Group, u64>,
+    /// Capacity of the message buffer between the connection and fan-out.
+    buffer: usize,
+    /// Messages dropped because the buffer was full, since start.
+    dropped: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -207,25 +208,55 @@ impl Supervisor {
         }
     }
 
+    /// Opens a subscriber connection whose messages land in a bounded buffer.
+    async fn connect(&self) -> Result<(MultiplexedConnection, mpsc::Receiver<PushInfo>), String> {
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let dropped = self.dropped.clone();
+        // Called by the connection's reader for every push; it must never block. Other pushes
+        // (subscribe confirmations) are answered through the commands themselves. When the
+        // connection ends the reader drops this closure, closing the buffer.
+        let sender = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
+            if push.kind == PushKind::Message
+                && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(push)
+            {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::broker_message_dropped();
+            }
+            Ok(())
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_push_sender(sender)
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(None);
+        let connect = async {
+            let client = self.broker.target.client().await?;
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+        };
+        match timeout(COMMAND_TIMEOUT * 2, connect).await {
+            Ok(Ok(connection)) => Ok((connection, rx)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connecting timed out".to_owned()),
+        }
+    }
+
     /// One connection's life: connect, subscribe everything, then serve until it ends.
     async fn session(
         &mut self,
         requests: &mut SubscriptionRequests,
         down_since: &mut Option<Instant>,
     ) -> Session {
-        let connect = timeout(COMMAND_TIMEOUT, self.broker.client.get_async_pubsub());
-        let pubsub = tokio::select! {
+        let (mut connection, mut messages) = tokio::select! {
             () = self.stop.cancelled() => return Session::Stopped,
-            pubsub = connect => match pubsub {
-                Ok(Ok(pubsub)) => pubsub,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "redis subscriber cannot connect");
+            connected = self.connect() => match connected {
+                Ok(connected) => connected,
+                Err(error) => {
+                    tracing::debug!(%error, "redis subscriber cannot connect");
                     return Session::Failed;
                 }
-                Err(_) => return Session::Failed,
             },
         };
-        let (mut sink, mut stream) = pubsub.split();
         let mut channels: Vec<String> = self
             .desired
             .keys()
@@ -233,9 +264,8 @@ impl Supervisor {
             .collect();
         channels.push(self.health_channel.clone());
         for batch in channels.chunks(RESUBSCRIBE_BATCH) {
-            match timeout(COMMAND_TIMEOUT, sink.subscribe(batch.to_vec())).await {
-                Ok(Ok(())) => {}
-                _ => return Session::Failed,
+            if subscribe(&mut connection, batch.to_vec()).await.is_err() {
+                return Session::Failed;
             }
         }
         if let Some(since) = down_since.take() {
@@ -246,23 +276,29 @@ impl Supervisor {
                 "redis subscriber reconnected and re-subscribed"
             );
         }
-        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        let mut probe = tokio::time::interval(PROBE_INTERVAL_UNHEALTHY);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_round_trip: Option<Instant> = None;
+        let mut last_probe: Option<Instant> = None;
+        let mut dropped_reported = self.dropped.load(Ordering::Relaxed);
         loop {
             tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return Session::Stopped,
-                message = stream.next() => {
+                message = messages.recv() => {
                     let Some(message) = message else {
                         tracing::warn!("redis subscriber connection lost");
                         return Session::Lost;
                     };
-                    if message.get_channel_name() == self.health_channel {
+                    let Some((channel, payload)) = message_parts(&message) else {
+                        metrics::envelope_rejected("malformed");
+                        continue;
+                    };
+                    if channel == self.health_channel.as_bytes() {
                         last_round_trip = Some(Instant::now());
                         self.set_healthy(true);
                     } else {
-                        self.deliver(message.get_channel_name(), message.get_payload_bytes());
+                        self.deliver(channel, payload);
                     }
                 }
                 request = requests.recv() => {
@@ -277,7 +313,7 @@ impl Supervisor {
                         };
                         batch.push(next);
                     }
-                    if let Err(()) = self.apply(&mut sink, batch).await {
+                    if let Err(()) = self.apply(&mut connection, batch).await {
                         return Session::Lost;
                     }
                 }
@@ -285,7 +321,21 @@ impl Supervisor {
                     if last_round_trip.is_none_or(|at| at.elapsed() > PROBE_GRACE) {
                         self.set_healthy(false);
                     }
-                    self.send_probe();
+                    if !self.broker.is_healthy()
+                        || last_probe.is_none_or(|at| at.elapsed() >= PROBE_INTERVAL)
+                    {
+                        last_probe = Some(Instant::now());
+                        self.send_probe();
+                    }
+                    let dropped = self.dropped.load(Ordering::Relaxed);
+                    if dropped != dropped_reported {
+                        tracing::warn!(
+                            dropped = dropped - dropped_reported,
+                            buffer = self.buffer,
+                            "fan-out fell behind redis; messages dropped"
+                        );
+                        dropped_reported = dropped;
+                    }
                 }
             }
         }
@@ -295,7 +345,7 @@ impl Supervisor {
     /// Fails when Redis refused or did not answer (the session must be rebuilt).
     async fn apply(
         &mut self,
-        sink: &mut redis::aio::PubSubSink,
+        connection: &mut MultiplexedConnection,
         batch: Vec<SubscriptionRequest>,
     ) -> Result<(), ()> {
         let mut channels = Vec::new();
@@ -312,39 +362,17 @@ impl Supervisor {
                     acks.push(ack);
                 }
                 SubscriptionRequest::Unsubscribe { group, generation } => {
-                    self.flush_subscribes(sink, &mut channels, &mut acks)
-                        .await?;
+                    flush_subscribes(connection, &mut channels, &mut acks).await?;
                     if self.desired.get(&group) == Some(&generation) {
                         self.desired.remove(&group);
                         let channel = group.channel(&self.broker.prefix);
-                        let _ = timeout(COMMAND_TIMEOUT, sink.unsubscribe(channel)).await;
+                        let _ = timeout(SUBSCRIBE_COMMAND_TIMEOUT, connection.unsubscribe(channel))
+                            .await;
                     }
                 }
             }
         }
-        self.flush_subscribes(sink, &mut channels, &mut acks).await
-    }
-
-    async fn flush_subscribes(
-        &self,
-        sink: &mut redis::aio::PubSubSink,
-        channels: &mut Vec<String>,
-        acks: &mut Vec<tokio::sync::oneshot::Sender<Result<(), BrokerError>>>,
-    ) -> Result<(), ()> {
-        if channels.is_empty() {
-            return Ok(());
-        }
-        let outcome = match timeout(COMMAND_TIMEOUT, sink.subscribe(std::mem::take(channels))).await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-            Err(_) => Err(BrokerError::Unavailable("subscribe timed out".to_owned())),
-        };
-        let failed = outcome.is_err();
-        for ack in acks.drain(..) {
-            let _ = ack.send(outcome.clone());
-        }
-        if failed { Err(()) } else { Ok(()) }
+        flush_subscribes(connection, &mut channels, &mut acks).await
     }
 
     /// Records a request while disconnected and answers it with `outcome`.
@@ -368,25 +396,19 @@ impl Supervisor {
 
     /// PUBLISHes a probe on the health channel without holding up the subscriber loop.
     fn send_probe(&self) {
-        let broker = self.broker.clone();
+        let publisher = self.broker.publisher.clone();
         let channel = self.health_channel.clone();
         // A probe that cannot be sent simply never comes back, which is what readiness measures.
         tokio::spawn(async move {
-            if let Ok(mut connection) = broker.connection().await {
-                let _ = timeout(
-                    COMMAND_TIMEOUT,
-                    redis::cmd("PUBLISH")
-                        .arg(channel)
-                        .arg("probe")
-                        .query_async::<i64>(&mut connection),
-                )
-                .await;
-            }
+            let _ = publisher.publish_raw(&channel, b"probe").await;
         });
     }
 
-    fn deliver(&self, channel: &str, payload: &[u8]) {
-        let Some(group) = Group::from_channel(&self.broker.prefix, channel) else {
+    fn deliver(&self, channel: &[u8], payload: &[u8]) {
+        let Some(group) = std::str::from_utf8(channel)
+            .ok()
+            .and_then(|channel| Group::from_channel(&self.broker.prefix, channel))
+        else {
             metrics::envelope_rejected("unknown_channel");
             return;
         };
@@ -402,6 +424,7 @@ impl Supervisor {
             }
             Err(e) => {
                 metrics::envelope_rejected("malformed");
+                let channel = String::from_utf8_lossy(channel);
                 tracing::warn!(%channel, error = %e, "dropped a message that is not an envelope");
             }
         }
@@ -434,8 +457,39 @@ fn jitter(base: Duration) -> Duration {
     base + base.mul_f64(rand::random::<f64>() * 0.5)
 }
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+/// SUBSCRIBEs `channels`, bounded in time.
+async fn subscribe(
+    connection: &mut MultiplexedConnection,
+    channels: Vec<String>,
+) -> Result<(), BrokerError> {
+    match timeout(SUBSCRIBE_COMMAND_TIMEOUT, connection.subscribe(channels)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+        Err(_) => Err(BrokerError::Unavailable("subscribe timed out".to_owned())),
+    }
+}
+
+/// Subscribes the pending `channels` and answers their joins; fails when Redis did not.
+async fn flush_subscribes(
+    connection: &mut MultiplexedConnection,
+    channels: &mut Vec<String>,
+    acks: &mut Vec<tokio::sync::oneshot::Sender<Result<(), BrokerError>>>,
+) -> Result<(), ()> {
+    if channels.is_empty() {
+        return Ok(());
+    }
+    let outcome = subscribe(connection, std::mem::take(channels)).await;
+    let failed = outcome.is_err();
+    for ack in acks.drain(..) {
+        let _ = ack.send(outcome.clone());
+    }
+    if failed { Err(()) } else { Ok(()) }
+}
+
+/// The channel and payload of a RESP3 `message` push.
+fn message_parts(push: &PushInfo) -> Option<(&[u8], &[u8])> {
+    match push.data.as_slice() {
+        [Value::BulkString(channel), Value::BulkString(payload)] => Some((channel, payload)),
+        _ => None,
+    }
 }

@@ -37,9 +37,14 @@ struct Cli {
     /// The event as JSON; read from stdin when absent or `-`.
     event: Option<String>,
 
-    /// Publish straight to this Redis, e.g. redis://127.0.0.1:6379.
+    /// Publish straight to this Redis: redis://127.0.0.1:6379, rediss://... (TLS) or
+    /// redis+sentinel://host:26379/<master>.
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
+
+    /// PEM certificate authority of a TLS Redis, when not one of the system roots.
+    #[arg(long, value_name = "FILE", requires = "redis_url")]
+    redis_ca_file: Option<std::path::PathBuf>,
 
     /// Channel prefix the gateways subscribe under (with --redis-url).
     #[arg(long, default_value = DEFAULT_PREFIX, requires = "redis_url")]
@@ -91,7 +96,16 @@ async fn main() -> ExitCode {
         Err(e) => return fail(EXIT_USAGE, &format!("invalid event: {e}")),
     };
     let outcome = match (&cli.redis_url, &cli.gateway_url, &cli.key) {
-        (Some(url), _, _) => via_redis(url, &cli.prefix, cli.timeout, &event).await,
+        (Some(url), _, _) => {
+            via_redis(
+                url,
+                cli.redis_ca_file.as_deref(),
+                &cli.prefix,
+                cli.timeout,
+                &event,
+            )
+            .await
+        }
         (None, Some(url), Some(key)) => via_gateway(url, key, cli.timeout, raw).await,
         _ => Err((
             EXIT_USAGE,
@@ -123,13 +137,23 @@ fn read_event(argument: Option<&str>) -> std::io::Result<String> {
 
 async fn via_redis(
     url: &str,
+    ca_file: Option<&std::path::Path>,
     prefix: &str,
     timeout: Duration,
     event: &Event,
 ) -> Result<serde_json::Value, (u8, String)> {
-    let config = PublisherConfig::new(url)
+    let mut config = PublisherConfig::new(url)
         .with_prefix(prefix)
         .with_publish_timeout(timeout);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            (
+                EXIT_USAGE,
+                format!("--redis-ca-file {}: {e}", path.display()),
+            )
+        })?;
+        config = config.with_ca_certificate(pem);
+    }
     let publisher = Publisher::new(config).map_err(|e| (EXIT_USAGE, chain(&e)))?;
     let receipt = publisher
         .publish(event)
