@@ -102,6 +102,9 @@ pub struct Config {
     /// Redis, for several replicas.
     #[command(flatten)]
     pub redis: RedisConfig,
+    /// Per-group history and idempotency.
+    #[command(flatten)]
+    pub history: HistoryConfig,
     /// User tokens, service key and connection tokens.
     #[command(flatten)]
     pub auth: AuthConfig,
@@ -159,6 +162,38 @@ pub struct RedisConfig {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub subscriber_buffer: u32,
+}
+
+/// How much of each group's history is kept for clients that resume, and how long a publish's
+/// idempotency key is remembered. With Redis, the publisher library must use the same values.
+#[derive(Debug, Clone, Args)]
+pub struct HistoryConfig {
+    /// Events kept per group for clients that resume from a position.
+    #[arg(
+        long = "history-size",
+        env = "GATEWAY_HISTORY_SIZE",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub size: u32,
+    /// A group's history is forgotten this long after its last publish (a new epoch follows).
+    #[arg(long = "history-ttl", env = "GATEWAY_HISTORY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// A publish whose idempotency key was seen within this window is acknowledged without
+    /// being delivered again.
+    #[arg(long = "idempotency-window", env = "GATEWAY_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
+}
+
+impl HistoryConfig {
+    /// As the broker takes them.
+    pub fn settings(&self) -> crate::broker::HistorySettings {
+        crate::broker::HistorySettings {
+            size: self.size as usize,
+            ttl: self.ttl,
+            idempotency_window: self.idempotency_window,
+        }
+    }
 }
 
 /// Authentication settings.

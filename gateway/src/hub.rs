@@ -4,7 +4,7 @@
 //! decides, the connection acts. Errors are worded the way an ASP.NET Core hub words them, so
 //! SignalR users recognise them, with the gateway's reason added.
 
-use publisher_lib::contract::Group;
+use publisher_lib::contract::{Group, Position};
 use serde_json::Value;
 
 use crate::auth::Principal;
@@ -23,8 +23,14 @@ pub struct HubAction {
 /// The decision for one invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Add the connection to the group, then complete.
-    Join(Group),
+    /// Add the connection to the group, send what it missed after `after`, then complete with
+    /// the group's position.
+    Join {
+        /// The group.
+        group: Group,
+        /// The last position the client saw, to resume from.
+        after: Option<Position>,
+    },
     /// Remove the connection from the group, then complete.
     Leave(Group),
     /// Complete with this error; the connection stays open.
@@ -52,16 +58,23 @@ pub enum HubError {
         "Failed to invoke '{0}' due to an error on the server. HubException: Method does not exist."
     )]
     UnknownMethod(String),
-    /// Not exactly one argument.
+    /// Not the number of arguments the method takes.
     #[error(
-        "Failed to invoke '{method}' due to an error on the server. InvalidDataException: Invocation provides {got} argument(s) but target expects 1."
+        "Failed to invoke '{method}' due to an error on the server. InvalidDataException: Invocation provides {got} argument(s) but target expects {expected}."
     )]
     ArgumentCount {
         /// The method's canonical name.
         method: &'static str,
         /// How many arguments came.
         got: usize,
+        /// What the method takes, in words.
+        expected: &'static str,
     },
+    /// The position argument is not `{"epoch": string, "seq": number}` or null.
+    #[error(
+        "Failed to invoke '{0}' due to an error on the server. InvalidDataException: Error binding arguments. The position must be null or {{\"epoch\": string, \"seq\": integer}}."
+    )]
+    PositionType(&'static str),
     /// The argument is not a string.
     #[error(
         "Failed to invoke '{0}' due to an error on the server. InvalidDataException: Error binding arguments. The argument must be a string."
@@ -95,7 +108,9 @@ impl HubError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::UnknownMethod(_) => "unknown_method",
-            Self::ArgumentCount { .. } | Self::ArgumentType(_) => "bad_arguments",
+            Self::ArgumentCount { .. } | Self::ArgumentType(_) | Self::PositionType(_) => {
+                "bad_arguments"
+            }
             Self::NotStreaming(_) | Self::UnexpectedStreams { .. } => "streaming",
             Self::Refused { reason, .. } => reason.label(),
         }
@@ -147,11 +162,27 @@ fn decide(principal: &Principal, invocation: &Invocation) -> Result<Outcome, Hub
             got: invocation.stream_ids.len(),
         });
     }
-    let [argument] = invocation.arguments.as_slice() else {
-        return Err(HubError::ArgumentCount {
-            method: method.name(),
-            got: invocation.arguments.len(),
-        });
+    let joins = matches!(
+        method,
+        Method::JoinDispatchGroup | Method::JoinContractorGroup
+    );
+    let (argument, position) = match (invocation.arguments.as_slice(), joins) {
+        ([argument], _) => (argument, None),
+        ([argument, position], true) => (argument, Some(position)),
+        (arguments, _) => {
+            return Err(HubError::ArgumentCount {
+                method: method.name(),
+                got: arguments.len(),
+                expected: if joins { "1 or 2" } else { "1" },
+            });
+        }
+    };
+    let after = match position {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(
+            serde_json::from_value::<Position>(value.clone())
+                .map_err(|_| HubError::PositionType(method.name()))?,
+        ),
     };
     let Value::String(id) = argument else {
         return Err(HubError::ArgumentType(method.name()));
@@ -161,12 +192,14 @@ fn decide(principal: &Principal, invocation: &Invocation) -> Result<Outcome, Hub
         reason,
     };
     Ok(match method {
-        Method::JoinDispatchGroup => {
-            Outcome::Join(policy::may_join_dispatch(principal, id).map_err(refused)?)
-        }
-        Method::JoinContractorGroup => {
-            Outcome::Join(policy::may_join_contractor(principal, id).map_err(refused)?)
-        }
+        Method::JoinDispatchGroup => Outcome::Join {
+            group: policy::may_join_dispatch(principal, id).map_err(refused)?,
+            after,
+        },
+        Method::JoinContractorGroup => Outcome::Join {
+            group: policy::may_join_contractor(principal, id).map_err(refused)?,
+            after,
+        },
         Method::LeaveDispatchGroup => {
             Outcome::Leave(Group::try_dispatch(id).map_err(|reason| {
                 refused(JoinRefused::InvalidName {

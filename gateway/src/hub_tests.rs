@@ -1,6 +1,6 @@
 //! Hub invocations, written as the raw records a client sends.
 
-use publisher_lib::contract::{Group, InvalidGroup};
+use publisher_lib::contract::{Group, InvalidGroup, Position};
 
 use super::{HubAction, HubError, Method, Outcome, handle};
 use crate::auth::policy::JoinRefused;
@@ -62,7 +62,13 @@ fn a_dispatcher_joins_and_leaves_a_region_in_its_token() {
     check(
         &dispatcher(),
         r#"{"type":1,"invocationId":"1","target":"JoinDispatchGroup","arguments":["west"]}"#,
-        completed("1", Outcome::Join(dispatch("west"))),
+        completed(
+            "1",
+            Outcome::Join {
+                group: dispatch("west"),
+                after: None,
+            },
+        ),
     );
     check(
         &dispatcher(),
@@ -78,7 +84,13 @@ fn a_contractor_joins_and_leaves_its_own_group() {
         &format!(
             r#"{{"type":1,"invocationId":"1","target":"JoinContractorGroup","arguments":["{CONTRACTOR_ID}"]}}"#
         ),
-        completed("1", Outcome::Join(own_group())),
+        completed(
+            "1",
+            Outcome::Join {
+                group: own_group(),
+                after: None,
+            },
+        ),
     );
     check(
         &contractor(),
@@ -97,7 +109,13 @@ fn a_contractor_id_in_upper_case_names_the_same_group() {
         &format!(
             r#"{{"target":"JoinContractorGroup","arguments":["{upper}"],"invocationId":"0","type":1}}"#
         ),
-        completed("0", Outcome::Join(own_group())),
+        completed(
+            "0",
+            Outcome::Join {
+                group: own_group(),
+                after: None,
+            },
+        ),
     );
     check(
         &contractor(),
@@ -118,7 +136,13 @@ fn method_names_match_in_any_case() {
         check(
             &dispatcher(),
             &format!(r#"{{"type":1,"invocationId":"1","target":"{target}","arguments":["east"]}}"#),
-            completed("1", Outcome::Join(dispatch("east"))),
+            completed(
+                "1",
+                Outcome::Join {
+                    group: dispatch("east"),
+                    after: None,
+                },
+            ),
         );
     }
     check(
@@ -137,7 +161,10 @@ fn a_non_blocking_invocation_keeps_no_invocation_id() {
         r#"{"type":1,"target":"JoinDispatchGroup","arguments":["west"]}"#,
         HubAction {
             invocation_id: None,
-            outcome: Outcome::Join(dispatch("west")),
+            outcome: Outcome::Join {
+                group: dispatch("west"),
+                after: None,
+            },
         },
     );
     check(
@@ -180,6 +207,7 @@ fn a_wrong_argument_count_is_refused_with_the_canonical_method_name() {
             HubError::ArgumentCount {
                 method: "JoinDispatchGroup",
                 got: 0,
+                expected: "1 or 2",
             },
         ),
     );
@@ -191,8 +219,44 @@ fn a_wrong_argument_count_is_refused_with_the_canonical_method_name() {
             HubError::ArgumentCount {
                 method: "LeaveDispatchGroup",
                 got: 2,
+                expected: "1",
             },
         ),
+    );
+}
+
+#[test]
+fn a_join_takes_an_optional_position_to_resume_from() {
+    let after = Position {
+        epoch: "0123456789abcdef0123456789abcdef".to_owned(),
+        seq: 41,
+    };
+    check(
+        &dispatcher(),
+        r#"{"type":1,"invocationId":"1","target":"JoinDispatchGroup","arguments":["west",{"group":"/dispatch/west","epoch":"0123456789abcdef0123456789abcdef","seq":41}]}"#,
+        completed(
+            "1",
+            Outcome::Join {
+                group: dispatch("west"),
+                after: Some(after),
+            },
+        ),
+    );
+    check(
+        &dispatcher(),
+        r#"{"type":1,"invocationId":"2","target":"JoinDispatchGroup","arguments":["west",null]}"#,
+        completed(
+            "2",
+            Outcome::Join {
+                group: dispatch("west"),
+                after: None,
+            },
+        ),
+    );
+    check(
+        &dispatcher(),
+        r#"{"type":1,"invocationId":"3","target":"JoinDispatchGroup","arguments":["west",{"seq":"x"}]}"#,
+        error("3", HubError::PositionType("JoinDispatchGroup")),
     );
 }
 
@@ -341,9 +405,10 @@ fn refusal_messages_are_worded_as_aspnet_words_them() {
         (
             HubError::ArgumentCount {
                 method: "JoinDispatchGroup",
-                got: 2,
+                got: 3,
+                expected: "1 or 2",
             },
-            "Failed to invoke 'JoinDispatchGroup' due to an error on the server. InvalidDataException: Invocation provides 2 argument(s) but target expects 1.",
+            "Failed to invoke 'JoinDispatchGroup' due to an error on the server. InvalidDataException: Invocation provides 3 argument(s) but target expects 1 or 2.",
             "bad_arguments",
         ),
         (

@@ -93,7 +93,12 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
     let (subscriptions, requests) = broker::subscriptions(broker::SUBSCRIPTION_QUEUE);
     let groups = Arc::new(Groups::new(subscriptions));
     let broker = match &config.redis.url {
-        None => broker::start_memory(groups.clone(), requests, &shutdown),
+        None => broker::start_memory(
+            groups.clone(),
+            config.history.settings(),
+            requests,
+            &shutdown,
+        ),
         Some(url) => broker::Broker::Redis(
             broker::redis::RedisBroker::start(
                 broker::redis::RedisSettings {
@@ -106,6 +111,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
                     },
                     prefix: config.redis.prefix.clone(),
                     subscriber_buffer: config.redis.subscriber_buffer as usize,
+                    history: config.history.settings(),
                 },
                 groups.clone(),
                 requests,

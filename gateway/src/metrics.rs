@@ -29,6 +29,9 @@ const BROKER_RECONNECT_ATTEMPTS: &str = "gateway_broker_reconnect_attempts_total
 const BROKER_RECONNECTS: &str = "gateway_broker_reconnects_total";
 const BROKER_OUTAGE: &str = "gateway_broker_outage_seconds";
 const BROKER_MESSAGES_DROPPED: &str = "gateway_broker_messages_dropped_total";
+const BROKER_DUPLICATES: &str = "gateway_broker_duplicates_dropped_total";
+const BROKER_GAP_REPAIRS: &str = "gateway_broker_gap_repairs_total";
+const BROKER_GAPS_UNRECOVERED: &str = "gateway_broker_gaps_unrecovered_total";
 const EVENTS_RECEIVED: &str = "gateway_events_received_total";
 const ENVELOPES_REJECTED: &str = "gateway_envelopes_rejected_total";
 
@@ -125,6 +128,18 @@ fn describe() {
         "how long each broker subscriber outage lasted, from loss to re-subscribed"
     );
     describe_counter!(
+        BROKER_DUPLICATES,
+        "broker messages dropped because their position was already delivered"
+    );
+    describe_counter!(
+        BROKER_GAP_REPAIRS,
+        "history reads started to fill a gap in a group's sequence or after a reconnect"
+    );
+    describe_counter!(
+        BROKER_GAPS_UNRECOVERED,
+        "gaps the history could not fill (clients see the jump and resync)"
+    );
+    describe_counter!(
         BROKER_MESSAGES_DROPPED,
         "broker messages dropped because fan-out fell behind and the subscriber buffer was full"
     );
@@ -210,6 +225,21 @@ pub fn broker_reconnected(down: Duration) {
 /// The subscriber's buffer was full and a message was dropped.
 pub fn broker_message_dropped() {
     counter!(BROKER_MESSAGES_DROPPED).increment(1);
+}
+
+/// A message repeated a position already delivered and was dropped.
+pub fn broker_duplicate_dropped() {
+    counter!(BROKER_DUPLICATES).increment(1);
+}
+
+/// A gap in a group's sequence (or a reconnect) started a read of the history.
+pub fn broker_gap_repair() {
+    counter!(BROKER_GAP_REPAIRS).increment(1);
+}
+
+/// A gap could not be filled from the history.
+pub fn broker_gap_unrecovered() {
+    counter!(BROKER_GAPS_UNRECOVERED).increment(1);
 }
 
 /// A publication arrived from the broker (`redis`).

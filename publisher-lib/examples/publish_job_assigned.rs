@@ -2,7 +2,9 @@
 //!
 //! Shows reading an event from JSON with the contract's validation, and that one publish reaches
 //! two groups: the job's dispatch region (`rt:{/dispatch/west}`) and the assigned contractor
-//! (`rt:{/contractor/<id>}`), under one envelope id.
+//! (`rt:{/contractor/<id>}`), under one envelope id, with a position in each. Run it twice
+//! within five minutes: the second run is acknowledged as a duplicate (the idempotency key is
+//! the event's `assignmentId`) and delivers nothing.
 //!
 //! Needs a Redis reachable at `REDIS_URL` (default `redis://127.0.0.1:6379`). Run it with:
 //!
@@ -35,8 +37,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for delivery in &receipt.deliveries {
         eprintln!(
-            "published {} to {} ({} subscribers)",
-            receipt.id, delivery.group, delivery.subscribers
+            "published {} to {} at seq {} of epoch {} ({} subscribers{})",
+            receipt.id,
+            delivery.group,
+            delivery.position.seq,
+            delivery.position.epoch,
+            delivery.subscribers,
+            if delivery.duplicate {
+                ", duplicate"
+            } else {
+                ""
+            },
         );
     }
     Ok(())

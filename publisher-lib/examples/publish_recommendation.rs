@@ -1,8 +1,8 @@
 //! Publishes one `RecommendationReady` event with [`publisher_lib::Publisher`].
 //!
 //! Shows building the typed event in code, publishing it to the `/dispatch/{region}` group's
-//! Redis channel (`rt:{/dispatch/west}`) and reading the receipt: the envelope id and how many
-//! gateway replicas were subscribed.
+//! Redis channel (`rt:{/dispatch/west}`) and reading the receipt: the envelope id, the event's
+//! position in the group (epoch and seq) and how many gateway replicas were subscribed.
 //!
 //! Needs a Redis reachable at `REDIS_URL` (default `redis://127.0.0.1:6379`). Run it with:
 //!
@@ -31,8 +31,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for delivery in &receipt.deliveries {
         eprintln!(
-            "published {} to {} ({} subscribers)",
-            receipt.id, delivery.group, delivery.subscribers
+            "published {} to {} at seq {} of epoch {} ({} subscribers{})",
+            receipt.id,
+            delivery.group,
+            delivery.position.seq,
+            delivery.position.epoch,
+            delivery.subscribers,
+            if delivery.duplicate {
+                ", duplicate"
+            } else {
+                ""
+            },
         );
     }
     Ok(())

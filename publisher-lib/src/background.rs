@@ -1,20 +1,21 @@
 //! Publishing without waiting: a bounded queue drained by one background task.
 //!
-//! [`BackgroundPublisher::try_publish`] validates the event, gives it an envelope id and queues
-//! it without ever blocking; a full queue drops the event, counts it in
+//! [`BackgroundPublisher::try_publish`] validates the event, fixes its idempotency key and
+//! queues it without ever blocking; a full queue drops the event, counts it in
 //! `publisher_events_dropped_total` and logs a warning. The task publishes queued events in order
 //! through a [`Publisher`], retrying transient failures with capped exponential backoff and
-//! jitter; every attempt for one event reuses its envelope id, so duplicates can be dropped
-//! downstream. It does not persist anything: events still queued when the process dies are lost.
+//! jitter; every attempt for one event uses its one key
+//! ([`Publisher::publish_with_key`]), so a retry of an attempt that did reach Redis (its reply
+//! was lost) is acknowledged as a duplicate instead of being delivered twice. It does not persist
+//! anything: events still queued when the process dies are lost.
 
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
-use uuid::Uuid;
 
 use crate::contract::{Event, ValidationError};
-use crate::publisher::Publisher;
+use crate::publisher::{Publisher, check_key};
 
 /// Default queue capacity, in events.
 pub const DEFAULT_CAPACITY: usize = 1024;
@@ -101,7 +102,7 @@ pub struct BackgroundPublisher {
 
 #[derive(Debug)]
 enum Command {
-    Publish { event: Box<Event>, id: Uuid },
+    Publish { event: Box<Event>, key: String },
     Flush(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -117,20 +118,36 @@ impl BackgroundPublisher {
         Self { queue }
     }
 
-    /// Queues `event` under a new envelope id, never blocking.
+    /// Queues `event` under its own unique id as idempotency key ([`Event::unique_id`]), never
+    /// blocking, and returns that key.
     ///
     /// # Errors
     /// [`Dropped`] when the event is invalid, the queue is full or the publisher is shut down;
     /// the drop is counted and logged.
-    pub fn try_publish(&self, event: Event) -> Result<Uuid, Dropped> {
-        let id = Uuid::new_v4();
-        let result = match event.to_json() {
+    pub fn try_publish(&self, event: Event) -> Result<String, Dropped> {
+        let key = event.unique_id();
+        self.try_publish_with_key(event, key)
+    }
+
+    /// Queues `event` under idempotency key `key` (see [`Publisher::publish_with_key`]), never
+    /// blocking, and returns the key.
+    ///
+    /// # Errors
+    /// As [`BackgroundPublisher::try_publish`]; [`Dropped::Invalid`] also for a key the
+    /// publisher would refuse.
+    pub fn try_publish_with_key(
+        &self,
+        event: Event,
+        key: impl Into<String>,
+    ) -> Result<String, Dropped> {
+        let key = key.into();
+        let result = match event.to_json().and_then(|_| check_key(&key)) {
             Err(e) => Err(Dropped::Invalid(e)),
-            Ok(_) => self
+            Ok(()) => self
                 .queue
                 .try_send(Command::Publish {
                     event: Box::new(event),
-                    id,
+                    key: key.clone(),
                 })
                 .map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => Dropped::QueueFull,
@@ -138,10 +155,10 @@ impl BackgroundPublisher {
                 }),
         };
         match result {
-            Ok(()) => Ok(id),
+            Ok(()) => Ok(key),
             Err(dropped) => {
                 count_drop(dropped.label());
-                tracing::warn!(%id, reason = dropped.label(), "real-time event dropped");
+                tracing::warn!(%key, reason = dropped.label(), "real-time event dropped");
                 Err(dropped)
             }
         }
@@ -181,8 +198,8 @@ async fn drain(
 ) {
     while let Some(command) = commands.recv().await {
         match command {
-            Command::Publish { event, id } => {
-                publish_with_retries(&publisher, &config, &event, id).await
+            Command::Publish { event, key } => {
+                publish_with_retries(&publisher, &config, &event, &key).await
             }
             Command::Flush(done) => {
                 let _ = done.send(());
@@ -193,8 +210,8 @@ async fn drain(
                 // buffered were queued concurrently with it and are published too.
                 while let Some(command) = commands.recv().await {
                     match command {
-                        Command::Publish { event, id } => {
-                            publish_with_retries(&publisher, &config, &event, id).await;
+                        Command::Publish { event, key } => {
+                            publish_with_retries(&publisher, &config, &event, &key).await;
                         }
                         Command::Flush(done) | Command::Shutdown(done) => {
                             let _ = done.send(());
@@ -212,21 +229,21 @@ async fn publish_with_retries(
     publisher: &Publisher,
     config: &BackgroundConfig,
     event: &Event,
-    id: Uuid,
+    key: &str,
 ) {
     let max_attempts = config.max_attempts.max(1);
     let mut backoff = config.initial_backoff;
     for attempt in 1..=max_attempts {
-        match publisher.publish_with_id(event, id).await {
+        match publisher.publish_with_key(event, key).await {
             Ok(_) => return,
             Err(error) if error.is_transient() && attempt < max_attempts => {
-                tracing::debug!(%id, attempt, error = %error, "publish failed; retrying");
+                tracing::debug!(%key, attempt, error = %error, "publish failed; retrying");
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = backoff.saturating_mul(2).min(config.max_backoff);
             }
             Err(error) => {
                 count_drop("gave_up");
-                tracing::warn!(%id, attempt, error = %error, reason = error.label(), "giving up on real-time event");
+                tracing::warn!(%key, attempt, error = %error, reason = error.label(), "giving up on real-time event");
                 return;
             }
         }

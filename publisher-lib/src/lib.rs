@@ -4,9 +4,13 @@
 //! (`RecommendationReady`, `JobAssigned`), their validation, the groups they are routed to, the
 //! Redis envelope and the SignalR target names.
 //!
-//! With the `redis` feature (on by default), `Publisher` publishes an event to the Redis channel
-//! of each of its groups, where every gateway replica is subscribed, and `BackgroundPublisher`
-//! puts a bounded queue with retries in front of it. The `cli` feature (also on by default)
+//! With the `redis` feature (on by default), `Publisher` publishes an event to each of its
+//! groups with one atomic script per group: the event gets a [`contract::Position`] (epoch and
+//! seq) in the group, is appended to the group's bounded history and PUBLISHed on the group's
+//! channel, where every gateway replica is subscribed; a repeated idempotency key within the
+//! window is acknowledged as a duplicate instead. `Publisher::read_history` reads a group's
+//! history after a position, for resuming clients. `BackgroundPublisher` puts a bounded queue
+//! with retries (one idempotency key per event) in front of it. The `cli` feature (also on by default)
 //! builds the `realtime-publish` command line. [`target`] reads Redis URLs (plain, TLS,
 //! Sentinel). The gateway links the contract and `Publisher` (without the `cli` feature), so its
 //! HTTP endpoint publishes exactly as a backend does.
@@ -22,7 +26,9 @@
 //!   "jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d",
 //!   "region":"west","configVersion":1,"generatedAt":"2025-11-08T12:34:56Z"}"#)?;
 //! let receipt = publisher.publish(&event).await?;
-//! println!("published {} to {} groups", receipt.id, receipt.deliveries.len());
+//! for delivery in &receipt.deliveries {
+//!     println!("{}: seq {}", delivery.group, delivery.position.seq);
+//! }
 //! # Ok(())
 //! # }
 //! ```
@@ -45,6 +51,8 @@
 mod background;
 pub mod contract;
 #[cfg(feature = "redis")]
+mod history;
+#[cfg(feature = "redis")]
 mod publisher;
 #[cfg(feature = "redis")]
 pub mod target;
@@ -55,8 +63,11 @@ pub use background::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, Dropped,
 };
 #[cfg(feature = "redis")]
+pub use history::{HistoryRead, PUBLISH_SCRIPT, READ_SCRIPT};
+#[cfg(feature = "redis")]
 pub use publisher::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_RECONNECT_DELAY, DEFAULT_PREFIX, DEFAULT_PUBLISH_TIMEOUT,
-    DEFAULT_RESPONSE_TIMEOUT, GroupDelivery, PublishError, PublishReceipt, Publisher,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, DEFAULT_IDEMPOTENCY_WINDOW,
+    DEFAULT_MAX_RECONNECT_DELAY, DEFAULT_PREFIX, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT,
+    GroupDelivery, MAX_IDEMPOTENCY_KEY_LEN, PublishError, PublishReceipt, Publisher,
     PublisherConfig,
 };

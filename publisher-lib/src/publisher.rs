@@ -1,8 +1,13 @@
 //! Publishing events to the gateway replicas through Redis pub/sub.
 //!
-//! A [`Publisher`] validates an event, encodes its [`Envelope`] once and PUBLISHes it to the
-//! channel of every group the event is routed to, in one pipeline. It does not queue, retry or
-//! deduplicate; [`crate::BackgroundPublisher`] adds a queue and retries on top of it.
+//! A [`Publisher`] validates an event, encodes its [`Envelope`] once and runs the publish script
+//! ([`crate::history`]) for every group the event is routed to: the script gives the event its
+//! position in the group, appends it to the group's bounded history and PUBLISHes it, unless the
+//! same idempotency key was published to that group within the idempotency window. So a retry
+//! under the same key is acknowledged without a second delivery. The publisher does not queue or
+//! retry; [`crate::BackgroundPublisher`] adds a queue and retries on top of it.
+//! [`Publisher::read_history`] reads a group's head and the history after a position, for a
+//! gateway that resumes a client.
 //!
 //! # Why one shared `ConnectionManager` and not a deadpool pool
 //!
@@ -25,7 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use uuid::Uuid;
 
-use crate::contract::{Envelope, Event, EventKind, Group, ValidationError};
+use crate::contract::{Envelope, Event, EventKind, Group, Position, ValidationError};
+use crate::history::{self, HistoryRead, Limits};
 use crate::target::RedisTarget;
 
 /// The channel prefix the gateway subscribes under unless configured otherwise.
@@ -38,6 +44,14 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default longest pause between two reconnection attempts.
 pub const DEFAULT_MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// Default number of events each group's history keeps.
+pub const DEFAULT_HISTORY_SIZE: usize = 1000;
+/// Default time without publishes after which a group's history (and position) expires.
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(600);
+/// Default time within which a second publish under the same idempotency key is a duplicate.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
+/// Longest idempotency key, in bytes; keys are printable ASCII.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 
 /// How a [`Publisher`] reaches Redis. Build it with [`PublisherConfig::new`] and adjust fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +73,14 @@ pub struct PublisherConfig {
     pub response_timeout: Duration,
     /// Longest pause between reconnection attempts (attempts never stop).
     pub max_reconnect_delay: Duration,
+    /// Events each group's history keeps (the stream is trimmed to exactly this many).
+    pub history_size: usize,
+    /// Time without publishes after which a group's position and history expire (whole
+    /// seconds, at least 1); the next publish then starts a new epoch.
+    pub history_ttl: Duration,
+    /// Time within which a publish under an already used idempotency key is acknowledged as a
+    /// duplicate without being appended or delivered (whole seconds, at least 1).
+    pub idempotency_window: Duration,
 }
 
 impl PublisherConfig {
@@ -72,6 +94,9 @@ impl PublisherConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             max_reconnect_delay: DEFAULT_MAX_RECONNECT_DELAY,
+            history_size: DEFAULT_HISTORY_SIZE,
+            history_ttl: DEFAULT_HISTORY_TTL,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
         }
     }
 
@@ -95,6 +120,27 @@ impl PublisherConfig {
         self.publish_timeout = timeout;
         self
     }
+
+    /// Replaces the number of events each group's history keeps.
+    #[must_use]
+    pub fn with_history_size(mut self, size: usize) -> Self {
+        self.history_size = size;
+        self
+    }
+
+    /// Replaces the time without publishes after which a group's history expires.
+    #[must_use]
+    pub fn with_history_ttl(mut self, ttl: Duration) -> Self {
+        self.history_ttl = ttl;
+        self
+    }
+
+    /// Replaces the window within which a repeated idempotency key is a duplicate.
+    #[must_use]
+    pub fn with_idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window = window;
+        self
+    }
 }
 
 /// Publishes events to Redis. Cheap to clone; clones share one connection.
@@ -103,6 +149,7 @@ pub struct Publisher {
     connection: Arc<SharedConnection>,
     prefix: String,
     publish_timeout: Duration,
+    limits: Limits,
 }
 
 /// The one connection manager all clones share, built on first use from the target.
@@ -137,7 +184,8 @@ impl SharedConnection {
 /// What a successful publish did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishReceipt {
-    /// The envelope id, the same on every channel.
+    /// The envelope id of this call, the same on every channel. A group where the call was a
+    /// duplicate holds the envelope of the earlier call instead.
     pub id: Uuid,
     /// Which event was published.
     pub kind: EventKind,
@@ -150,8 +198,14 @@ pub struct PublishReceipt {
 pub struct GroupDelivery {
     /// The group.
     pub group: Group,
-    /// How many Redis subscribers (gateway replicas) received the message.
+    /// How many Redis subscribers (gateway replicas) received the message; 0 for a duplicate.
     pub subscribers: u64,
+    /// The event's position in the group. For a duplicate, the position the earlier publish
+    /// got (its epoch is empty if the group's history has expired since).
+    pub position: Position,
+    /// Whether the idempotency key was already published to this group within the window, so
+    /// nothing was appended or delivered this time.
+    pub duplicate: bool,
 }
 
 /// Why a publish failed.
@@ -244,6 +298,11 @@ impl Publisher {
             }),
             prefix: config.prefix,
             publish_timeout: config.publish_timeout,
+            limits: Limits {
+                history_size: config.history_size,
+                history_ttl: config.history_ttl,
+                idempotency_window: config.idempotency_window,
+            },
         })
     }
 
@@ -252,42 +311,49 @@ impl Publisher {
         &self.prefix
     }
 
-    /// Publishes `event` under a new random envelope id.
+    /// Publishes `event` under its own unique id ([`Event::unique_id`]) as idempotency key:
+    /// publishing the same event again within the window is acknowledged as a duplicate.
     ///
     /// # Errors
     /// [`PublishError::Invalid`] before any I/O when the event breaks the contract; otherwise
     /// [`PublishError::Unreachable`], [`PublishError::Timeout`] or [`PublishError::Redis`].
     ///
     /// # Cancel safety
-    /// Dropping the future may or may not have published the event.
+    /// Dropping the future may or may not have published the event, to some of its groups;
+    /// publishing it again under the same key completes it without duplicates.
     pub async fn publish(&self, event: &Event) -> Result<PublishReceipt, PublishError> {
-        self.publish_with_id(event, Uuid::new_v4()).await
+        self.publish_with_key(event, &event.unique_id()).await
     }
 
-    /// Publishes `event` under envelope id `id`; retries of one event reuse its id so the
-    /// gateway can drop duplicates.
+    /// Publishes `event` under idempotency key `key`: within the idempotency window, a second
+    /// publish under the same key to the same group is acknowledged (`duplicate` in the
+    /// receipt) without being appended or delivered. Retries of one event reuse its key.
     ///
     /// # Errors
-    /// As [`Publisher::publish`].
+    /// As [`Publisher::publish`]; also [`PublishError::Invalid`] when `key` is empty, longer
+    /// than [`MAX_IDEMPOTENCY_KEY_LEN`] bytes or not printable ASCII.
     ///
     /// # Cancel safety
     /// As [`Publisher::publish`].
-    pub async fn publish_with_id(
+    pub async fn publish_with_key(
         &self,
         event: &Event,
-        id: Uuid,
+        key: &str,
     ) -> Result<PublishReceipt, PublishError> {
         let json = event.to_json().map_err(PublishError::Invalid)?;
         let json = std::str::from_utf8(&json).expect("serde_json always writes UTF-8");
-        self.publish_validated(event.kind(), json, event.groups(), id)
+        self.publish_validated(event.kind(), json, event.groups(), key)
             .await
     }
 
-    /// Publishes an event that was already validated, as its JSON text, to `groups`: the path
-    /// of a gateway that validated the event where it entered.
+    /// Publishes an event that was already validated, as its JSON text, to `groups` under
+    /// idempotency key `key`: the path of a gateway that validated the event where it entered.
+    ///
+    /// Groups are published one after the other, each atomically; a failure part way leaves
+    /// the earlier groups published, and a retry under the same key publishes only the rest.
     ///
     /// # Errors
-    /// As [`Publisher::publish`], without [`PublishError::Invalid`].
+    /// As [`Publisher::publish_with_key`]; [`PublishError::Invalid`] only for the key.
     ///
     /// # Cancel safety
     /// As [`Publisher::publish`].
@@ -296,20 +362,33 @@ impl Publisher {
         kind: EventKind,
         json: &str,
         groups: Vec<Group>,
-        id: Uuid,
+        key: &str,
     ) -> Result<PublishReceipt, PublishError> {
+        check_key(key).map_err(PublishError::Invalid)?;
+        let id = Uuid::new_v4();
         let envelope = Envelope::encode(id, kind, now_micros(), json);
-        let mut pipe = redis::pipe();
-        for group in &groups {
-            pipe.cmd("PUBLISH")
-                .arg(group.channel(&self.prefix))
-                .arg(&envelope);
-        }
-        let counts: Vec<u64> = self.query(&pipe).await?;
-        let deliveries = groups
+        let limits = self.limits;
+        let prefix = self.prefix.as_str();
+        let appended = self
+            .run(|mut connection| async move {
+                let mut appended = Vec::with_capacity(groups.len());
+                for group in groups {
+                    let outcome =
+                        history::append(&mut connection, prefix, &group, key, &envelope, limits)
+                            .await?;
+                    appended.push((group, outcome));
+                }
+                Ok(appended)
+            })
+            .await?;
+        let deliveries = appended
             .into_iter()
-            .zip(counts)
-            .map(|(group, subscribers)| GroupDelivery { group, subscribers })
+            .map(|(group, outcome)| GroupDelivery {
+                group,
+                subscribers: outcome.subscribers,
+                position: outcome.position,
+                duplicate: outcome.duplicate,
+            })
             .collect();
         Ok(PublishReceipt {
             id,
@@ -318,26 +397,54 @@ impl Publisher {
         })
     }
 
+    /// Reads `group`'s head and, with `after`, the history after that position (see
+    /// [`HistoryRead`]). A group without a history gets one here, empty, under a new epoch, so
+    /// the head always names an epoch.
+    ///
+    /// # Errors
+    /// [`PublishError::Unreachable`], [`PublishError::Timeout`] or [`PublishError::Redis`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing but, at most, creating an empty history.
+    pub async fn read_history(
+        &self,
+        group: &Group,
+        after: Option<&Position>,
+    ) -> Result<HistoryRead, PublishError> {
+        let limits = self.limits;
+        let prefix = self.prefix.as_str();
+        self.run(|mut connection| async move {
+            history::read(&mut connection, prefix, group, after, limits).await
+        })
+        .await
+    }
+
     /// PUBLISHes `message` on `channel`, outside the contract (a gateway's health round trip),
     /// and returns how many subscribers received it.
     ///
     /// # Errors
-    /// As [`Publisher::publish_validated`].
+    /// As [`Publisher::read_history`].
     pub async fn publish_raw(&self, channel: &str, message: &[u8]) -> Result<u64, PublishError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("PUBLISH").arg(channel).arg(message);
-        let (count,): (u64,) = self.query(&pipe).await?;
-        Ok(count)
+        self.run(|mut connection| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<u64>(&mut connection)
+                .await
+        })
+        .await
     }
 
-    /// Runs `pipe` under the publish timeout; a failure behind Sentinel forgets the master.
-    async fn query<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, PublishError> {
+    /// Runs `call` on the shared connection under the publish timeout; a failure behind
+    /// Sentinel forgets the master.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, PublishError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let call = async {
-            let mut connection = self.connection.get().await?;
-            pipe.query_async::<T>(&mut connection).await
+            let connection = self.connection.get().await?;
+            call(connection).await
         };
         let outcome = match tokio::time::timeout(self.publish_timeout, call).await {
             Ok(Ok(value)) => return Ok(value),
@@ -357,6 +464,26 @@ impl fmt::Debug for Publisher {
             .field("target", &self.connection.target)
             .finish_non_exhaustive()
     }
+}
+
+/// Refuses an idempotency key that is empty, too long or not printable ASCII.
+pub(crate) fn check_key(key: &str) -> Result<(), ValidationError> {
+    let reason = if key.is_empty() {
+        "is empty".to_owned()
+    } else if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        format!(
+            "is {} bytes; at most {MAX_IDEMPOTENCY_KEY_LEN} are allowed",
+            key.len()
+        )
+    } else if !key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        "must be printable ASCII".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(ValidationError::Field {
+        field: "idempotencyKey".to_owned(),
+        reason: format!("the idempotency key {reason}"),
+    })
 }
 
 fn now_micros() -> u64 {

@@ -1,6 +1,8 @@
-//! The redis-cli example of docs/redis-contract.md, run as written against a real redis-server.
+//! docs/redis-contract.md checked against the code: its redis-cli example and ACL lines run as
+//! written against a real redis-server and gateway, and its scripts are the ones the code runs.
 
 use e2e::{DEADLINE, RedisServer, StatusCode, dispatcher, start_gateway, within, workspace_root};
+use publisher_lib::{PUBLISH_SCRIPT, READ_SCRIPT};
 
 /// The `redis-cli ...` line of the tested example.
 fn documented_command() -> String {
@@ -26,25 +28,51 @@ async fn the_documented_redis_cli_publish_reaches_a_subscribed_client() {
     client.join_dispatch("1", "west").await;
 
     let command = documented_command().replace("-p 6379", &format!("-p {}", redis.port()));
-    let output = std::process::Command::new("sh")
-        .args(["-c", &command])
-        .output()
-        .expect("redis-cli runs");
-    assert!(output.status.success(), "{output:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "1",
-        "one replica subscribed"
-    );
+    // The example names the script by its path in the repository.
+    let run = || {
+        let output = std::process::Command::new("sh")
+            .args(["-c", &command])
+            .current_dir(workspace_root())
+            .output()
+            .expect("redis-cli runs");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let reply = run();
+    // epoch, seq, duplicate, subscribers
+    assert_eq!(reply.len(), 4, "{reply:?}");
+    assert_eq!(reply[0].len(), 32, "an epoch: {reply:?}");
+    assert_eq!(reply[1], "1", "the group's first event: {reply:?}");
+    assert_eq!(reply[2], "0", "not a duplicate: {reply:?}");
+    assert_eq!(reply[3], "1", "one replica subscribed: {reply:?}");
 
     let (target, payload) = within(DEADLINE, client.next_event(), "the event").await;
     assert_eq!(target, "RecommendationReady");
     let sent = command
         .split("\"event\":")
         .nth(1)
-        .unwrap()
-        .trim_end_matches("}'");
+        .and_then(|rest| rest.split("}'").next())
+        .unwrap();
     assert_eq!(payload, sent, "the documented event arrives byte for byte");
+
+    // Run again, as the doc says: the same idempotency key is a duplicate, delivered nowhere.
+    let again = run();
+    assert_eq!(again, [reply[0].as_str(), "1", "1", "0"], "{again:?}");
+}
+
+#[test]
+fn the_doc_shows_the_scripts_the_publisher_runs_verbatim() {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md"))
+        .expect("docs/redis-contract.md is readable");
+    for (name, script) in [("publish", PUBLISH_SCRIPT), ("read", READ_SCRIPT)] {
+        assert!(
+            doc.contains(&format!("```lua\n{script}```")),
+            "docs/redis-contract.md must show the {name} script exactly as publisher-lib runs it"
+        );
+    }
 }
 
 /// The `ACL SETUSER <user> ...` line of the permissions section, with its password placeholder
@@ -94,6 +122,20 @@ async fn the_documented_acl_users_are_enough_for_the_gateway_and_a_publisher() {
     gateway.publish_accepted(&over_http).await;
     let (_, payload) = within(DEADLINE, client.next_event(), "the HTTP event").await;
     assert_eq!(payload, over_http);
+
+    // The HTTP publish ran the publish script; the gateway's user may also run the read script.
+    let as_gateway =
+        publisher_lib::Publisher::new(publisher_lib::PublisherConfig::new(url.clone())).unwrap();
+    let west = publisher_lib::contract::Group::try_dispatch("west").unwrap();
+    let head = as_gateway.read_history(&west, None).await.unwrap().head;
+    let read = as_gateway
+        .read_history(
+            &west,
+            Some(&publisher_lib::contract::Position::new(&head.epoch, 0)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.messages.len(), usize::try_from(head.seq).unwrap());
 
     // ...and a backend publishes with only the publisher's.
     let publisher_url = format!(

@@ -124,10 +124,9 @@ async fn invocation_in_the_same_frame_as_the_handshake_is_answered() {
         ))
         .await;
     assert_eq!(client.next_record().await, "{}");
-    assert_eq!(
-        client.next_message().await,
-        serde_json::json!({"type": 3, "invocationId": "0"})
-    );
+    let completion = client.next_message().await;
+    assert_eq!(completion["invocationId"], "0");
+    e2e::joined(&completion, "/dispatch/west");
     // The join took effect: an event for the region arrives.
     let event = e2e::recommendation_ready("west", &[]);
     gateway.publish_accepted(&event).await;

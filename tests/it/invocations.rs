@@ -41,7 +41,7 @@ async fn method_names_match_regardless_of_case() {
     let completion = client
         .invoke("1", "joindispatchgroup", json!(["west"]))
         .await;
-    assert_eq!(completion, json!({"type": 3, "invocationId": "1"}));
+    e2e::joined(&completion, "/dispatch/west");
     let event = recommendation_ready("west", &[]);
     gateway.publish_accepted(&event).await;
     assert_eq!(client.next_event().await.1, event);
@@ -54,16 +54,35 @@ async fn wrong_argument_count_completes_with_an_error() {
         .connect(&dispatcher("dispatcher-1", &["west"]))
         .await;
     let completion = client
-        .invoke("1", "JoinDispatchGroup", json!(["west", "east"]))
+        .invoke(
+            "1",
+            "JoinDispatchGroup",
+            json!(["west", {"seq": 1}, "east"]),
+        )
         .await;
     assert_eq!(
         completion["error"],
-        "Failed to invoke 'JoinDispatchGroup' due to an error on the server. InvalidDataException: Invocation provides 2 argument(s) but target expects 1."
+        "Failed to invoke 'JoinDispatchGroup' due to an error on the server. InvalidDataException: Invocation provides 3 argument(s) but target expects 1 or 2."
     );
     let completion = client.invoke("2", "JoinDispatchGroup", json!([])).await;
     assert_eq!(
         completion["error"],
-        "Failed to invoke 'JoinDispatchGroup' due to an error on the server. InvalidDataException: Invocation provides 0 argument(s) but target expects 1."
+        "Failed to invoke 'JoinDispatchGroup' due to an error on the server. InvalidDataException: Invocation provides 0 argument(s) but target expects 1 or 2."
+    );
+    let completion = client
+        .invoke("3", "LeaveDispatchGroup", json!(["west", "east"]))
+        .await;
+    assert_eq!(
+        completion["error"],
+        "Failed to invoke 'LeaveDispatchGroup' due to an error on the server. InvalidDataException: Invocation provides 2 argument(s) but target expects 1."
+    );
+    // A second argument to a join must be a position.
+    let completion = client
+        .invoke("4", "JoinDispatchGroup", json!(["west", "east"]))
+        .await;
+    assert_eq!(
+        completion["error"],
+        "Failed to invoke 'JoinDispatchGroup' due to an error on the server. InvalidDataException: Error binding arguments. The position must be null or {\"epoch\": string, \"seq\": integer}."
     );
     assert_still_usable(&gateway, &mut client).await;
 }
@@ -183,10 +202,9 @@ async fn messages_the_hub_has_no_use_for_are_ignored() {
              {{\"target\":\"JoinDispatchGroup\",\"arguments\":[\"west\"],\"invocationId\":\"1\",\"type\":1}}{RS}"
         ))
         .await;
-    assert_eq!(
-        client.next_message().await,
-        json!({"type": 3, "invocationId": "1"})
-    );
+    let completion = client.next_message().await;
+    assert_eq!(completion["invocationId"], "1");
+    e2e::joined(&completion, "/dispatch/west");
     assert_still_usable(&gateway, &mut client).await;
 }
 
@@ -227,5 +245,5 @@ async fn contractor_cannot_join_another_contractors_group() {
     let completion = client
         .invoke("2", "JoinContractorGroup", json!([own]))
         .await;
-    assert_eq!(completion, json!({"type": 3, "invocationId": "2"}));
+    e2e::joined(&completion, &format!("/contractor/{own}"));
 }

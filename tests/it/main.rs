@@ -10,6 +10,7 @@ mod origin;
 mod protocol_errors;
 mod publish_http;
 mod redis;
+mod resume;
 mod shutdown;
 mod slow_consumer;
 mod tidy;

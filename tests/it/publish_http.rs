@@ -34,13 +34,66 @@ async fn valid_event_is_accepted_with_202_and_its_groups() {
     let (status, body) = gateway.publish(&job_assigned().to_string()).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let body: Value = serde_json::from_str(&body).expect("JSON");
+    let contractor_group = format!("/contractor/{CONTRACTOR}");
+    assert_eq!(body["type"], "JobAssigned");
+    assert_eq!(body["groups"], json!(["/dispatch/west", contractor_group]));
+    assert_eq!(body["duplicate"], false);
+    // The first event of each group: seq 1, under each group's own epoch.
+    let positions = body["positions"].as_array().expect("positions");
+    assert_eq!(positions.len(), 2, "{body}");
+    for (position, group) in positions.iter().zip(["/dispatch/west", &contractor_group]) {
+        assert_eq!(position["group"], group);
+        assert_eq!(position["seq"], 1);
+        assert_eq!(position["epoch"].as_str().map(str::len), Some(32));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_is_delivered_once_and_answered_as_a_duplicate() {
+    let gateway = start_gateway(&[]).await;
+    let mut client = gateway
+        .connect(&dispatcher("dispatcher-1", &["west"]))
+        .await;
+    client.join_dispatch("1", "west").await;
+    let first = recommendation_ready("west", &[]);
+    let second = recommendation_ready("west", &[]);
+    let key = "retry-of-request-17";
+    let (status, body) = gateway.publish_with_idempotency_key(key, &first).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    // A retry with the same key, even with another body, is acknowledged and not delivered.
+    let (status, body) = gateway.publish_with_idempotency_key(key, &second).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["duplicate"], true, "{body}");
+    assert_eq!(body["positions"][0]["seq"], 1, "{body}");
+    // Without a header the event's own id is the key: the same event twice is one delivery.
+    gateway.publish_accepted(&second).await;
+    let (status, body) = gateway.publish(&second).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(body.contains("\"duplicate\":true"), "{body}");
+    let marker = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&marker).await;
+
+    let (_, payload, position) = client.next_positioned_event().await;
     assert_eq!(
-        body,
-        json!({
-            "type": "JobAssigned",
-            "groups": ["/dispatch/west", format!("/contractor/{CONTRACTOR}")]
-        })
+        (payload.as_str(), position["seq"].as_u64()),
+        (first.as_str(), Some(1))
     );
+    let (_, payload, position) = client.next_positioned_event().await;
+    assert_eq!(
+        (payload.as_str(), position["seq"].as_u64()),
+        (second.as_str(), Some(2))
+    );
+    let (_, payload, position) = client.next_positioned_event().await;
+    assert_eq!(
+        (payload.as_str(), position["seq"].as_u64()),
+        (marker.as_str(), Some(3))
+    );
+
+    let (status, body) = gateway
+        .publish_with_idempotency_key("has space", &marker)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +236,7 @@ async fn job_assigned_reaches_the_region_and_the_contractor() {
     let completion = contractor_client
         .invoke("1", "JoinContractorGroup", json!([CONTRACTOR]))
         .await;
-    assert_eq!(completion, json!({"type": 3, "invocationId": "1"}));
+    e2e::joined(&completion, &format!("/contractor/{CONTRACTOR}"));
     let event = job_assigned().to_string();
     gateway.publish_accepted(&event).await;
     assert_eq!(

@@ -9,14 +9,19 @@ import { HubConnectionState } from "@microsoft/signalr";
 import {
   JWT_SECRET,
   arrivals,
+  assertJoinResult,
   connect,
+  contractorGroup,
   contractorToken,
+  delivered,
+  dispatchGroup,
   dispatcherClaims,
   dispatcherToken,
   gatewayFor,
   hubConnection,
   inbox,
   jobAssigned,
+  join,
   mintJwt,
   negotiate,
   publish,
@@ -56,12 +61,15 @@ test("a dispatcher cannot join the dispatch group of a region missing from its t
   assert.equal(connection.state, HubConnectionState.Connected);
 
   // The connection is still usable, and the refused join left no membership behind.
-  await connection.invoke("JoinDispatchGroup", own);
+  const joined = await join(connection, "JoinDispatchGroup", own, { seq: 0 });
   const refused = recommendationReady(foreign);
   const allowed = recommendationReady(own);
   await publishAccepted(gateway, refused);
-  await publishAccepted(gateway, allowed);
-  assert.deepStrictEqual(await recommendations.take(1), [[allowed]]);
+  const published = await publishAccepted(gateway, allowed);
+  assert.deepStrictEqual(await recommendations.take(1), [
+    [allowed, { group: dispatchGroup(own), epoch: joined.epoch, seq: 1 }],
+  ]);
+  assert.deepStrictEqual(recommendations.received[0], delivered(allowed, published, dispatchGroup(own)));
 });
 
 test("a contractor cannot join another contractor's group", async (t) => {
@@ -73,12 +81,15 @@ test("a contractor cannot join another contractor's group", async (t) => {
   await assertRefused(connection.invoke("JoinContractorGroup", foreign), /only your own|not yours/i);
   assert.equal(connection.state, HubConnectionState.Connected);
 
-  await connection.invoke("JoinContractorGroup", own);
+  const joined = await join(connection, "JoinContractorGroup", own, { seq: 0 });
   const refused = jobAssigned(uniqueRegion(), foreign);
   const allowed = jobAssigned(uniqueRegion(), own);
   await publishAccepted(gateway, refused);
-  await publishAccepted(gateway, allowed);
-  assert.deepStrictEqual(await events.take(1), [{ target: "JobAssigned", args: [allowed] }]);
+  const published = await publishAccepted(gateway, allowed);
+  assert.deepStrictEqual(await events.take(1), [
+    { target: "JobAssigned", args: [allowed, { group: contractorGroup(own), epoch: joined.epoch, seq: 1 }] },
+  ]);
+  assert.deepStrictEqual(events.received[0].args, delivered(allowed, published, contractorGroup(own)));
 });
 
 test("a dispatcher cannot join a contractor group", async (t) => {
@@ -90,12 +101,14 @@ test("a dispatcher cannot join a contractor group", async (t) => {
   await assertRefused(connection.invoke("JoinContractorGroup", contractorId), /dispatcher/i, /may not|not allowed|cannot/i);
   assert.equal(connection.state, HubConnectionState.Connected);
 
-  await connection.invoke("JoinDispatchGroup", region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
   const refused = jobAssigned(uniqueRegion(), contractorId);
   const allowed = recommendationReady(region);
   await publishAccepted(gateway, refused);
   await publishAccepted(gateway, allowed);
-  assert.deepStrictEqual(await events.take(1), [{ target: "RecommendationReady", args: [allowed] }]);
+  assert.deepStrictEqual(await events.take(1), [
+    { target: "RecommendationReady", args: [allowed, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }] },
+  ]);
 });
 
 test("a contractor cannot join a dispatch group", async (t) => {
@@ -104,7 +117,7 @@ test("a contractor cannot join a dispatch group", async (t) => {
 
   await assertRefused(connection.invoke("JoinDispatchGroup", "west"), /contractor/i, /may not|not allowed|cannot/i);
   assert.equal(connection.state, HubConnectionState.Connected);
-  assert.equal((await connection.invoke("JoinContractorGroup", contractorId)) ?? undefined, undefined);
+  assertJoinResult(await connection.invoke("JoinContractorGroup", contractorId), contractorGroup(contractorId), { seq: 0 });
 });
 
 test("joining a dispatch group with an invalid or empty region name is refused", async (t) => {
@@ -114,17 +127,35 @@ test("joining a dispatch group with an invalid or empty region name is refused",
   await assertRefused(connection.invoke("JoinDispatchGroup", "west/../east"), /invalid region/i);
   await assertRefused(connection.invoke("JoinDispatchGroup", ""), /invalid region/i);
   assert.equal(connection.state, HubConnectionState.Connected);
-  await connection.invoke("JoinDispatchGroup", region);
+  await join(connection, "JoinDispatchGroup", region);
 });
 
 test("a join with a wrong argument count is refused and the connection stays usable", async (t) => {
   const region = uniqueRegion();
   const connection = await connect(t, gateway, dispatcherToken([region]));
 
-  await assertRefused(connection.invoke("JoinDispatchGroup"), /argument/i);
-  await assertRefused(connection.invoke("JoinDispatchGroup", region, region), /argument/i);
+  // A join takes the name and an optional position; a leave only the name.
+  await assertRefused(connection.invoke("JoinDispatchGroup"), /provides 0 argument\(s\) but target expects 1 or 2\./);
+  await assertRefused(
+    connection.invoke("JoinDispatchGroup", region, null, null),
+    /provides 3 argument\(s\) but target expects 1 or 2\./,
+  );
+  await assertRefused(connection.invoke("JoinContractorGroup"), /provides 0 argument\(s\) but target expects 1 or 2\./);
+  await assertRefused(connection.invoke("LeaveDispatchGroup", region, null), /provides 2 argument\(s\) but target expects 1\./);
+  // A second argument that is not a position is a binding error.
+  await assertRefused(
+    connection.invoke("JoinDispatchGroup", region, region),
+    /Error binding arguments\. The position must be null or \{"epoch": string, "seq": integer\}/,
+  );
+  await assertRefused(
+    connection.invoke("JoinDispatchGroup", region, { epoch: "0".repeat(32) }),
+    /The position must be null or/,
+  );
   assert.equal(connection.state, HubConnectionState.Connected);
-  await connection.invoke("JoinDispatchGroup", region);
+  // The refused calls joined nothing: the group's head is still the start of its history.
+  await join(connection, "JoinDispatchGroup", region, { seq: 0 });
+  // null is no position: the result carries no "recovered".
+  await join(connection, "JoinDispatchGroup", region, { position: null, seq: 0 });
 });
 
 test("a connection cannot be in more groups than the configured limit", async (t) => {
@@ -133,21 +164,23 @@ test("a connection cannot be in more groups than the configured limit", async (t
   const connection = await connect(t, limited, dispatcherToken([first, second, third]));
   const events = arrivals(connection);
 
-  await connection.invoke("JoinDispatchGroup", first);
-  await connection.invoke("JoinDispatchGroup", second);
+  await join(connection, "JoinDispatchGroup", first);
+  await join(connection, "JoinDispatchGroup", second);
   await assertRefused(connection.invoke("JoinDispatchGroup", third), /2 groups/, /limit/);
   assert.equal(connection.state, HubConnectionState.Connected);
   // Joining a group it is already in is not a new membership.
-  await connection.invoke("JoinDispatchGroup", first);
+  await join(connection, "JoinDispatchGroup", first);
   // Leaving makes room.
   await connection.invoke("LeaveDispatchGroup", second);
-  await connection.invoke("JoinDispatchGroup", third);
+  const head = await join(connection, "JoinDispatchGroup", third, { seq: 0 });
 
   const left = recommendationReady(second);
   const joined = recommendationReady(third);
   await publishAccepted(limited, left);
   await publishAccepted(limited, joined);
-  assert.deepStrictEqual(await events.take(1), [{ target: "RecommendationReady", args: [joined] }]);
+  assert.deepStrictEqual(await events.take(1), [
+    { target: "RecommendationReady", args: [joined, { group: dispatchGroup(third), epoch: head.epoch, seq: 1 }] },
+  ]);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -242,7 +275,7 @@ test("publishing an invalid event is refused with 400 and an error naming the pr
   const region = uniqueRegion();
   const connection = await connect(t, gateway, dispatcherToken([region]));
   const events = arrivals(connection);
-  await connection.invoke("JoinDispatchGroup", region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
 
   const cases = [
     [{ ...recommendationReady(region), jobId: "not-a-uuid" }, /jobId/],
@@ -261,8 +294,18 @@ test("publishing an invalid event is refused with 400 and an error naming the pr
     assert.match(response.json.error, pattern);
   }
 
+  // A malformed Idempotency-Key refuses even a valid event.
+  for (const badKey of ["has space", "x".repeat(201)]) {
+    const response = await publish(gateway, recommendationReady(region), { headers: { "idempotency-key": badKey } });
+    assert.equal(response.status, 400, `Idempotency-Key ${JSON.stringify(badKey)} → ${response.status} ${response.text}`);
+    assert.match(response.json?.error ?? "", /Idempotency-Key must be 1 to 200 printable ASCII characters without spaces/);
+  }
+
   // None of the refused events reached the group: the first event to arrive is a valid one.
+  // Nor did they take a position in its history: the valid event is the group's first.
   const valid = recommendationReady(region);
   await publishAccepted(gateway, valid);
-  assert.deepStrictEqual(await events.take(1), [{ target: "RecommendationReady", args: [valid] }]);
+  assert.deepStrictEqual(await events.take(1), [
+    { target: "RecommendationReady", args: [valid, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }] },
+  ]);
 });

@@ -9,8 +9,10 @@ import {
   GATEWAY_BIN,
   JWT_SECRET,
   connect,
+  dispatchGroup,
   gatewayFor,
   inbox,
+  join,
   publishAccepted,
   recommendationReady,
   uniqueRegion,
@@ -42,10 +44,10 @@ test("a token minted with `gateway token` lets the official client join the regi
   const server = await gatewayFor(t);
   const connection = await connect(t, server, token);
   const recommendations = inbox(connection, "RecommendationReady");
-  await connection.invoke("JoinDispatchGroup", region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
   const event = recommendationReady(region);
   await publishAccepted(server, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
 });
 
 test("a bad configuration exits with code 64 and lists every problem", async () => {

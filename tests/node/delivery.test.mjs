@@ -8,16 +8,23 @@ import { after, before, test } from "node:test";
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
+  EPOCH,
   arrivals,
+  assertPublishAnswer,
   connect,
   publish,
   contractorClaims,
+  contractorGroup,
   contractorToken,
+  delivered,
+  dispatchGroup,
   dispatcherToken,
   inbox,
   jobAssigned,
+  join,
   mintJwt,
   negotiate,
+  positionIn,
   publishAccepted,
   recommendationReady,
   startGateway,
@@ -51,17 +58,23 @@ test("a dispatcher connected via negotiate receives RecommendationReady for its 
   assert.equal(typeof connection.connectionId, "string", "negotiate gives the client a connection id");
   const recommendations = inbox(connection, "RecommendationReady");
 
+  // A join resolves with the group's current position: a group nobody published to is at seq 0.
   const joined = await connection.invoke("JoinDispatchGroup", region);
-  assert.equal(joined ?? undefined, undefined, "a join completes without a result");
+  assert.deepStrictEqual(joined, { group: dispatchGroup(region), epoch: joined?.epoch, seq: 0 });
+  assert.match(joined.epoch, EPOCH);
 
   const plain = recommendationReady(region);
   const extended = recommendationReady(region, { schemaVersion: 2, hint: { ranks: [1, 2, 3], note: "ünïcödé ✓" } });
-  await publishAccepted(gateway, plain);
-  await publishAccepted(gateway, extended);
+  const plainPublished = await publishAccepted(gateway, plain);
+  const extendedPublished = await publishAccepted(gateway, extended);
 
+  // Each event comes untouched, then its position: the joined epoch, seq counting on from the head.
   const [first, second] = await recommendations.take(2);
-  assert.deepStrictEqual(first, [plain]);
-  assert.deepStrictEqual(second, [extended], "fields unknown to the contract reach the client unchanged");
+  const group = dispatchGroup(region);
+  assert.deepStrictEqual(first, [plain, { group, epoch: joined.epoch, seq: 1 }]);
+  assert.deepStrictEqual(second, [extended, { group, epoch: joined.epoch, seq: 2 }], "fields unknown to the contract reach the client unchanged");
+  assert.deepStrictEqual(first, delivered(plain, plainPublished, group), "the position is the one the publish answered");
+  assert.deepStrictEqual(second, delivered(extended, extendedPublished, group));
 });
 
 test("a dispatcher connected with skipNegotiation over WebSockets receives RecommendationReady exactly as published", async (t) => {
@@ -70,11 +83,11 @@ test("a dispatcher connected with skipNegotiation over WebSockets receives Recom
   assert.equal(connection.connectionId, null, "without negotiate the client has no connection id");
   const recommendations = inbox(connection, "RecommendationReady");
 
-  await connection.invoke("JoinDispatchGroup", region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
   const event = recommendationReady(region, { schemaVersion: 2 });
   await publishAccepted(gateway, event);
 
-  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
 });
 
 test("JobAssigned reaches the dispatchers of its region and only the assigned contractor", async (t) => {
@@ -89,21 +102,35 @@ test("JobAssigned reaches the dispatchers of its region and only the assigned co
   const assignedJobs = inbox(assigned, "JobAssigned");
   const otherEvents = arrivals(other);
 
-  await dispatcher.invoke("JoinDispatchGroup", region);
-  await assigned.invoke("JoinContractorGroup", assignedId);
-  await other.invoke("JoinContractorGroup", otherId);
+  const dispatch = await join(dispatcher, "JoinDispatchGroup", region, { seq: 0 });
+  const assignedHead = await join(assigned, "JoinContractorGroup", assignedId, { seq: 0 });
+  const otherHead = await join(other, "JoinContractorGroup", otherId, { seq: 0 });
 
   const forAssigned = jobAssigned(region, assignedId, { source: "auto" });
   const forOther = jobAssigned(region, otherId);
-  await publishAccepted(gateway, forAssigned);
-  await publishAccepted(gateway, forOther);
+  const assignedPublished = await publishAccepted(gateway, forAssigned);
+  const otherPublished = await publishAccepted(gateway, forOther);
+  // Routed to the region's dispatch group and the contractor's group, a position in each.
+  assert.deepStrictEqual(assignedPublished.json.groups, [dispatchGroup(region), contractorGroup(assignedId)]);
+  assert.deepStrictEqual(otherPublished.json.groups, [dispatchGroup(region), contractorGroup(otherId)]);
 
-  assert.deepStrictEqual(await assignedJobs.nth(1), [forAssigned]);
-  assert.deepStrictEqual(await dispatcherJobs.take(2), [[forAssigned], [forOther]]);
+  // Each member gets the position in the group it is a member of.
+  assert.deepStrictEqual(await assignedJobs.nth(1), [
+    forAssigned,
+    { group: contractorGroup(assignedId), epoch: assignedHead.epoch, seq: 1 },
+  ]);
+  assert.deepStrictEqual(await dispatcherJobs.take(2), [
+    [forAssigned, { group: dispatchGroup(region), epoch: dispatch.epoch, seq: 1 }],
+    [forOther, { group: dispatchGroup(region), epoch: dispatch.epoch, seq: 2 }],
+  ]);
+  assert.deepStrictEqual(dispatcherJobs.received[1], delivered(forOther, otherPublished, dispatchGroup(region)));
   // Events reach one connection in publication order, so had the other contractor been sent the
   // first assignment it would have arrived before its own.
   const [firstForOther] = await otherEvents.take(1);
-  assert.deepStrictEqual(firstForOther, { target: "JobAssigned", args: [forOther] });
+  assert.deepStrictEqual(firstForOther, {
+    target: "JobAssigned",
+    args: [forOther, { group: contractorGroup(otherId), epoch: otherHead.epoch, seq: 1 }],
+  });
 });
 
 test("a contractor whose token carries only sub joins the group named by sub", async (t) => {
@@ -113,11 +140,11 @@ test("a contractor whose token carries only sub joins the group named by sub", a
   const connection = await connect(t, gateway, mintJwt(claims));
   const jobs = inbox(connection, "JobAssigned");
 
-  await connection.invoke("JoinContractorGroup", contractorId);
+  const joined = await join(connection, "JoinContractorGroup", contractorId, { seq: 0 });
   const event = jobAssigned(uniqueRegion(), contractorId);
   await publishAccepted(gateway, event);
 
-  assert.deepStrictEqual(await jobs.nth(1), [event]);
+  assert.deepStrictEqual(await jobs.nth(1), [event, { group: contractorGroup(contractorId), epoch: joined.epoch, seq: 1 }]);
 });
 
 test("a contractor id in upper case names the same group as the event's lower-case uuid", async (t) => {
@@ -125,11 +152,13 @@ test("a contractor id in upper case names the same group as the event's lower-ca
   const connection = await connect(t, gateway, contractorToken(contractorId.toUpperCase()));
   const jobs = inbox(connection, "JobAssigned");
 
-  await connection.invoke("JoinContractorGroup", contractorId.toUpperCase());
+  // The join result names the group in lower case, as the event's position does.
+  const joined = await join(connection, "JoinContractorGroup", contractorId.toUpperCase(), { seq: 0 });
+  assert.equal(joined.group, `/contractor/${contractorId}`);
   const event = jobAssigned(uniqueRegion(), contractorId);
   await publishAccepted(gateway, event);
 
-  assert.deepStrictEqual(await jobs.nth(1), [event]);
+  assert.deepStrictEqual(await jobs.nth(1), [event, { group: `/contractor/${contractorId}`, epoch: joined.epoch, seq: 1 }]);
 });
 
 test("a dispatcher that leaves a dispatch group stops receiving its events", async (t) => {
@@ -138,21 +167,29 @@ test("a dispatcher that leaves a dispatch group stops receiving its events", asy
   const connection = await connect(t, gateway, dispatcherToken([left, kept]));
   const events = arrivals(connection);
 
-  await connection.invoke("JoinDispatchGroup", left);
-  await connection.invoke("JoinDispatchGroup", kept);
+  const leftHead = await join(connection, "JoinDispatchGroup", left, { seq: 0 });
+  const keptHead = await join(connection, "JoinDispatchGroup", kept, { seq: 0 });
   const beforeLeaving = recommendationReady(left);
   await publishAccepted(gateway, beforeLeaving);
-  assert.deepStrictEqual(await events.take(1), [{ target: "RecommendationReady", args: [beforeLeaving] }]);
+  assert.deepStrictEqual(await events.take(1), [
+    { target: "RecommendationReady", args: [beforeLeaving, { group: dispatchGroup(left), epoch: leftHead.epoch, seq: 1 }] },
+  ]);
 
   const leaveResult = await connection.invoke("LeaveDispatchGroup", left);
   assert.equal(leaveResult ?? undefined, undefined, "a leave completes without a result");
   const afterLeaving = recommendationReady(left);
   const stillJoined = jobAssigned(kept, randomUUID());
-  await publishAccepted(gateway, afterLeaving);
+  const afterPublished = await publishAccepted(gateway, afterLeaving);
+  // The left group's history goes on without this client.
+  assert.deepStrictEqual(positionIn(afterPublished, dispatchGroup(left)), { group: dispatchGroup(left), epoch: leftHead.epoch, seq: 2 });
   await publishAccepted(gateway, stillJoined);
 
   const [, next] = await events.take(2);
-  assert.deepStrictEqual(next, { target: "JobAssigned", args: [stillJoined] }, "the event for the left region arrived");
+  assert.deepStrictEqual(
+    next,
+    { target: "JobAssigned", args: [stillJoined, { group: dispatchGroup(kept), epoch: keptHead.epoch, seq: 1 }] },
+    "the event for the left region arrived",
+  );
 });
 
 test("a contractor that leaves its group stops receiving assignments", async (t) => {
@@ -163,19 +200,22 @@ test("a contractor that leaves its group stops receiving assignments", async (t)
   const contractorEvents = arrivals(contractor);
   const dispatcherJobs = inbox(dispatcher, "JobAssigned");
 
-  await contractor.invoke("JoinContractorGroup", contractorId);
-  await dispatcher.invoke("JoinDispatchGroup", region);
+  const first = await join(contractor, "JoinContractorGroup", contractorId, { seq: 0 });
+  const dispatch = await join(dispatcher, "JoinDispatchGroup", region, { seq: 0 });
   await contractor.invoke("LeaveContractorGroup", contractorId);
   const afterLeaving = jobAssigned(region, contractorId);
   await publishAccepted(gateway, afterLeaving);
   // Proof of publication: the dispatcher of the region got it.
-  assert.deepStrictEqual(await dispatcherJobs.nth(1), [afterLeaving]);
+  assert.deepStrictEqual(await dispatcherJobs.nth(1), [afterLeaving, { group: dispatchGroup(region), epoch: dispatch.epoch, seq: 1 }]);
 
-  await contractor.invoke("JoinContractorGroup", contractorId);
+  // Rejoining without a position starts after the event published while away (no replay).
+  const rejoined = await join(contractor, "JoinContractorGroup", contractorId, { epoch: first.epoch, seq: 1 });
   const afterRejoining = jobAssigned(region, contractorId);
   await publishAccepted(gateway, afterRejoining);
 
-  assert.deepStrictEqual(await contractorEvents.take(1), [{ target: "JobAssigned", args: [afterRejoining] }]);
+  assert.deepStrictEqual(await contractorEvents.take(1), [
+    { target: "JobAssigned", args: [afterRejoining, { group: contractorGroup(contractorId), epoch: rejoined.epoch, seq: 2 }] },
+  ]);
 });
 
 test("invoking an unknown hub method is refused by name and the connection stays usable", async (t) => {
@@ -190,10 +230,10 @@ test("invoking an unknown hub method is refused by name and the connection stays
   });
   assert.equal(connection.state, HubConnectionState.Connected);
 
-  await connection.invoke("JoinDispatchGroup", region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
   const event = recommendationReady(region);
   await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
 });
 
 test("every connection in a dispatch group receives each event once", async (t) => {
@@ -203,17 +243,22 @@ test("every connection in a dispatch group receives each event once", async (t) 
   const second = await connect(t, gateway, token, { skipNegotiation: true });
   const firstEvents = arrivals(first);
   const secondEvents = arrivals(second);
-  await first.invoke("JoinDispatchGroup", region);
-  await second.invoke("JoinDispatchGroup", region);
+  const head = await join(first, "JoinDispatchGroup", region, { seq: 0 });
+  // Every member of a group sees the same history.
+  await join(second, "JoinDispatchGroup", region, { epoch: head.epoch, seq: 0 });
   // Joining twice keeps one membership.
-  await first.invoke("JoinDispatchGroup", region);
+  await join(first, "JoinDispatchGroup", region, { epoch: head.epoch, seq: 0 });
 
   const events = [recommendationReady(region), jobAssigned(region, randomUUID()), recommendationReady(region)];
   for (const event of events) await publishAccepted(gateway, event);
   const marker = recommendationReady(region, { marker: true });
   await publishAccepted(gateway, marker);
 
-  const expected = [...events, marker].map((event) => ({ target: event.type, args: [event] }));
+  const group = dispatchGroup(region);
+  const expected = [...events, marker].map((event, i) => ({
+    target: event.type,
+    args: [event, { group, epoch: head.epoch, seq: i + 1 }],
+  }));
   assert.deepStrictEqual(await firstEvents.take(4), expected);
   assert.deepStrictEqual(await secondEvents.take(4), expected);
 });
@@ -224,14 +269,29 @@ test("the answer to a publish names the event type and the groups it was routed 
 
   const recommendation = await publish(gateway, recommendationReady(region));
   assert.equal(recommendation.status, 202, recommendation.text);
-  assert.deepStrictEqual(recommendation.json, { type: "RecommendationReady", groups: [`/dispatch/${region}`] });
+  const dispatchEpoch = recommendation.json?.positions?.[0]?.epoch;
+  assert.match(dispatchEpoch ?? "", EPOCH, recommendation.text);
+  assert.deepStrictEqual(recommendation.json, {
+    type: "RecommendationReady",
+    groups: [`/dispatch/${region}`],
+    positions: [{ group: `/dispatch/${region}`, epoch: dispatchEpoch, seq: 1 }],
+    duplicate: false,
+  });
 
   const assignment = await publish(gateway, jobAssigned(region, contractorId.toUpperCase()));
   assert.equal(assignment.status, 202, assignment.text);
+  const contractorEpoch = assignment.json?.positions?.[1]?.epoch;
+  assert.match(contractorEpoch ?? "", EPOCH, assignment.text);
   assert.deepStrictEqual(assignment.json, {
     type: "JobAssigned",
     groups: [`/dispatch/${region}`, `/contractor/${contractorId}`],
+    positions: [
+      { group: `/dispatch/${region}`, epoch: dispatchEpoch, seq: 2 },
+      { group: `/contractor/${contractorId}`, epoch: contractorEpoch, seq: 1 },
+    ],
+    duplicate: false,
   });
+  assertPublishAnswer(assignment.json, "JobAssigned", { duplicate: false });
 });
 
 test("a client asking for stateful reconnect is served without it and receives events", async (t) => {
@@ -247,8 +307,8 @@ test("a client asking for stateful reconnect is served without it and receives e
 
   const connection = await connect(t, gateway, token, { configure: (builder) => builder.withStatefulReconnect() });
   const recommendations = inbox(connection, "RecommendationReady");
-  await connection.invoke("JoinDispatchGroup", region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
   const event = recommendationReady(region);
   await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
 });

@@ -10,6 +10,7 @@
 //   E2E_CLIENT_LOG    SignalR client log level to print (Trace, Debug, Information, Warning, ...)
 // Each gateway's stdout/stderr goes to artifacts/<name>-<n>.log next to this file.
 
+import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
@@ -305,14 +306,94 @@ export async function publish(gateway, body, { key = SERVICE_KEY, headers = {} }
   return readResponse(response);
 }
 
-/** Publishes and fails unless the gateway answers 202. */
-export async function publishAccepted(gateway, event) {
-  const result = await publish(gateway, event);
+/**
+ * Publishes and fails unless the gateway answers 202 with a fresh (not duplicate) publication:
+ * `{"type","groups","positions":[{group,epoch,seq}, one per group in order],"duplicate":false}`.
+ * Publishing is idempotent (the key is the event's requestId/assignmentId unless `options.headers`
+ * carries an Idempotency-Key), so every call must publish a distinct event or pass a distinct key.
+ * `options` is passed to `publish`.
+ */
+export async function publishAccepted(gateway, event, options = {}) {
+  const result = await publish(gateway, event, options);
   if (result.status !== 202) {
     throw new Error(`publishing ${event.type} was answered ${result.status} ${result.text}, expected 202`);
   }
+  assertPublishAnswer(result.json, event.type, { duplicate: false });
   return result;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Positions (docs/events.md "On the wire", "4. Join groups")
+
+/** An epoch: 32 lowercase hex characters (a UUID v4 in simple form). */
+export const EPOCH = /^[0-9a-f]{32}$/;
+
+/** The group an event for a dispatch region or a contractor id is routed to. */
+export const dispatchGroup = (region) => `/dispatch/${region}`;
+export const contractorGroup = (contractorId) => `/contractor/${contractorId.toLowerCase()}`;
+
+/** Asserts `position` is exactly `{group, epoch, seq}` of `group` (seq an integer >= min). */
+export function assertPosition(position, group, min = 0) {
+  assert.deepStrictEqual(Object.keys(position ?? {}).sort(), ["epoch", "group", "seq"], `a position, got ${JSON.stringify(position)}`);
+  assert.equal(position.group, group, `position of another group: ${JSON.stringify(position)}`);
+  assert.match(position.epoch, EPOCH, `epoch of ${JSON.stringify(position)}`);
+  assert.ok(Number.isSafeInteger(position.seq) && position.seq >= min, `seq of ${JSON.stringify(position)}`);
+  return position;
+}
+
+/**
+ * Asserts `result` is a join result for `group`: exactly `{group, epoch, seq}`, plus `recovered`
+ * when `options.recovered` is given (true/false), and resolves with it.
+ * `options.seq` / `options.epoch` pin the head when the test knows it.
+ */
+export function assertJoinResult(result, group, options = {}) {
+  const { recovered, seq, epoch } = options;
+  const keys = ["epoch", "group", "seq", ...(recovered === undefined ? [] : ["recovered"])].sort();
+  assert.deepStrictEqual(Object.keys(result ?? {}).sort(), keys, `join result of ${group}: ${JSON.stringify(result)}`);
+  const { recovered: got, ...position } = result;
+  assertPosition(position, group);
+  if (recovered !== undefined) assert.equal(got, recovered, `recovered of ${JSON.stringify(result)}`);
+  if (seq !== undefined) assert.equal(result.seq, seq, `head seq of ${JSON.stringify(result)}`);
+  if (epoch !== undefined) assert.equal(result.epoch, epoch, `epoch of ${JSON.stringify(result)}`);
+  return result;
+}
+
+/** Invokes a join method and asserts its result (see assertJoinResult); resolves with the result. */
+export async function join(connection, method, name, options = {}) {
+  const { position, ...expected } = options;
+  const args = position === undefined ? [name] : [name, position];
+  const result = await connection.invoke(method, ...args);
+  const group = method === "JoinDispatchGroup" ? dispatchGroup(name) : contractorGroup(name);
+  return assertJoinResult(result, group, expected);
+}
+
+/**
+ * Asserts the JSON answer to a 202 publish: `{type, groups, positions, duplicate}` with one
+ * well-formed position per group, in the same order.
+ */
+export function assertPublishAnswer(json, type, { duplicate } = {}) {
+  assert.deepStrictEqual(Object.keys(json ?? {}).sort(), ["duplicate", "groups", "positions", "type"], `publish answer ${JSON.stringify(json)}`);
+  assert.equal(json.type, type);
+  assert.ok(Array.isArray(json.groups) && json.groups.length > 0, `groups of ${JSON.stringify(json)}`);
+  assert.equal(json.positions.length, json.groups.length, `one position per group: ${JSON.stringify(json)}`);
+  json.positions.forEach((position, i) => assertPosition(position, json.groups[i], 1));
+  if (duplicate !== undefined) assert.equal(json.duplicate, duplicate, `duplicate of ${JSON.stringify(json)}`);
+  return json;
+}
+
+/** The position a publish answer (a `publish`/`publishAccepted` result or its json) gave in `group`. */
+export function positionIn(published, group) {
+  const json = published?.json ?? published;
+  const position = json?.positions?.find((candidate) => candidate.group === group);
+  assert.ok(position, `the publish answer has no position in ${group}: ${JSON.stringify(json)}`);
+  return position;
+}
+
+/**
+ * The arguments a handler receives for an event published with answer `published` and delivered
+ * through `group`: the event untouched, then its position.
+ */
+export const delivered = (event, published, group) => [event, positionIn(published, group)];
 
 export async function readResponse(response) {
   const text = await response.text();

@@ -8,9 +8,11 @@ import { HubConnectionState } from "@microsoft/signalr";
 import {
   connect,
   deferred,
+  dispatchGroup,
   dispatcherToken,
   hubConnection,
   inbox,
+  join,
   nextClose,
   publishAccepted,
   rawWebSocket,
@@ -70,10 +72,10 @@ test("a silent client closed for inactivity is allowed to reconnect", async (t) 
   const secondId = await within(10_000, reconnected.promise, "onreconnected");
   assert.notEqual(secondId, firstId, "a reconnect negotiates a new connection");
   const recommendations = inbox(connection, "RecommendationReady");
-  await connection.invoke("JoinDispatchGroup", region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
   const event = recommendationReady(region);
   await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
 });
 
 test("a client that pings outlives the client timeout and server pings keep it from timing out", async (t) => {
@@ -97,10 +99,10 @@ test("a client that pings outlives the client timeout and server pings keep it f
   assert.equal(livelyClosed, undefined, `the pinging client was closed: ${livelyClosed?.message}`);
   assert.equal(lively.state, HubConnectionState.Connected);
   const recommendations = inbox(lively, "RecommendationReady");
-  await lively.invoke("JoinDispatchGroup", region);
+  const joined = await join(lively, "JoinDispatchGroup", region, { seq: 0 });
   const event = recommendationReady(region);
   await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
 });
 
 test("a WebSocket that never sends the handshake is closed after the handshake timeout", async () => {

@@ -7,7 +7,10 @@ import { after, before, test } from "node:test";
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
+  assertJoinResult,
   connect,
+  delivered,
+  dispatchGroup,
   dispatcherToken,
   nextClose,
   publishAccepted,
@@ -52,7 +55,11 @@ test("a handshake and an invocation batched into one frame are both answered", a
       `{"target":"JoinDispatchGroup","arguments":["${region}"],"invocationId":"0","type":1}${RS}`,
   );
 
-  assert.deepStrictEqual(await recordsFrom(ws, 0, 2), [{}, { type: 3, invocationId: "0" }]);
+  const [handshake, completion] = await recordsFrom(ws, 0, 2);
+  assert.deepStrictEqual(handshake, {});
+  // The join's Completion carries its result, the group's position.
+  assert.deepStrictEqual(completion, { type: 3, invocationId: "0", result: completion.result });
+  assertJoinResult(completion.result, dispatchGroup(region), { seq: 0 });
 });
 
 test("a handshake asking for version 2 of the JSON protocol is accepted", async (t) => {
@@ -67,12 +74,22 @@ test("an event reaches a raw client as one text-frame Invocation record without 
   const ws = await handshaken(t, region);
   // Method names match case-insensitively, as in ASP.NET Core.
   ws.sendText(`{"target":"joindispatchgroup","arguments":["${region}"],"invocationId":"7","type":1}${RS}`);
-  assert.deepStrictEqual(await recordsFrom(ws, 1, 1), [{ type: 3, invocationId: "7" }]);
+  const [completion] = await recordsFrom(ws, 1, 1);
+  assert.deepStrictEqual(completion, { type: 3, invocationId: "7", result: completion.result });
+  const joined = assertJoinResult(completion.result, dispatchGroup(region), { seq: 0 });
 
   const event = recommendationReady(region, { schemaVersion: 2 });
   const seen = ws.frames.length;
-  await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recordsFrom(ws, seen, 1), [{ type: 1, target: "RecommendationReady", arguments: [event] }]);
+  const published = await publishAccepted(gateway, event);
+  // Two arguments: the event untouched, then its position in the group.
+  const position = { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 };
+  assert.deepStrictEqual(await recordsFrom(ws, seen, 1), [
+    { type: 1, target: "RecommendationReady", arguments: [event, position] },
+  ]);
+  assert.deepStrictEqual([event, position], delivered(event, published, dispatchGroup(region)));
+  // The published body is placed byte for byte as the first argument.
+  const text = ws.frames.slice(seen).find((frame) => frame.opcode === 0x1 && frame.text.includes('"type":1'))?.text ?? "";
+  assert.ok(text.startsWith(`{"type":1,"target":"RecommendationReady","arguments":[${JSON.stringify(event)},{`), text);
 });
 
 test("a non-blocking invocation (no invocation id) is carried out without a reply", async (t) => {
@@ -87,11 +104,12 @@ test("a non-blocking invocation (no invocation id) is carried out without a repl
 
   // The non-blocking join took effect: the group's events arrive.
   const event = recommendationReady(region);
-  await publishAccepted(gateway, event);
+  const published = await publishAccepted(gateway, event);
   assert.deepStrictEqual(await recordsFrom(ws, 1, 2), [
     { type: 3, invocationId: "barrier" },
-    { type: 1, target: "RecommendationReady", arguments: [event] },
+    { type: 1, target: "RecommendationReady", arguments: delivered(event, published, dispatchGroup(region)) },
   ]);
+  assert.equal(published.json.positions[0].seq, 1);
 });
 
 test("a client message over the size limit closes the connection with a reason that forbids reconnecting", async (t) => {

@@ -6,10 +6,13 @@ import { test } from "node:test";
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
+  assertJoinResult,
   deferred,
+  dispatchGroup,
   dispatcherToken,
   hubConnection,
   inbox,
+  join,
   publishAccepted,
   recommendationReady,
   startGateway,
@@ -39,7 +42,7 @@ async function reconnectsAfter(t, takeDown) {
   let closedWith = "not closed";
   connection.onreconnecting((error) => reconnecting.resolve(error));
   connection.onreconnected((connectionId) => {
-    connection.invoke("JoinDispatchGroup", region).then(() => rejoined.resolve(connectionId), rejoined.reject);
+    connection.invoke("JoinDispatchGroup", region).then((result) => rejoined.resolve({ connectionId, result }), rejoined.reject);
   });
   connection.onclose((error) => {
     closedWith = error;
@@ -48,24 +51,28 @@ async function reconnectsAfter(t, takeDown) {
 
   await within(10_000, connection.start(), "start()");
   const firstId = connection.connectionId;
-  await connection.invoke("JoinDispatchGroup", region);
+  const group = dispatchGroup(region);
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
   const beforeRestart = recommendationReady(region);
   await publishAccepted(gateway, beforeRestart);
-  assert.deepStrictEqual(await recommendations.nth(1), [beforeRestart]);
+  assert.deepStrictEqual(await recommendations.nth(1), [beforeRestart, { group, epoch: joined.epoch, seq: 1 }]);
 
   const { ports } = gateway;
   const exit = await within(15_000, takeDown(gateway), "the gateway to exit");
   const lossError = await within(5_000, reconnecting.promise, "onreconnecting");
   gateway = await startGateway({ name: `${t.name} (restarted)`, ports });
 
-  const secondId = await within(15_000, rejoined.promise, "onreconnected and the rejoin");
+  const { connectionId: secondId, result: rejoinedAt } = await within(15_000, rejoined.promise, "onreconnected and the rejoin");
+  // The restarted in-process broker has a new, empty history for the group: a new epoch.
+  assertJoinResult(rejoinedAt, group, { seq: 0 });
+  assert.notEqual(rejoinedAt.epoch, joined.epoch, "a restarted gateway starts a new history");
   assert.equal(connection.state, HubConnectionState.Connected);
   assert.notEqual(secondId, firstId, "the reconnect negotiated a new connection");
   assert.equal(closedWith, "not closed");
 
   const afterRestart = recommendationReady(region, { schemaVersion: 2 });
   await publishAccepted(gateway, afterRestart);
-  assert.deepStrictEqual(await recommendations.nth(2), [afterRestart]);
+  assert.deepStrictEqual(await recommendations.nth(2), [afterRestart, { group, epoch: rejoinedAt.epoch, seq: 1 }]);
   return { exit, lossError };
 }
 

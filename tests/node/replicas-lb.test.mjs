@@ -20,15 +20,21 @@ import {
   GATEWAY_BIN,
   JWT_SECRET,
   SERVICE_KEY,
+  EPOCH,
   arrivals,
+  assertJoinResult,
   connect,
+  contractorGroup,
   contractorToken,
   deferred,
+  delivered,
+  dispatchGroup,
   dispatcherToken,
   freePort,
   hubConnection,
   inbox,
   jobAssigned,
+  join,
   publishAccepted,
   recommendationReady,
   uniqueRegion,
@@ -201,22 +207,32 @@ test("clients negotiating through nginx spread over the three replicas and all r
     // One after the other: round-robin then gives every replica some of the WebSockets.
     for (let i = 0; i < 6; i += 1) clients.push(await connect(t, lb, token));
     const inboxes = clients.map((client) => inbox(client, "RecommendationReady"));
-    await Promise.all(clients.map((client) => client.invoke("JoinDispatchGroup", region)));
+    const group = dispatchGroup(region);
+    // Whatever replica a client reached, the group has one history in Redis: one epoch, at 0.
+    const heads = await Promise.all(clients.map((client) => join(client, "JoinDispatchGroup", region, { seq: 0 })));
+    const { epoch } = heads[0];
+    for (const head of heads) assert.equal(head.epoch, epoch, "every replica reports the same epoch");
 
     const active = await settledActive(replicas, 6);
     for (const [i, count] of active.entries()) assert.ok(count > 0, `${replicas[i].name} has no connection: ${active}`);
 
     const event = recommendationReady(region);
-    await publishAccepted(replicas[1], event);
+    const published = await publishAccepted(replicas[1], event);
     const received = await Promise.all(inboxes.map((events) => events.nth(1)));
-    for (const args of received) assert.deepStrictEqual(args, [event]);
+    for (const args of received) assert.deepStrictEqual(args, [event, { group, epoch, seq: 1 }]);
+    assert.deepStrictEqual(received[0], delivered(event, published, group));
 
     // Published once more straight into Redis by realtime-publish (publisher-lib's Publisher).
     const second = recommendationReady(region);
     const viaRedis = await realtimePublish(["--redis-url", `redis://127.0.0.1:${env.REDIS_PORT}`], second);
     assert.equal(viaRedis.via, "redis", JSON.stringify(viaRedis));
+    assert.deepStrictEqual(
+      viaRedis.groups.map(({ group: name, epoch: e, seq, duplicate }) => ({ group: name, epoch: e, seq, duplicate })),
+      [{ group, epoch, seq: 2, duplicate: false }],
+      JSON.stringify(viaRedis),
+    );
     const again = await Promise.all(inboxes.map((events) => events.nth(2)));
-    for (const args of again) assert.deepStrictEqual(args, [second]);
+    for (const args of again) assert.deepStrictEqual(args, [second, { group, epoch, seq: 2 }]);
 
     // And once more by realtime-publish through another replica's POST /api/v1/events.
     const third = recommendationReady(region);
@@ -224,8 +240,10 @@ test("clients negotiating through nginx spread over the three replicas and all r
     const viaGateway = await realtimePublish(["--gateway-url", gatewayUrl, "--key", SERVICE_KEY], third);
     assert.equal(viaGateway.via, "gateway", JSON.stringify(viaGateway));
     assert.equal(viaGateway.status, 202, JSON.stringify(viaGateway));
+    assert.equal(viaGateway.duplicate, false, JSON.stringify(viaGateway));
+    assert.deepStrictEqual(viaGateway.positions, [{ group, epoch, seq: 3 }], JSON.stringify(viaGateway));
     const thirdTime = await Promise.all(inboxes.map((events) => events.nth(3)));
-    for (const args of thirdTime) assert.deepStrictEqual(args, [third]);
+    for (const args of thirdTime) assert.deepStrictEqual(args, [third, { group, epoch, seq: 3 }]);
   }));
 
 test("a contractor connected through nginx receives only its own JobAssigned, whichever replica publishes",
@@ -237,8 +255,8 @@ test("a contractor connected through nginx receives only its own JobAssigned, wh
     const other = await connect(t, lb, contractorToken(otherId), { skipNegotiation: true });
     const ownEvents = arrivals(own);
     const otherEvents = arrivals(other);
-    await own.invoke("JoinContractorGroup", ownId);
-    await other.invoke("JoinContractorGroup", otherId);
+    const ownHead = await join(own, "JoinContractorGroup", ownId, { seq: 0 });
+    const otherHead = await join(other, "JoinContractorGroup", otherId, { seq: 0 });
 
     const forOther = jobAssigned(region, otherId);
     const forOwn = jobAssigned(region, ownId);
@@ -246,8 +264,14 @@ test("a contractor connected through nginx receives only its own JobAssigned, wh
     await publishAccepted(replicas[2], forOwn);
 
     // Published in this order, the other contractor's event would arrive first had it been sent.
-    assert.deepStrictEqual((await ownEvents.take(1))[0], { target: "JobAssigned", args: [forOwn] });
-    assert.deepStrictEqual((await otherEvents.take(1))[0], { target: "JobAssigned", args: [forOther] });
+    assert.deepStrictEqual((await ownEvents.take(1))[0], {
+      target: "JobAssigned",
+      args: [forOwn, { group: contractorGroup(ownId), epoch: ownHead.epoch, seq: 1 }],
+    });
+    assert.deepStrictEqual((await otherEvents.take(1))[0], {
+      target: "JobAssigned",
+      args: [forOther, { group: contractorGroup(otherId), epoch: otherHead.epoch, seq: 1 }],
+    });
   }));
 
 test("the clients of a replica stopped with SIGTERM reconnect through nginx to the others and receive later events",
@@ -275,14 +299,16 @@ test("the clients of a replica stopped with SIGTERM reconnect through nginx to t
         if (lost.length >= expectedLost) allLost.resolve();
       });
       connection.onreconnected((connectionId) => {
-        connection.invoke("JoinDispatchGroup", region).then(() => state.rejoined.resolve(connectionId), state.rejoined.reject);
+        connection
+          .invoke("JoinDispatchGroup", region)
+          .then((result) => state.rejoined.resolve({ connectionId, result }), state.rejoined.reject);
       });
       connection.onclose((error) => {
         state.closedWith = error;
         state.rejoined.reject(new Error(`a client gave up instead of reconnecting: ${error?.message ?? error}`));
       });
       await within(10_000, connection.start(), "start() through nginx");
-      await connection.invoke("JoinDispatchGroup", region);
+      state.head = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
       state.firstId = connection.connectionId;
       clients.push(state);
     }
@@ -290,9 +316,13 @@ test("the clients of a replica stopped with SIGTERM reconnect through nginx to t
     const before = (await settledActive(replicas, 6))[1];
     assert.ok(before > 0, `${stopped.name} has no connection to lose`);
     expectedLost = before;
+    const group = dispatchGroup(region);
+    const { epoch } = clients[0].head;
+    assert.match(epoch, EPOCH);
+    for (const client of clients) assert.equal(client.head.epoch, epoch, "one history for the group on every replica");
     const event = recommendationReady(region);
     await publishAccepted(replicas[0], event);
-    for (const client of clients) assert.deepStrictEqual(await client.events.nth(1), [event]);
+    for (const client of clients) assert.deepStrictEqual(await client.events.nth(1), [event, { group, epoch, seq: 1 }]);
 
     const pid = Number(readFileSync(stopped.pidFile, "utf8"));
     process.kill(pid, "SIGTERM");
@@ -301,8 +331,12 @@ test("the clients of a replica stopped with SIGTERM reconnect through nginx to t
     // Its clients were closed with reconnect allowed: exactly those reconnect.
     await within(10_000, allLost.promise, `onreconnecting of the ${before} clients of ${stopped.name}`);
     const moved = [...lost];
-    const ids = await within(20_000, Promise.all(moved.map((client) => client.rejoined.promise)), "reconnect and rejoin");
-    for (const [i, client] of moved.entries()) assert.notEqual(ids[i], client.firstId, "a new connection was negotiated");
+    const rejoins = await within(20_000, Promise.all(moved.map((client) => client.rejoined.promise)), "reconnect and rejoin");
+    for (const [i, client] of moved.entries()) {
+      assert.notEqual(rejoins[i].connectionId, client.firstId, "a new connection was negotiated");
+      // The history lives in Redis: the other replicas report the same epoch and head.
+      assertJoinResult(rejoins[i].result, group, { epoch, seq: 1 });
+    }
     for (const client of clients) {
       assert.equal(client.connection.state, HubConnectionState.Connected);
       assert.equal(client.closedWith, "not closed");
@@ -312,5 +346,5 @@ test("the clients of a replica stopped with SIGTERM reconnect through nginx to t
 
     const later = recommendationReady(region, { schemaVersion: 2 });
     await publishAccepted(replicas[2], later);
-    for (const client of clients) assert.deepStrictEqual(await client.events.nth(2), [later]);
+    for (const client of clients) assert.deepStrictEqual(await client.events.nth(2), [later, { group, epoch, seq: 2 }]);
   }));

@@ -4,9 +4,12 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
+  assertJoinResult,
+  dispatchGroup,
   dispatcherToken,
   gatewayFor,
   negotiate,
+  positionIn,
   publishAccepted,
   rawUpgrade,
   rawWebSocket,
@@ -34,14 +37,18 @@ test("a connection token from one replica is accepted by another replica sharing
     `{"protocol":"json","version":1}${RS}` +
       `{"target":"JoinDispatchGroup","arguments":["${region}"],"invocationId":"0","type":1}${RS}`,
   );
-  assert.deepStrictEqual(await recordsFrom(ws, 0, 2), [{}, { type: 3, invocationId: "0" }]);
+  const [handshake, completion] = await recordsFrom(ws, 0, 2);
+  assert.deepStrictEqual(handshake, {});
+  assert.deepStrictEqual(completion, { type: 3, invocationId: "0", result: completion.result });
+  const joined = assertJoinResult(completion.result, dispatchGroup(region), { seq: 0 });
 
   const event = recommendationReady(region);
   const seen = ws.frames.length;
-  await publishAccepted(second, event);
+  const published = await publishAccepted(second, event);
   assert.deepStrictEqual(await recordsFrom(ws, seen, 1), [
-    { type: 1, target: "RecommendationReady", arguments: [event] },
+    { type: 1, target: "RecommendationReady", arguments: [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }] },
   ]);
+  assert.deepStrictEqual(positionIn(published, dispatchGroup(region)), { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 });
 });
 
 test("a connection token is refused with 404 by a replica with another secret, for another user, or as a bare connection id", async (t) => {

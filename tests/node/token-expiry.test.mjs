@@ -7,6 +7,8 @@ import { HubConnectionState } from "@microsoft/signalr";
 
 import {
   deferred,
+  assertJoinResult,
+  dispatchGroup,
   dispatcherClaims,
   dispatcherToken,
   hubConnection,
@@ -58,15 +60,20 @@ test("a connection whose token expires is closed with a reason that lets the cli
     lost.resolve(error);
   });
   connection.onreconnected(() => connection.invoke("JoinDispatchGroup", region).then(rejoined.resolve, rejoined.reject));
+  // Nobody publishes to the region: the rejoin finds its history at the start.
 
   await within(10_000, connection.start(), "start()");
   const error = await within(45_000, lost.promise, "the gateway to close the connection when its token expires");
   assert.match(error?.message ?? "", /^Server returned an error on close: .*expired/);
 
-  await within(10_000, rejoined.promise, "the reconnect with a fresh token and the rejoin");
+  const joined = assertJoinResult(
+    await within(10_000, rejoined.promise, "the reconnect with a fresh token and the rejoin"),
+    dispatchGroup(region),
+    { seq: 0 },
+  );
   const event = recommendationReady(region);
   await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event]);
+  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
 });
 
 test("a client that offers its expired token again is refused instead of being readmitted and cut off again", async (t) => {

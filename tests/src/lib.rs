@@ -285,13 +285,33 @@ impl TestGateway {
 
     /// Publishes `body` over HTTP presenting `key`.
     pub async fn publish_with_key(&self, key: &str, body: &str) -> (StatusCode, String) {
-        let request = self
+        self.post_event(key, None, body).await
+    }
+
+    /// Publishes `body` with the service key and an `Idempotency-Key` header.
+    pub async fn publish_with_idempotency_key(
+        &self,
+        idempotency_key: &str,
+        body: &str,
+    ) -> (StatusCode, String) {
+        self.post_event(TEST_KEY, Some(idempotency_key), body).await
+    }
+
+    async fn post_event(
+        &self,
+        key: &str,
+        idempotency_key: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, String) {
+        let mut request = self
             .http
             .post(format!("http://{}/api/v1/events", self.public))
             .bearer_auth(key)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send();
+            .header("content-type", "application/json");
+        if let Some(idempotency_key) = idempotency_key {
+            request = request.header("idempotency-key", idempotency_key);
+        }
+        let request = request.body(body.to_owned()).send();
         let response = within(DEADLINE, request, "the publish response")
             .await
             .expect("publishing over HTTP");
@@ -630,16 +650,23 @@ impl WsClient {
         completion
     }
 
-    /// Joins `/dispatch/{region}`, failing the test if the hub refuses.
-    pub async fn join_dispatch(&mut self, id: &str, region: &str) {
+    /// Joins `/dispatch/{region}`, failing the test if the hub refuses; returns the
+    /// completion's result (the group's position).
+    pub async fn join_dispatch(&mut self, id: &str, region: &str) -> Value {
         let completion = self
             .invoke(id, "JoinDispatchGroup", serde_json::json!([region]))
             .await;
-        assert_eq!(
-            completion,
-            serde_json::json!({"type": 3, "invocationId": id}),
-            "join refused"
-        );
+        joined(&completion, &format!("/dispatch/{region}"))
+    }
+
+    /// The next event's target, payload and position, skipping pings.
+    pub async fn next_positioned_event(&mut self) -> (String, String, Value) {
+        loop {
+            let record = self.next_record().await;
+            if record != "{\"type\":6}" {
+                return parse_positioned_event(&record);
+            }
+        }
     }
 
     /// Reads until the connection ends and reports how: the records received (pings left
@@ -719,10 +746,50 @@ pub fn parse_event(record: &str) -> (String, String) {
         .unwrap_or_else(|e| panic!("record `{record}` is not an event: {e}"));
     assert_eq!(event.kind, 1, "not an Invocation: {record}");
     assert_eq!(event.invocation_id, None, "events carry no invocationId");
-    let [payload] = event.arguments.as_slice() else {
-        panic!("an event has exactly one argument: {record}");
-    };
-    (event.target, payload.get().to_owned())
+    (event.target, event_payload(&event.arguments, record))
+}
+
+/// The first argument of an event, after checking the second (its position) when present.
+fn event_payload(arguments: &[&RawValue], record: &str) -> String {
+    match arguments {
+        [payload] => payload.get().to_owned(),
+        [payload, position] => {
+            let position: Value = serde_json::from_str(position.get())
+                .unwrap_or_else(|e| panic!("position in `{record}` is not JSON: {e}"));
+            assert!(
+                position["group"].is_string()
+                    && position["epoch"].is_string()
+                    && position["seq"].is_u64(),
+                "the second argument is a position: {record}"
+            );
+            payload.get().to_owned()
+        }
+        _ => panic!("an event has its payload and maybe a position: {record}"),
+    }
+}
+
+/// An event's target, payload and position (`{"group","epoch","seq"}`).
+pub fn parse_positioned_event(record: &str) -> (String, String, Value) {
+    let (target, payload) = parse_event(record);
+    let message: Value = serde_json::from_str(record).expect("an event is JSON");
+    (target, payload, message["arguments"][1].clone())
+}
+
+/// Checks that `completion` answers a successful join of `group` and returns its result: the
+/// group's head position (`{"group","epoch","seq"}`, plus `"recovered"` when one was given).
+pub fn joined(completion: &Value, group: &str) -> Value {
+    assert!(
+        completion.get("error").is_none(),
+        "join refused: {completion}"
+    );
+    let result = &completion["result"];
+    assert_eq!(result["group"], group, "{completion}");
+    assert!(
+        result["epoch"].as_str().is_some_and(|e| e.len() == 32),
+        "{completion}"
+    );
+    assert!(result["seq"].is_u64(), "{completion}");
+    result.clone()
 }
 
 /// A raw HTTP/1.1 request held open mid-body: the server has started handling it (it answered

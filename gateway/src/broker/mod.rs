@@ -8,6 +8,7 @@
 //! Today the broker is the in-process loopback ([`memory`]); the Redis broker is the second
 //! variant of the same enum.
 
+pub mod history;
 pub mod memory;
 pub mod redis;
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use publisher_lib::contract::{EventKind, Group};
+use publisher_lib::contract::{EventKind, Group, Position};
 use tokio::sync::{mpsc, oneshot};
 
 /// Capacity of the subscription-control channel between groups and the broker.
@@ -35,6 +36,43 @@ pub struct Publication {
     pub payload: Bytes,
     /// When it was published (wall clock, comparable across replicas).
     pub published_at: SystemTime,
+    /// Its place in the group's history; `None` for a message from an old publisher that
+    /// PUBLISHed without the script (delivered, never recoverable).
+    pub position: Option<Position>,
+}
+
+/// Bounds of every group's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistorySettings {
+    /// Events kept per group.
+    pub size: usize,
+    /// A group's history is forgotten this long after its last publish.
+    pub ttl: std::time::Duration,
+    /// An idempotency key seen again within this window is not published again.
+    pub idempotency_window: std::time::Duration,
+}
+
+/// What publishing one event did in one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The group.
+    pub group: Group,
+    /// The event's position there (the first one, for a duplicate).
+    pub position: Position,
+    /// The idempotency key was seen within the window: nothing was published again.
+    pub duplicate: bool,
+}
+
+/// A group's head and, for a reader with a position, the publications it missed.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The newest position.
+    pub head: Position,
+    /// `None` without a position; `Some(false)` when the missed publications cannot be given
+    /// (other epoch, history no longer reaches back, or a position ahead of the head).
+    pub recovered: Option<bool>,
+    /// The missed publications, in order.
+    pub missed: Vec<Publication>,
 }
 
 /// What the broker calls for each publication; implemented by the group registry.
@@ -76,13 +114,26 @@ impl Broker {
         kind: EventKind,
         payload: Bytes,
         groups: &[Group],
-    ) -> Result<(), BrokerError> {
+        key: &str,
+    ) -> Result<Vec<Published>, BrokerError> {
         match self {
-            Self::Memory(broker) => {
-                broker.publish(kind, payload, groups);
-                Ok(())
-            }
-            Self::Redis(broker) => broker.publish(kind, &payload, groups).await,
+            Self::Memory(broker) => Ok(broker.publish(kind, payload, groups, key)),
+            Self::Redis(broker) => broker.publish(kind, &payload, groups, key).await,
+        }
+    }
+
+    /// Reads `group`'s head and, given `after`, what a reader at `after` missed.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the history cannot be read.
+    pub async fn read_history(
+        &self,
+        group: &Group,
+        after: Option<&Position>,
+    ) -> Result<History, BrokerError> {
+        match self {
+            Self::Memory(broker) => Ok(broker.read_history(group, after)),
+            Self::Redis(broker) => broker.read_history(group, after).await,
         }
     }
 
@@ -199,8 +250,11 @@ impl SubscriptionRequests {
 /// Starts the in-process broker, delivering to `fanout`.
 pub fn start_memory(
     fanout: Arc<dyn Fanout>,
+    settings: HistorySettings,
     requests: SubscriptionRequests,
     shutdown: &crate::shutdown::Shutdown,
 ) -> Broker {
-    Broker::Memory(memory::MemoryBroker::start(fanout, requests, shutdown))
+    Broker::Memory(memory::MemoryBroker::start(
+        fanout, settings, requests, shutdown,
+    ))
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use publisher_lib::contract::{Envelope, EventKind, Group};
+use publisher_lib::contract::{Envelope, EventKind, Group, Position};
 use publisher_lib::target::RedisTarget;
 use publisher_lib::{PublishError, Publisher, PublisherConfig};
 use redis::aio::MultiplexedConnection;
@@ -28,7 +28,10 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 
-use super::{BrokerError, Fanout, Publication, SubscriptionRequest, SubscriptionRequests};
+use super::{
+    BrokerError, Fanout, History, HistorySettings, Publication, Published, SubscriptionRequest,
+    SubscriptionRequests,
+};
 use crate::metrics;
 use crate::shutdown::Shutdown;
 
@@ -60,6 +63,8 @@ pub struct RedisSettings {
     pub prefix: String,
     /// Messages the subscriber may hold before fan-out takes them; more are dropped.
     pub subscriber_buffer: usize,
+    /// History bounds and idempotency window, applied by the publish and read scripts.
+    pub history: HistorySettings,
 }
 
 /// Handle of the Redis broker.
@@ -103,6 +108,10 @@ impl RedisBroker {
             .with_publish_timeout(COMMAND_TIMEOUT);
         config.ca_certificate = settings.ca_pem;
         config.max_reconnect_delay = BACKOFF_MAX;
+        config = config
+            .with_history_size(settings.history.size)
+            .with_history_ttl(settings.history.ttl)
+            .with_idempotency_window(settings.history.idempotency_window);
         let publisher = Publisher::new(config).map_err(|e| invalid(&describe(&e)))?;
         let broker = Self {
             target,
@@ -110,16 +119,21 @@ impl RedisBroker {
             prefix: Arc::from(settings.prefix.as_str()),
             healthy: Arc::new(AtomicBool::new(false)),
         };
+        let (repairs_tx, repairs_rx) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             broker: broker.clone(),
             fanout,
             health_channel: format!("{}health:{}", settings.prefix, uuid::Uuid::new_v4()),
             desired: HashMap::new(),
+            cursors: HashMap::new(),
+            repairs: repairs_tx,
             buffer: settings.subscriber_buffer.max(1),
             dropped: Arc::new(AtomicU64::new(0)),
             stop: shutdown.background_token().clone(),
         };
-        shutdown.background().spawn(supervisor.run(requests));
+        shutdown
+            .background()
+            .spawn(supervisor.run(requests, repairs_rx));
         Ok(broker)
     }
 
@@ -137,14 +151,55 @@ impl RedisBroker {
         kind: EventKind,
         payload: &[u8],
         groups: &[Group],
-    ) -> Result<(), BrokerError> {
+        key: &str,
+    ) -> Result<Vec<Published>, BrokerError> {
         let event = std::str::from_utf8(payload)
             .map_err(|_| BrokerError::Unavailable("event is not UTF-8".to_owned()))?;
-        self.publisher
-            .publish_validated(kind, event, groups.to_vec(), uuid::Uuid::new_v4())
+        let receipt = self
+            .publisher
+            .publish_validated(kind, event, groups.to_vec(), key)
             .await
-            .map(drop)
-            .map_err(|e| BrokerError::Unavailable(describe(&e)))
+            .map_err(|e| BrokerError::Unavailable(describe(&e)))?;
+        Ok(receipt
+            .deliveries
+            .into_iter()
+            .map(|d| Published {
+                group: d.group,
+                position: d.position,
+                duplicate: d.duplicate,
+            })
+            .collect())
+    }
+
+    /// `group`'s head and what a reader at `after` missed, from the history in Redis.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be read in time.
+    pub async fn read_history(
+        &self,
+        group: &Group,
+        after: Option<&Position>,
+    ) -> Result<History, BrokerError> {
+        let read = self
+            .publisher
+            .read_history(group, after)
+            .await
+            .map_err(|e| BrokerError::Unavailable(describe(&e)))?;
+        let mut missed = Vec::with_capacity(read.messages.len());
+        for message in &read.messages {
+            match publication(group.clone(), message) {
+                Ok(publication) => missed.push(publication),
+                Err(e) => {
+                    metrics::envelope_rejected("malformed");
+                    tracing::warn!(%group, error = %e, "history holds a message that is not an envelope");
+                }
+            }
+        }
+        Ok(History {
+            head: read.head,
+            recovered: read.recovered,
+            missed,
+        })
     }
 }
 
@@ -163,6 +218,10 @@ struct Supervisor {
     health_channel: String,
     /// Every group this replica wants, with the generation that asked for it.
     desired: HashMap<Group, u64>,
+    /// Where each subscribed group's delivery stands, and what waits behind a repair.
+    cursors: HashMap<Group, Cursor>,
+    /// Where repair tasks send the history they read.
+    repairs: mpsc::UnboundedSender<Repair>,
     /// Capacity of the message buffer between the connection and fan-out.
     buffer: usize,
     /// Messages dropped because the buffer was full, since start.
@@ -171,11 +230,18 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn run(mut self, mut requests: SubscriptionRequests) {
+    async fn run(
+        mut self,
+        mut requests: SubscriptionRequests,
+        mut repairs: mpsc::UnboundedReceiver<Repair>,
+    ) {
         let mut backoff = BACKOFF_MIN;
         let mut down_since: Option<Instant> = None;
         loop {
-            match self.session(&mut requests, &mut down_since).await {
+            match self
+                .session(&mut requests, &mut repairs, &mut down_since)
+                .await
+            {
                 Session::Stopped => return,
                 Session::Lost => backoff = BACKOFF_MIN,
                 Session::Failed => {}
@@ -245,6 +311,7 @@ impl Supervisor {
     async fn session(
         &mut self,
         requests: &mut SubscriptionRequests,
+        repairs: &mut mpsc::UnboundedReceiver<Repair>,
         down_since: &mut Option<Instant>,
     ) -> Session {
         let (mut connection, mut messages) = tokio::select! {
@@ -275,6 +342,16 @@ impl Supervisor {
                 groups = self.desired.len(),
                 "redis subscriber reconnected and re-subscribed"
             );
+            // What was published meanwhile is in the history: fill every group's gap before
+            // delivering further.
+            let behind: Vec<(Group, Position)> = self
+                .cursors
+                .iter()
+                .filter_map(|(group, cursor)| Some((group.clone(), cursor.position.clone()?)))
+                .collect();
+            for (group, position) in behind {
+                self.start_repair(group, position, Vec::new());
+            }
         }
         let mut probe = tokio::time::interval(PROBE_INTERVAL_UNHEALTHY);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -301,6 +378,7 @@ impl Supervisor {
                         self.deliver(channel, payload);
                     }
                 }
+                Some(repair) = repairs.recv() => self.finish_repair(repair),
                 request = requests.recv() => {
                     let Some(request) = request else {
                         return Session::Stopped;
@@ -365,6 +443,7 @@ impl Supervisor {
                     flush_subscribes(connection, &mut channels, &mut acks).await?;
                     if self.desired.get(&group) == Some(&generation) {
                         self.desired.remove(&group);
+                        self.cursors.remove(&group);
                         let channel = group.channel(&self.broker.prefix);
                         let _ = timeout(SUBSCRIBE_COMMAND_TIMEOUT, connection.unsubscribe(channel))
                             .await;
@@ -389,6 +468,7 @@ impl Supervisor {
             SubscriptionRequest::Unsubscribe { group, generation } => {
                 if self.desired.get(&group) == Some(&generation) {
                     self.desired.remove(&group);
+                    self.cursors.remove(&group);
                 }
             }
         }
@@ -404,7 +484,7 @@ impl Supervisor {
         });
     }
 
-    fn deliver(&self, channel: &[u8], payload: &[u8]) {
+    fn deliver(&mut self, channel: &[u8], payload: &[u8]) {
         let Some(group) = std::str::from_utf8(channel)
             .ok()
             .and_then(|channel| Group::from_channel(&self.broker.prefix, channel))
@@ -412,21 +492,101 @@ impl Supervisor {
             metrics::envelope_rejected("unknown_channel");
             return;
         };
-        match Envelope::decode(payload) {
-            Ok(envelope) => {
+        match publication(group, payload) {
+            Ok(publication) => {
                 metrics::event_received("redis");
-                self.fanout.fan_out(&Publication {
-                    group,
-                    kind: envelope.kind,
-                    payload: Bytes::from(envelope.event),
-                    published_at: UNIX_EPOCH + Duration::from_micros(envelope.published_at_micros),
-                });
+                self.sequence(publication);
             }
             Err(e) => {
                 metrics::envelope_rejected("malformed");
                 let channel = String::from_utf8_lossy(channel);
                 tracing::warn!(%channel, error = %e, "dropped a message that is not an envelope");
             }
+        }
+    }
+
+    /// Delivers a group's publications in order, once: a repeat is dropped, a gap is filled
+    /// from the history before anything after it is delivered.
+    fn sequence(&mut self, publication: Publication) {
+        if !self.desired.contains_key(&publication.group) {
+            return;
+        }
+        let cursor = self.cursors.entry(publication.group.clone()).or_default();
+        if let Some(waiting) = &mut cursor.waiting {
+            waiting.push(publication);
+            return;
+        }
+        let (Some(last), Some(next)) = (&cursor.position, &publication.position) else {
+            // The first since subscribing, or one without a position (an old publisher).
+            if publication.position.is_some() {
+                cursor.position.clone_from(&publication.position);
+            }
+            self.fanout.fan_out(&publication);
+            return;
+        };
+        if last.epoch == next.epoch && next.seq <= last.seq {
+            metrics::broker_duplicate_dropped();
+            return;
+        }
+        if last.epoch == next.epoch && next.seq > last.seq + 1 {
+            let after = last.clone();
+            self.start_repair(publication.group.clone(), after, vec![publication]);
+            return;
+        }
+        // The next one, or a new epoch (the history started again; clients see it and resync).
+        cursor.position.clone_from(&publication.position);
+        self.fanout.fan_out(&publication);
+    }
+
+    /// Holds `group`'s deliveries (starting with `waiting`) and reads what came after `after`.
+    fn start_repair(&mut self, group: Group, after: Position, waiting: Vec<Publication>) {
+        let cursor = self.cursors.entry(group.clone()).or_default();
+        if cursor.waiting.is_some() {
+            return;
+        }
+        cursor.waiting = Some(waiting);
+        metrics::broker_gap_repair();
+        let broker = self.broker.clone();
+        let repairs = self.repairs.clone();
+        tokio::spawn(async move {
+            let history = broker.read_history(&group, Some(&after)).await;
+            let _ = repairs.send(Repair { group, history });
+        });
+    }
+
+    /// Delivers the history a repair read, then what waited behind it.
+    fn finish_repair(&mut self, repair: Repair) {
+        let Some(cursor) = self.cursors.get_mut(&repair.group) else {
+            return;
+        };
+        let waiting = cursor.waiting.take().unwrap_or_default();
+        match repair.history {
+            Ok(history) if history.recovered == Some(true) => {
+                tracing::info!(
+                    group = %repair.group,
+                    missed = history.missed.len(),
+                    "filled a gap from the history"
+                );
+                for publication in history.missed {
+                    self.sequence(publication);
+                }
+            }
+            outcome => {
+                // The gap cannot be filled: deliver on; the clients see the jump in `seq` (or
+                // the new epoch) and refetch their state.
+                metrics::broker_gap_unrecovered();
+                tracing::warn!(
+                    group = %repair.group,
+                    error = outcome.err().map(|e| e.to_string()),
+                    "a gap in a group's events could not be filled from the history"
+                );
+                if let Some(cursor) = self.cursors.get_mut(&repair.group) {
+                    cursor.position = None;
+                }
+            }
+        }
+        for publication in waiting {
+            self.sequence(publication);
         }
     }
 
@@ -440,6 +600,37 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Where one group's delivery stands on this replica.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// The last position fanned out.
+    position: Option<Position>,
+    /// While a gap is being filled: what arrived meanwhile, delivered after the repair.
+    waiting: Option<Vec<Publication>>,
+}
+
+/// The history a repair read for a group.
+#[derive(Debug)]
+struct Repair {
+    group: Group,
+    history: Result<History, BrokerError>,
+}
+
+/// Decodes a (positioned) envelope received for `group`.
+fn publication(
+    group: Group,
+    message: &[u8],
+) -> Result<Publication, publisher_lib::contract::EnvelopeError> {
+    let envelope = Envelope::decode(message)?;
+    Ok(Publication {
+        group,
+        kind: envelope.kind,
+        payload: Bytes::from(envelope.event),
+        published_at: UNIX_EPOCH + Duration::from_micros(envelope.published_at_micros),
+        position: envelope.position,
+    })
 }
 
 /// How a subscriber session ended.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use publisher_lib::contract::Group;
+use publisher_lib::contract::{Group, Position};
 use tokio::io::AsyncRead;
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -20,8 +20,9 @@ use socket::ReadError;
 pub use socket::Socket;
 
 use crate::auth::Principal;
+use crate::broker::Broker;
 use crate::config::Config;
-use crate::groups::{ConnId, Groups};
+use crate::groups::{Admission, ConnId, Groups};
 use crate::hub::{self, Outcome};
 use crate::metrics;
 use crate::outbound::{self, Closing, Delivery, Frame, Inbox, Outbound};
@@ -91,6 +92,8 @@ pub struct Connection {
     pub principal: Principal,
     /// The registry it joins groups in.
     pub groups: Arc<Groups>,
+    /// Where a join reads what the client missed.
+    pub broker: Broker,
     /// Its settings.
     pub settings: Arc<Settings>,
 }
@@ -322,11 +325,20 @@ impl Connection {
             Err(e) => return Err(CloseReason::Protocol(e)),
         };
         let action = hub::handle(&self.principal, &invocation);
+        let mut result = None;
         let error = match action.outcome {
-            Outcome::Join(group) => self
-                .join(&invocation.target, group, outbound, joined)
-                .await
-                .err(),
+            Outcome::Join { group, after } => {
+                match self
+                    .join(&invocation.target, group, after, outbound, joined)
+                    .await
+                {
+                    Ok(joined) => {
+                        result = Some(joined);
+                        None
+                    }
+                    Err(e) => Some(e),
+                }
+            }
             Outcome::Leave(group) => {
                 if let Some(at) = joined.iter().position(|g| *g == group) {
                     joined.swap_remove(at);
@@ -344,19 +356,25 @@ impl Connection {
         let Some(id) = action.invocation_id else {
             return Ok(());
         };
-        let completion = codec::encode_completion(&id, error.as_deref());
+        let completion = match result {
+            Some(result) => codec::encode_completion_result(&id, &result),
+            None => codec::encode_completion(&id, error.as_deref()),
+        };
         send(socket, inbox, &completion, self.settings.write_timeout)
             .await
             .map_err(CloseReason::from)
     }
 
+    /// Joins `group` held, reads what the client missed after `after` (and the head), releases
+    /// the missed events before the live ones, and returns the completion's result.
     async fn join(
         &self,
         method: &str,
         group: Group,
+        after: Option<Position>,
         outbound: &Outbound,
         joined: &mut Vec<Group>,
-    ) -> Result<(), String> {
+    ) -> Result<serde_json::Value, String> {
         let already = joined.contains(&group);
         if !already && joined.len() >= self.settings.max_groups {
             metrics::join("too_many_groups");
@@ -365,21 +383,58 @@ impl Connection {
                 joined.len()
             ));
         }
-        match self.groups.join(self.id, &group, outbound).await {
-            Ok(()) => {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            format!(
+                "An unexpected error occurred invoking '{method}' on the server. HubException: {e}; try again"
+            )
+        };
+        let joining = async {
+            self.groups
+                .join(self.id, &group, outbound, Admission::Held)
+                .await?;
+            let history = self.broker.read_history(&group, after.as_ref()).await;
+            if history.is_err() {
+                if already {
+                    // Still a member: live again, with whatever was held (no head to cut at).
+                    let nowhere = Position {
+                        epoch: String::new(),
+                        seq: 0,
+                    };
+                    self.groups.release(self.id, &group, &[], &nowhere);
+                } else {
+                    self.groups.leave(self.id, &group).await;
+                }
+            }
+            history
+        };
+        match joining.await {
+            Ok(history) => {
+                self.groups
+                    .release(self.id, &group, &history.missed, &history.head);
                 if !already {
                     joined.push(group.clone());
                 }
-                metrics::join("joined");
-                tracing::debug!(%group, "joined");
-                Ok(())
+                let outcome = match history.recovered {
+                    None => "joined",
+                    Some(true) => "recovered",
+                    Some(false) => "not_recovered",
+                };
+                metrics::join(outcome);
+                tracing::debug!(%group, missed = history.missed.len(), outcome, "joined");
+                let mut result = serde_json::json!({
+                    "group": group.name(),
+                    "epoch": history.head.epoch,
+                    "seq": history.head.seq,
+                });
+                if let Some(recovered) = history.recovered {
+                    result["recovered"] = serde_json::Value::Bool(recovered);
+                }
+                Ok(result)
             }
             Err(e) => {
                 metrics::join("broker_unavailable");
                 tracing::warn!(%group, error = %e, "join failed: broker unavailable");
-                Err(format!(
-                    "An unexpected error occurred invoking '{method}' on the server. HubException: {e}; try again"
-                ))
+                Err(unavailable(&e))
             }
         }
     }

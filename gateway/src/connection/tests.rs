@@ -124,12 +124,18 @@ fn start(principal: Principal) -> Harness {
     let shutdown = Shutdown::new();
     let (subscriptions, requests) = broker::subscriptions(16);
     let groups = Arc::new(Groups::new(subscriptions));
-    broker::start_memory(groups.clone(), requests, &shutdown);
+    let broker = broker::start_memory(
+        groups.clone(),
+        broker::HistorySettings::defaults(),
+        requests,
+        &shutdown,
+    );
     let (client, server) = UnixStream::pair().unwrap();
     let connection = Connection {
         id: groups.next_conn_id(),
         principal,
         groups: groups.clone(),
+        broker,
         settings: Arc::new(settings()),
     };
     let (reader, writer) = server.into_split();
@@ -215,6 +221,23 @@ async fn an_expired_token_closes_the_connection_so_the_client_returns_with_a_fre
     );
 }
 
+/// Checks a join's completion: the group and its head position (nothing published yet).
+fn assert_joined(record: &str, id: &str, group: &str) {
+    let completion: serde_json::Value =
+        serde_json::from_str(record.trim_end_matches('\u{1e}')).unwrap();
+    assert_eq!(completion["type"], 3, "{completion}");
+    assert_eq!(completion["invocationId"], id, "{completion}");
+    let result = &completion["result"];
+    assert_eq!(result["group"], group, "{completion}");
+    assert_eq!(result["seq"], 0, "{completion}");
+    assert_eq!(
+        result["epoch"].as_str().map(str::len),
+        Some(32),
+        "{completion}"
+    );
+    assert!(result.get("recovered").is_none(), "no position was given");
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_closes_with_reconnect_allowed_and_leaves_the_groups() {
     let mut h = start(dispatcher(Duration::from_secs(3600)));
@@ -222,10 +245,7 @@ async fn shutdown_closes_with_reconnect_allowed_and_leaves_the_groups() {
     h.client.send(
         "{\"type\":1,\"invocationId\":\"1\",\"target\":\"JoinDispatchGroup\",\"arguments\":[\"west\"]}\u{1e}",
     ).await;
-    assert_eq!(
-        h.client.text().await,
-        "{\"invocationId\":\"1\",\"type\":3}\u{1e}"
-    );
+    assert_joined(&h.client.text().await, "1", "/dispatch/west");
     assert_eq!(h.groups.group_count(), 1);
     assert_eq!(h.groups.close_all(crate::outbound::Closing::Shutdown), 1);
     let close = close_record(&h.client.text().await);
@@ -243,10 +263,7 @@ async fn joined_connections_receive_event_frames_and_the_group_limit_holds() {
         h.client.send(&format!(
             "{{\"type\":1,\"invocationId\":\"{id}\",\"target\":\"JoinDispatchGroup\",\"arguments\":[\"{region}\"]}}\u{1e}"
         )).await;
-        assert_eq!(
-            h.client.text().await,
-            format!("{{\"invocationId\":\"{id}\",\"type\":3}}\u{1e}")
-        );
+        assert_joined(&h.client.text().await, id, &format!("/dispatch/{region}"));
     }
     h.client.send(
         "{\"type\":1,\"invocationId\":\"3\",\"target\":\"JoinDispatchGroup\",\"arguments\":[\"north\"]}\u{1e}",
@@ -265,6 +282,7 @@ async fn joined_connections_receive_event_frames_and_the_group_limit_holds() {
         kind: EventKind::RecommendationReady,
         payload: bytes::Bytes::from_static(b"{\"x\":1}"),
         published_at: SystemTime::now(),
+        position: None,
     });
     assert_eq!(
         h.client.text().await,
@@ -276,14 +294,22 @@ async fn joined_connections_receive_event_frames_and_the_group_limit_holds() {
 async fn an_idle_connection_task_stays_small() {
     // The task's state is what an idle connection costs besides its socket buffers; the
     // handshake and invocation handling are boxed so they do not count.
-    let (subscriptions, _requests) = broker::subscriptions(16);
+    let (subscriptions, requests) = broker::subscriptions(16);
     let groups = Arc::new(Groups::new(subscriptions));
+    let shutdown = Shutdown::new();
+    let broker = broker::start_memory(
+        groups.clone(),
+        broker::HistorySettings::defaults(),
+        requests,
+        &shutdown,
+    );
     let (_client, server) = UnixStream::pair().unwrap();
     let (reader, writer) = server.into_split();
     let connection = Connection {
         id: groups.next_conn_id(),
         principal: dispatcher(Duration::from_secs(10)),
         groups: groups.clone(),
+        broker,
         settings: Arc::new(settings()),
     };
     let task = connection.serve(Socket::new(

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
-use publisher_lib::contract::Group;
+use publisher_lib::contract::{Group, Position};
 use tokio::sync::watch;
 
 use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
@@ -23,6 +23,9 @@ use crate::websocket;
 
 /// Largest group whose publications are written straight to idle members' sockets.
 pub const MAX_DIRECT_WRITE_MEMBERS: usize = 256;
+/// Most publications held for a member while its join reads the history; one more closes it
+/// as a slow consumer (it may resume from its last position).
+pub const MAX_HELD_FRAMES: usize = 10_000;
 
 /// Identifies a connection inside this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,8 +53,32 @@ struct Connections {
 #[derive(Debug)]
 struct Members {
     queues: HashMap<ConnId, Outbound>,
+    /// Members whose join is reading the history: fan-out keeps their frames here until
+    /// [`Groups::release`] puts the missed ones first.
+    held: HashMap<ConnId, Held>,
+    /// For members just released: the last position their join sent, so a publication the
+    /// broker delivers late (it was still filling a gap) is not sent to them twice. Cleared at
+    /// the first newer publication.
+    floors: Mutex<HashMap<ConnId, Position>>,
     generation: u64,
     subscription: watch::Sender<Subscription>,
+}
+
+/// A member whose live frames wait for its history.
+#[derive(Debug)]
+struct Held {
+    outbound: Outbound,
+    /// Behind its own lock so fan-out keeps the registry's read lock.
+    frames: Mutex<Vec<(Option<Position>, Frame)>>,
+}
+
+/// How a joining member starts receiving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Live publications go to it at once.
+    Live,
+    /// Live publications wait until [`Groups::release`].
+    Held,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,30 +142,107 @@ impl Groups {
         conn: ConnId,
         group: &Group,
         outbound: &Outbound,
+        admission: Admission,
     ) -> Result<(), BrokerError> {
         let (first, generation, mut subscription) = {
             let mut groups = self.write();
             let active = groups.len();
-            match groups.entry(group.clone()) {
-                Entry::Occupied(mut entry) => {
-                    let members = entry.get_mut();
-                    members.queues.insert(conn, outbound.clone());
-                    (false, members.generation, members.subscription.subscribe())
-                }
+            let members = match groups.entry(group.clone()) {
+                Entry::Occupied(entry) => entry.into_mut(),
                 Entry::Vacant(entry) => {
                     let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                    let (subscription, watcher) = watch::channel(Subscription::Pending);
+                    let (subscription, _) = watch::channel(Subscription::Pending);
+                    metrics::groups_active(active + 1);
                     entry.insert(Members {
-                        queues: HashMap::from([(conn, outbound.clone())]),
+                        queues: HashMap::new(),
+                        held: HashMap::new(),
+                        floors: Mutex::new(HashMap::new()),
                         generation,
                         subscription,
+                    })
+                }
+            };
+            let first = members.queues.is_empty() && members.held.is_empty();
+            match admission {
+                Admission::Live if !members.held.contains_key(&conn) => {
+                    members.queues.insert(conn, outbound.clone());
+                }
+                // Already held (a repeated join): it stays held until its release.
+                Admission::Live => {}
+                Admission::Held => {
+                    members.queues.remove(&conn);
+                    members.held.entry(conn).or_insert_with(|| Held {
+                        outbound: outbound.clone(),
+                        frames: Mutex::new(Vec::new()),
                     });
-                    metrics::groups_active(active + 1);
-                    (true, generation, watcher)
                 }
             }
+            (first, members.generation, members.subscription.subscribe())
         };
-        let outcome = if first {
+        let outcome = self
+            .await_subscription(group, first, generation, &mut subscription)
+            .await;
+        if outcome.is_err() {
+            self.remove(conn, group, Some(generation));
+        }
+        outcome
+    }
+
+    /// Puts `missed` (the history after the member's position), then the live publications held
+    /// since it joined that come after `head`, into a held member's queue, and makes it live.
+    pub fn release(&self, conn: ConnId, group: &Group, missed: &[Publication], head: &Position) {
+        let mut groups = self.write();
+        let Some(members) = groups.get_mut(group) else {
+            return;
+        };
+        let Some(held) = members.held.remove(&conn) else {
+            return;
+        };
+        let mut slow = 0;
+        let mut push = |frame: &Frame| {
+            if let Err(Rejected::Overflowed) = held.outbound.try_push(frame, WriteMode::Queue) {
+                slow += 1;
+            }
+        };
+        for publication in missed {
+            push(&event_frame(publication));
+        }
+        let frames = held
+            .frames
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut last = head.clone();
+        for (position, frame) in &frames {
+            let seen = position
+                .as_ref()
+                .is_some_and(|p| p.epoch == head.epoch && p.seq <= head.seq);
+            if !seen {
+                push(frame);
+                if let Some(position) = position {
+                    last.clone_from(position);
+                }
+            }
+        }
+        members.queues.insert(conn, held.outbound);
+        members
+            .floors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(conn, last);
+        if slow > 0 {
+            metrics::slow_consumers_closed(1);
+        }
+    }
+
+    /// Waits until the group's subscription is live (asking the broker when `first`).
+    async fn await_subscription(
+        &self,
+        group: &Group,
+        first: bool,
+        generation: u64,
+        subscription: &mut watch::Receiver<Subscription>,
+    ) -> Result<(), BrokerError> {
+        if first {
             let outcome = self
                 .subscriptions
                 .subscribe(group.clone(), generation)
@@ -152,25 +256,20 @@ impl Groups {
             {
                 members.subscription.send_replace(state);
             }
-            outcome
-        } else {
-            match subscription
-                .wait_for(|s| *s != Subscription::Pending)
-                .await
-                .map(|s| s.clone())
-            {
-                Ok(Subscription::Failed(e)) => Err(e),
-                Ok(_) => Ok(()),
-                // The group was dropped while pending: its subscription failed.
-                Err(_) => Err(BrokerError::Unavailable(
-                    "subscription abandoned".to_owned(),
-                )),
-            }
-        };
-        if outcome.is_err() {
-            self.remove(conn, group, Some(generation));
+            return outcome;
         }
-        outcome
+        match subscription
+            .wait_for(|s| *s != Subscription::Pending)
+            .await
+            .map(|s| s.clone())
+        {
+            Ok(Subscription::Failed(e)) => Err(e),
+            Ok(_) => Ok(()),
+            // The group was dropped while pending: its subscription failed.
+            Err(_) => Err(BrokerError::Unavailable(
+                "subscription abandoned".to_owned(),
+            )),
+        }
     }
 
     /// Removes `conn` from `group`; the last member out unsubscribes the broker.
@@ -184,7 +283,9 @@ impl Groups {
 
     /// How many local members `group` has.
     pub fn member_count(&self, group: &Group) -> usize {
-        self.read().get(group).map_or(0, |m| m.queues.len())
+        self.read()
+            .get(group)
+            .map_or(0, |m| m.queues.len() + m.held.len())
     }
 
     /// How many groups have local members.
@@ -201,7 +302,13 @@ impl Groups {
             return None;
         }
         members.queues.remove(&conn);
-        if !members.queues.is_empty() {
+        members.held.remove(&conn);
+        members
+            .floors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&conn);
+        if !members.queues.is_empty() || !members.held.is_empty() {
             return None;
         }
         let generation = members.generation;
@@ -236,10 +343,7 @@ impl Fanout for Groups {
             };
             // One WebSocket frame per publication: server frames are unmasked, so the same
             // bytes are right for every recipient.
-            let frame = Frame::new(websocket::text_frame(&codec::encode_invocation(
-                publication.kind.name(),
-                &publication.payload,
-            )));
+            let frame = event_frame(publication);
             // A small group is written to directly (no wake-up of the connection task); a large
             // one is queued, so the publisher is not held up by thousands of writes and each
             // connection task writes whatever accumulated in one system call.
@@ -250,11 +354,37 @@ impl Fanout for Groups {
             };
             let mut queued = 0;
             let mut slow = 0;
-            for queue in members.queues.values() {
+            let mut floors = members
+                .floors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (conn, queue) in &members.queues {
+                if !floors.is_empty()
+                    && let Some(floor) = floors.get(conn)
+                {
+                    let sent = publication
+                        .position
+                        .as_ref()
+                        .is_some_and(|p| p.epoch == floor.epoch && p.seq <= floor.seq);
+                    if sent {
+                        continue;
+                    }
+                    floors.remove(conn);
+                }
                 match queue.try_push(&frame, mode) {
                     Ok(()) => queued += 1,
                     Err(Rejected::Overflowed) => slow += 1,
                     Err(Rejected::Closed) => {}
+                }
+            }
+            for held in members.held.values() {
+                let mut frames = held.frames.lock().unwrap_or_else(PoisonError::into_inner);
+                if frames.len() < MAX_HELD_FRAMES {
+                    frames.push((publication.position.clone(), frame.clone()));
+                } else if !frames.is_empty() {
+                    frames.clear();
+                    held.outbound.close(Closing::SlowConsumer);
+                    slow += 1;
                 }
             }
             (queued, slow)
@@ -267,6 +397,23 @@ impl Fanout for Groups {
             metrics::slow_consumers_closed(slow);
         }
     }
+}
+
+/// A publication's WebSocket frame: the event untouched, then its position when it has one.
+fn event_frame(publication: &Publication) -> Frame {
+    let position = publication.position.as_ref().map(|p| {
+        serde_json::to_vec(&serde_json::json!({
+            "group": publication.group.name(),
+            "epoch": p.epoch,
+            "seq": p.seq,
+        }))
+        .unwrap_or_default()
+    });
+    Frame::new(websocket::text_frame(&codec::encode_invocation(
+        publication.kind.name(),
+        &publication.payload,
+        position.as_deref(),
+    )))
 }
 
 #[cfg(test)]

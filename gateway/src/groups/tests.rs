@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use publisher_lib::contract::{EventKind, Group};
+use publisher_lib::contract::{EventKind, Group, Position};
 use tokio::time::timeout;
 
+use super::Admission;
 use super::{ConnId, Groups};
 use crate::broker::{
     self, BrokerError, Fanout, Publication, SubscriptionRequest, SubscriptionRequests,
@@ -66,13 +67,24 @@ impl Replica {
         group: &Group,
         outbound: &Outbound,
     ) -> Result<(), BrokerError> {
+        self.join_as(conn, group, outbound, Admission::Live).await
+    }
+
+    /// Joins with `admission`, answering whatever the registry asks the broker meanwhile.
+    async fn join_as(
+        &mut self,
+        conn: ConnId,
+        group: &Group,
+        outbound: &Outbound,
+        admission: Admission,
+    ) -> Result<(), BrokerError> {
         let Self {
             groups,
             requests,
             answer,
             asked,
         } = self;
-        let join = groups.join(conn, group, outbound);
+        let join = groups.join(conn, group, outbound, admission);
         tokio::pin!(join);
         loop {
             tokio::select! {
@@ -135,8 +147,85 @@ fn east() -> Group {
     Group::try_dispatch("east").unwrap()
 }
 
+/// A publication at `seq` in epoch `e1`, its payload naming the seq.
+fn positioned(group: &Group, seq: u64) -> Publication {
+    Publication {
+        position: Some(Position {
+            epoch: "e1".to_owned(),
+            seq,
+        }),
+        payload: Bytes::from(format!("{{\"n\":{seq}}}")),
+        ..publication(group)
+    }
+}
+
+/// The seqs of the frames queued in `inbox`, read back from their payload.
+fn seqs(inbox: &mut Inbox) -> Vec<u64> {
+    let mut got = Vec::new();
+    while let Some(frame) = inbox.try_recv() {
+        let record = record_of(&frame.bytes());
+        let message: serde_json::Value =
+            serde_json::from_str(record.trim_end_matches('\u{1e}')).unwrap();
+        assert_eq!(message["arguments"][0]["n"], message["arguments"][1]["seq"]);
+        got.push(message["arguments"][1]["seq"].as_u64().unwrap());
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_held_member_gets_the_missed_events_then_the_live_ones_after_the_head_once() {
+    let mut replica = Replica::new();
+    let (conn, outbound, mut inbox) = replica.connect(64);
+    replica
+        .join_as(conn, &west(), &outbound, Admission::Held)
+        .await
+        .unwrap();
+    // Live while the join reads the history: 4 and 5 are in the history it reads, 6 is not.
+    for seq in [4, 5, 6] {
+        replica.groups.fan_out(&positioned(&west(), seq));
+    }
+    assert_eq!(
+        seqs(&mut inbox),
+        Vec::<u64>::new(),
+        "nothing before release"
+    );
+    let missed: Vec<Publication> = (3..=5).map(|seq| positioned(&west(), seq)).collect();
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: 5,
+    };
+    replica.groups.release(conn, &west(), &missed, &head);
+    assert_eq!(seqs(&mut inbox), vec![3, 4, 5, 6]);
+    // A late delivery of something the join already sent is not sent again; newer ones are.
+    replica.groups.fan_out(&positioned(&west(), 6));
+    replica.groups.fan_out(&positioned(&west(), 7));
+    assert_eq!(seqs(&mut inbox), vec![7]);
+}
+
+#[tokio::test]
+async fn a_held_member_that_leaves_is_forgotten_and_a_release_for_it_does_nothing() {
+    let mut replica = Replica::new();
+    let (conn, outbound, mut inbox) = replica.connect(8);
+    replica
+        .join_as(conn, &west(), &outbound, Admission::Held)
+        .await
+        .unwrap();
+    assert_eq!(replica.groups.member_count(&west()), 1);
+    replica.leave(conn, &west()).await;
+    assert_eq!(replica.groups.member_count(&west()), 0);
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: 0,
+    };
+    replica
+        .groups
+        .release(conn, &west(), &[positioned(&west(), 1)], &head);
+    assert_eq!(seqs(&mut inbox), Vec::<u64>::new());
+}
+
 fn publication(group: &Group) -> Publication {
     Publication {
+        position: None,
         group: group.clone(),
         kind: EventKind::JobAssigned,
         payload: Bytes::from_static(PAYLOAD.as_bytes()),
@@ -210,7 +299,7 @@ async fn a_join_completes_only_once_the_subscription_is_live() {
     let conn = groups.next_conn_id();
 
     let group = west();
-    let join = groups.join(conn, &group, &outbound);
+    let join = groups.join(conn, &group, &outbound, Admission::Live);
     tokio::pin!(join);
     let request = tokio::select! {
         request = requests.recv() => request.unwrap(),
@@ -244,8 +333,8 @@ async fn a_second_member_waits_for_the_pending_subscription_of_the_first() {
     let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
 
     let group = west();
-    let join_a = groups.join(a, &group, &out_a);
-    let join_b = groups.join(b, &group, &out_b);
+    let join_a = groups.join(a, &group, &out_a, Admission::Live);
+    let join_b = groups.join(b, &group, &out_b, Admission::Live);
     tokio::pin!(join_a, join_b);
     let request = tokio::select! {
         request = requests.recv() => request.unwrap(),
@@ -406,8 +495,8 @@ async fn members_waiting_on_a_failed_subscribe_all_fail() {
     let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
 
     let group = west();
-    let join_a = groups.join(a, &group, &out_a);
-    let join_b = groups.join(b, &group, &out_b);
+    let join_a = groups.join(a, &group, &out_a, Admission::Live);
+    let join_b = groups.join(b, &group, &out_b, Admission::Live);
     tokio::pin!(join_a, join_b);
     let request = tokio::select! {
         request = requests.recv() => request.unwrap(),
@@ -436,7 +525,9 @@ async fn a_stopped_broker_fails_the_join() {
     let (outbound, _inbox) = outbound::channel(8);
 
     assert_eq!(
-        groups.join(groups.next_conn_id(), &west(), &outbound).await,
+        groups
+            .join(groups.next_conn_id(), &west(), &outbound, Admission::Live)
+            .await,
         Err(BrokerError::Stopped)
     );
     assert_eq!(groups.group_count(), 0);
@@ -449,7 +540,9 @@ async fn a_broker_that_never_confirms_fails_the_join_after_the_timeout() {
     let (outbound, _inbox) = outbound::channel(8);
     let started = tokio::time::Instant::now();
 
-    let outcome = groups.join(groups.next_conn_id(), &west(), &outbound).await;
+    let outcome = groups
+        .join(groups.next_conn_id(), &west(), &outbound, Admission::Live)
+        .await;
 
     assert_eq!(
         outcome,
@@ -555,21 +648,56 @@ async fn the_memory_broker_delivers_a_publication_to_joined_members() {
     let shutdown = Shutdown::new();
     let (subscriptions, requests) = broker::subscriptions(8);
     let groups = Arc::new(Groups::new(subscriptions));
-    let broker = broker::start_memory(groups.clone(), requests, &shutdown);
+    let broker = broker::start_memory(
+        groups.clone(),
+        broker::HistorySettings::defaults(),
+        requests,
+        &shutdown,
+    );
     let (outbound, mut inbox) = outbound::channel(8);
     let conn = groups.next_conn_id();
 
-    groups.join(conn, &west(), &outbound).await.unwrap();
-    broker
+    groups
+        .join(conn, &west(), &outbound, Admission::Live)
+        .await
+        .unwrap();
+    let published = broker
         .publish(
             EventKind::JobAssigned,
             Bytes::from_static(PAYLOAD.as_bytes()),
             &[west(), east()],
+            "key-1",
         )
         .await
         .unwrap();
+    assert_eq!(published.len(), 2, "one position per group");
+    assert!(
+        published
+            .iter()
+            .all(|p| p.position.seq == 1 && !p.duplicate)
+    );
 
-    check(&mut inbox, &[&job_assigned_frame()]);
+    // The event untouched, then its position in the member's group.
+    let epoch = &published[0].position.epoch;
+    check(
+        &mut inbox,
+        &[&format!(
+            "{{\"type\":1,\"target\":\"JobAssigned\",\"arguments\":[{PAYLOAD},{{\"epoch\":\"{epoch}\",\"group\":\"/dispatch/west\",\"seq\":1}}]}}\u{1e}"
+        )],
+    );
+
+    // The same key again is acknowledged as a duplicate and not delivered.
+    let again = broker
+        .publish(
+            EventKind::JobAssigned,
+            Bytes::from_static(PAYLOAD.as_bytes()),
+            &[west(), east()],
+            "key-1",
+        )
+        .await
+        .unwrap();
+    assert!(again.iter().all(|p| p.duplicate && p.position.seq == 1));
+    check(&mut inbox, &[]);
     groups.leave(conn, &west()).await;
     shutdown.stop_background(Duration::from_secs(1)).await;
 }

@@ -1,7 +1,9 @@
 //! `POST /api/v1/events`: backends publish over HTTP with the service key.
 //!
 //! The body is validated once with the contract's rules, then its bytes travel unchanged, so
-//! fields a newer backend adds reach the browsers.
+//! fields a newer backend adds reach the browsers. Publishing is idempotent: the
+//! `Idempotency-Key` header (or, without it, the event's own unique id) seen again within the
+//! window is acknowledged with `"duplicate": true` and not delivered twice.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -54,18 +56,51 @@ pub async fn publish(
             return error(StatusCode::BAD_REQUEST, &e.to_string());
         }
     };
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => event.unique_id(),
+        Some(Ok(key)) if valid_key(key) => key.to_owned(),
+        Some(_) => {
+            metrics::event_rejected("bad_idempotency_key");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key must be 1 to 200 printable ASCII characters without spaces",
+            );
+        }
+    };
     let groups = event.groups();
-    if let Err(e) = state.broker.publish(event.kind(), payload, &groups).await {
-        tracing::warn!(error = %e, "publish failed");
-        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-    }
-    metrics::event_published("http");
+    let published = match state
+        .broker
+        .publish(event.kind(), payload, &groups, &key)
+        .await
+    {
+        Ok(published) => published,
+        Err(e) => {
+            tracing::warn!(error = %e, "publish failed");
+            return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        }
+    };
+    let duplicate = !published.is_empty() && published.iter().all(|p| p.duplicate);
+    metrics::event_published(if duplicate { "http_duplicate" } else { "http" });
     let names: Vec<&str> = groups.iter().map(|g| g.name()).collect();
+    let positions: Vec<_> = published
+        .iter()
+        .map(|p| json!({"group": p.group.name(), "epoch": p.position.epoch, "seq": p.position.seq}))
+        .collect();
     (
         StatusCode::ACCEPTED,
-        Json(json!({"type": event.kind().name(), "groups": names})),
+        Json(json!({
+            "type": event.kind().name(),
+            "groups": names,
+            "positions": positions,
+            "duplicate": duplicate,
+        })),
     )
         .into_response()
+}
+
+/// An idempotency key the Redis contract accepts: 1 to 200 printable ASCII characters.
+fn valid_key(key: &str) -> bool {
+    (1..=200).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -94,6 +94,7 @@ pub async fn upgrade(
         id: state.groups.next_conn_id(),
         principal,
         groups: Arc::clone(&state.groups),
+        broker: state.broker.clone(),
         settings: Arc::clone(&state.settings),
     };
     let span = tracing::debug_span!(

@@ -194,8 +194,9 @@ pub fn decode(record: &str) -> Result<Message, ProtocolError> {
 /// The record of a server-to-client event: `{"type":1,"target":…,"arguments":[payload]}` + RS.
 ///
 /// `payload` must be one complete JSON value; it is copied in unchanged, so fields the gateway
-/// does not know reach the browser. Built once per publication and shared by every recipient.
-pub fn encode_invocation(target: &str, payload: &[u8]) -> Bytes {
+/// does not know reach the browser. `second`, when given, is a second argument (the event's
+/// position), also complete JSON. Built once per publication and shared by every recipient.
+pub fn encode_invocation(target: &str, payload: &[u8], second: Option<&[u8]>) -> Bytes {
     debug_assert!(
         target
             .bytes()
@@ -205,12 +206,18 @@ pub fn encode_invocation(target: &str, payload: &[u8]) -> Bytes {
     const HEAD: &str = r#"{"type":1,"target":""#;
     const MIDDLE: &str = r#"","arguments":["#;
     const TAIL: &str = "]}\u{1e}";
-    let mut out =
-        Vec::with_capacity(HEAD.len() + target.len() + MIDDLE.len() + payload.len() + TAIL.len());
+    let extra = second.map_or(0, |s| s.len() + 1);
+    let mut out = Vec::with_capacity(
+        HEAD.len() + target.len() + MIDDLE.len() + payload.len() + extra + TAIL.len(),
+    );
     out.extend_from_slice(HEAD.as_bytes());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(MIDDLE.as_bytes());
     out.extend_from_slice(payload);
+    if let Some(second) = second {
+        out.push(b',');
+        out.extend_from_slice(second);
+    }
     out.extend_from_slice(TAIL.as_bytes());
     Bytes::from(out)
 }
@@ -224,6 +231,11 @@ pub fn encode_completion(invocation_id: &str, error: Option<&str>) -> String {
         }
     };
     record(&message)
+}
+
+/// A Completion record with a result.
+pub fn encode_completion_result(invocation_id: &str, result: &serde_json::Value) -> String {
+    record(&serde_json::json!({"type": 3, "invocationId": invocation_id, "result": result}))
 }
 
 /// A Close record with the reason and whether the client may reconnect.

@@ -376,12 +376,13 @@ mod encode {
     use super::parse_record;
     use crate::protocol::Message;
     use crate::protocol::codec::{
-        Invocation, PING, decode, encode_close, encode_completion, encode_invocation,
+        Invocation, PING, decode, encode_close, encode_completion, encode_completion_result,
+        encode_invocation,
     };
 
     /// Encodes an event and compares the bytes with `expected`.
     fn check(target: &str, payload: &str, expected: &str) {
-        let got = encode_invocation(target, payload.as_bytes());
+        let got = encode_invocation(target, payload.as_bytes(), None);
         assert_eq!(
             std::str::from_utf8(&got).unwrap(),
             expected,
@@ -413,8 +414,26 @@ mod encode {
     }
 
     #[test]
+    fn a_position_is_the_second_argument_and_the_payload_stays_untouched() {
+        let position = br#"{"group":"/dispatch/west","epoch":"e1","seq":42}"#;
+        let bytes = encode_invocation("RecommendationReady", b"{ \"a\" :1}", Some(position));
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            "{\"type\":1,\"target\":\"RecommendationReady\",\"arguments\":[{ \"a\" :1},{\"group\":\"/dispatch/west\",\"epoch\":\"e1\",\"seq\":42}]}\u{1e}"
+        );
+    }
+
+    #[test]
+    fn a_completion_can_carry_a_result() {
+        assert_eq!(
+            parse_record(&encode_completion_result("3", &json!({"seq": 1}))),
+            json!({"type": 3, "invocationId": "3", "result": {"seq": 1}})
+        );
+    }
+
+    #[test]
     fn an_event_record_round_trips_through_a_json_parser_and_the_decoder() {
-        let bytes = encode_invocation("JobAssigned", JOB_ASSIGNED.as_bytes());
+        let bytes = encode_invocation("JobAssigned", JOB_ASSIGNED.as_bytes(), None);
         let text = std::str::from_utf8(&bytes).unwrap();
         let payload: serde_json::Value = serde_json::from_str(JOB_ASSIGNED).unwrap();
         assert_eq!(
@@ -699,7 +718,7 @@ mod close {
 fn every_message_the_gateway_sends_ends_with_exactly_one_separator() {
     use super::codec::{PING, encode_close, encode_completion, encode_invocation};
     let records = [
-        String::from_utf8(encode_invocation("JobAssigned", b"{}").to_vec()).unwrap(),
+        String::from_utf8(encode_invocation("JobAssigned", b"{}", None).to_vec()).unwrap(),
         encode_completion("1", None),
         encode_completion("1", Some("no")),
         // A client-chosen method name echoed in an error cannot end the record early.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
 use publisher_lib::contract::Event;
-use publisher_lib::{DEFAULT_PREFIX, Publisher, PublisherConfig};
+use publisher_lib::{DEFAULT_PREFIX, PublishError, Publisher, PublisherConfig};
 use serde_json::json;
 
 const EXIT_FAILED: u8 = 1;
@@ -23,6 +23,9 @@ const EXAMPLES: &str = r#"Examples:
     '{"type":"RecommendationReady","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc",
       "requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","region":"west","configVersion":1,
       "generatedAt":"2025-11-08T12:34:56Z"}'
+
+  # Retrying under the same key within 5 minutes is acknowledged as a duplicate
+  realtime-publish --redis-url redis://127.0.0.1:6379 --idempotency-key order-42-assigned < event.json
 
   # Read the event from stdin and publish through a gateway with the service key
   realtime-publish --gateway-url http://127.0.0.1:8080 --key "$SERVICE_KEY" < event.json
@@ -38,7 +41,7 @@ struct Cli {
     event: Option<String>,
 
     /// Publish straight to this Redis: redis://127.0.0.1:6379, rediss://... (TLS) or
-    /// redis+sentinel://host:26379/<master>.
+    /// redis+sentinel://host:26379/MASTER.
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
 
@@ -62,6 +65,12 @@ struct Cli {
         requires = "gateway_url"
     )]
     key: Option<String>,
+
+    /// Idempotency key: publishing again under the same key within the window (5 minutes by
+    /// default) is acknowledged as a duplicate and not delivered twice. Defaults to the event's
+    /// own id (requestId or assignmentId). Sent as `Idempotency-Key` with --gateway-url.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
 
     /// Give up after this long, e.g. 2s or 500ms.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
@@ -103,10 +112,13 @@ async fn main() -> ExitCode {
                 &cli.prefix,
                 cli.timeout,
                 &event,
+                cli.idempotency_key.as_deref(),
             )
             .await
         }
-        (None, Some(url), Some(key)) => via_gateway(url, key, cli.timeout, raw).await,
+        (None, Some(url), Some(key)) => {
+            via_gateway(url, key, cli.timeout, raw, cli.idempotency_key.as_deref()).await
+        }
         _ => Err((
             EXIT_USAGE,
             "give --redis-url, or --gateway-url with --key".to_owned(),
@@ -141,6 +153,7 @@ async fn via_redis(
     prefix: &str,
     timeout: Duration,
     event: &Event,
+    idempotency_key: Option<&str>,
 ) -> Result<serde_json::Value, (u8, String)> {
     let mut config = PublisherConfig::new(url)
         .with_prefix(prefix)
@@ -155,10 +168,14 @@ async fn via_redis(
         config = config.with_ca_certificate(pem);
     }
     let publisher = Publisher::new(config).map_err(|e| (EXIT_USAGE, chain(&e)))?;
+    let key = idempotency_key.map_or_else(|| event.unique_id(), str::to_owned);
     let receipt = publisher
-        .publish(event)
+        .publish_with_key(event, &key)
         .await
-        .map_err(|e| (EXIT_FAILED, chain(&e)))?;
+        .map_err(|e| match e {
+            PublishError::Invalid(_) => (EXIT_USAGE, chain(&e)),
+            _ => (EXIT_FAILED, chain(&e)),
+        })?;
     let groups: Vec<_> = receipt
         .deliveries
         .iter()
@@ -167,12 +184,16 @@ async fn via_redis(
                 "group": d.group.name(),
                 "channel": d.group.channel(prefix),
                 "subscribers": d.subscribers,
+                "epoch": d.position.epoch,
+                "seq": d.position.seq,
+                "duplicate": d.duplicate,
             })
         })
         .collect();
     Ok(json!({
         "via": "redis",
         "id": receipt.id,
+        "idempotencyKey": key,
         "type": receipt.kind.name(),
         "groups": groups,
     }))
@@ -183,25 +204,27 @@ async fn via_gateway(
     key: &str,
     timeout: Duration,
     body: &str,
+    idempotency_key: Option<&str>,
 ) -> Result<serde_json::Value, (u8, String)> {
     let endpoint = format!("{}/api/v1/events", url.trim_end_matches('/'));
     let client = reqwest::Client::builder()
         .timeout(timeout)
         .build()
         .map_err(|e| (EXIT_FAILED, format!("cannot build the HTTP client: {e}")))?;
-    let response = client
+    let mut request = client
         .post(&endpoint)
         .bearer_auth(key)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .map_err(|e| {
-            (
-                EXIT_FAILED,
-                format!("POST {endpoint} failed: {}", chain(&e)),
-            )
-        })?;
+        .body(body.to_owned());
+    if let Some(idempotency_key) = idempotency_key {
+        request = request.header("Idempotency-Key", idempotency_key);
+    }
+    let response = request.send().await.map_err(|e| {
+        (
+            EXIT_FAILED,
+            format!("POST {endpoint} failed: {}", chain(&e)),
+        )
+    })?;
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     let answer: serde_json::Value =

@@ -8,7 +8,10 @@
 //!
 //! `id` identifies the event for deduplication, `publishedAt` is the publish time in microseconds
 //! since the Unix epoch (for delivery latency), and `event` is the event's JSON exactly as the
-//! contract defines it; its bytes reach browsers unchanged. Channels are named
+//! contract defines it; its bytes reach browsers unchanged. The publish script in Redis stores and
+//! publishes a *positioned* envelope, the same object with two leading fields naming the event's
+//! [`Position`] in the group: `{"epoch":"<epoch>","seq":42,"v":1,...}`. [`Envelope::encode`]
+//! writes the envelope without them; [`Envelope::decode`] reads both forms. Channels are named
 //! `<prefix>{<group>}`, e.g. `rt:{/dispatch/west}`: the braces make the group a Redis Cluster hash
 //! tag, so a group's channel and keys share one slot.
 
@@ -18,6 +21,7 @@ use uuid::Uuid;
 
 use super::event::EventKind;
 use super::group::Group;
+use super::position::Position;
 
 /// The envelope version this crate writes and reads.
 pub const ENVELOPE_VERSION: u64 = 1;
@@ -33,6 +37,9 @@ pub struct Envelope {
     pub published_at_micros: u64,
     /// The event's JSON, exactly as published.
     pub event: String,
+    /// The event's position in the channel's group, when the message is a positioned envelope
+    /// (published by the publish script); `None` for a plain envelope PUBLISHed directly.
+    pub position: Option<Position>,
 }
 
 /// Why a Redis message is not an envelope this crate understands.
@@ -73,10 +80,11 @@ impl Envelope {
         out
     }
 
-    /// Decodes a Redis message.
+    /// Decodes a Redis message: a plain envelope or a positioned one (with `epoch` and `seq`).
     ///
     /// # Errors
-    /// [`EnvelopeError`] when it is not a version-1 envelope of a known event.
+    /// [`EnvelopeError`] when it is not a version-1 envelope of a known event, or when only one
+    /// of `epoch` and `seq` is present.
     pub fn decode(message: &[u8]) -> Result<Self, EnvelopeError> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
@@ -88,6 +96,8 @@ impl Envelope {
             published_at: u64,
             #[serde(borrow)]
             event: &'a RawValue,
+            epoch: Option<String>,
+            seq: Option<u64>,
         }
         if message.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(EnvelopeError::Malformed(
@@ -101,11 +111,21 @@ impl Envelope {
         }
         let kind = EventKind::from_name(raw.kind)
             .ok_or_else(|| EnvelopeError::UnknownType(raw.kind.to_owned()))?;
+        let position = match (raw.epoch, raw.seq) {
+            (Some(epoch), Some(seq)) => Some(Position { epoch, seq }),
+            (None, None) => None,
+            _ => {
+                return Err(EnvelopeError::Malformed(
+                    "`epoch` and `seq` come together or not at all".to_owned(),
+                ));
+            }
+        };
         Ok(Self {
             id: raw.id,
             kind,
             published_at_micros: raw.published_at,
             event: raw.event.get().to_owned(),
+            position,
         })
     }
 }

@@ -137,12 +137,15 @@ impl Event {
         }
     }
 
-    /// A key that identifies this event for deduplication: `requestId` or `assignmentId`.
-    pub fn unique_id(&self) -> Uuid {
+    /// The event's own unique id, the default idempotency key: `requestId` for
+    /// `RecommendationReady`, `assignmentId` for `JobAssigned` (hyphenated lowercase UUID).
+    pub fn unique_id(&self) -> String {
         match self {
             Self::RecommendationReady(e) => e.request_id,
             Self::JobAssigned(e) => e.assignment_id,
         }
+        .hyphenated()
+        .to_string()
     }
 
     fn check_rules(&self) -> Result<(), ValidationError> {

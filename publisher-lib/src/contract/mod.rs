@@ -7,11 +7,13 @@
 mod envelope;
 mod event;
 mod group;
+mod position;
 mod validate;
 
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};
 pub use event::{Event, EventKind, JobAssigned, RecommendationReady, Source};
 pub use group::{Group, GroupKind, InvalidGroup, MAX_GROUP_ID_LEN};
+pub use position::Position;
 pub use validate::{MAX_EVENT_BYTES, ValidationError};
 
 #[cfg(test)]

@@ -240,6 +240,56 @@ fn an_envelope_round_trips_with_the_event_bytes_untouched() {
     assert_eq!(decoded.kind, EventKind::RecommendationReady);
     assert_eq!(decoded.published_at_micros, 1_795_700_000_123_456);
     assert_eq!(decoded.event, event);
+    assert_eq!(decoded.position, None);
+}
+
+#[test]
+fn a_positioned_envelope_decodes_with_its_position() {
+    let id = uuid::Uuid::parse_str("0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d").unwrap();
+    let plain = Envelope::encode(id, EventKind::RecommendationReady, 7, RECOMMENDATION);
+    // What the publish script does: two leading fields in front of the plain envelope.
+    let plain = std::str::from_utf8(&plain).unwrap();
+    let positioned = format!(
+        r#"{{"epoch":"6f1c0a523b6d4c1e9a570b7a1c2d3e4f","seq":42,{}"#,
+        &plain[1..]
+    );
+    let decoded = Envelope::decode(positioned.as_bytes()).unwrap();
+    assert_eq!(
+        decoded.position,
+        Some(Position::new("6f1c0a523b6d4c1e9a570b7a1c2d3e4f", 42))
+    );
+    assert_eq!(decoded.id, id);
+    assert_eq!(decoded.event, RECOMMENDATION);
+}
+
+#[test]
+fn a_position_serializes_as_epoch_and_seq() {
+    let position = Position::new("6f1c0a523b6d4c1e9a570b7a1c2d3e4f", 41);
+    let json = serde_json::to_string(&position).unwrap();
+    assert_eq!(
+        json,
+        r#"{"epoch":"6f1c0a523b6d4c1e9a570b7a1c2d3e4f","seq":41}"#
+    );
+    assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), position);
+}
+
+#[test]
+fn the_unique_id_is_the_request_or_assignment_id() {
+    let check = |json: &str, expected: &str| {
+        assert_eq!(
+            Event::from_json(json.as_bytes()).unwrap().unique_id(),
+            expected
+        );
+    };
+    check(RECOMMENDATION, "0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d");
+    check(
+        &with(
+            ASSIGNMENT,
+            "assignmentId",
+            r#""AAAAAAAA-2222-4333-8444-555555555555""#,
+        ),
+        "aaaaaaaa-2222-4333-8444-555555555555",
+    );
 }
 
 #[test]
@@ -259,6 +309,18 @@ fn messages_that_are_not_envelopes_are_refused() {
     check(
         r#"{"v":1,"id":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","type":"JobCancelled","publishedAt":1,"event":{}}"#,
         "unknown event type `JobCancelled`",
+    );
+    check(
+        r#"{"epoch":"e","v":1,"id":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","type":"JobAssigned","publishedAt":1,"event":{}}"#,
+        "malformed envelope: `epoch` and `seq` come together",
+    );
+    check(
+        r#"{"seq":3,"v":1,"id":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","type":"JobAssigned","publishedAt":1,"event":{}}"#,
+        "malformed envelope: `epoch` and `seq` come together",
+    );
+    check(
+        r#"{"epoch":"e","seq":-1,"v":1,"id":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","type":"JobAssigned","publishedAt":1,"event":{}}"#,
+        "malformed envelope",
     );
 }
 

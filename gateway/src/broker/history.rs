@@ -1,0 +1,283 @@
+//! Positions and bounded history per group, in memory: what the in-process broker keeps, with
+//! the same rules as the Redis publish and read scripts (`docs/redis-contract.md`).
+//!
+//! A group's history has an epoch (a random id) and a sequence that grows by one per event. It
+//! keeps the last `size` events and is forgotten after `ttl` without publishes; the next publish
+//! or read then starts a new epoch. An idempotency key seen within `window` is acknowledged again
+//! without appending.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use publisher_lib::contract::{Group, Position};
+use tokio::time::Instant;
+
+use super::HistorySettings;
+
+/// Every group's history.
+#[derive(Debug)]
+pub struct Histories<T> {
+    settings: HistorySettings,
+    groups: HashMap<Group, GroupHistory<T>>,
+}
+
+#[derive(Debug)]
+struct GroupHistory<T> {
+    epoch: String,
+    seq: u64,
+    /// `(seq, item)`, oldest first, at most `settings.size`.
+    entries: VecDeque<(u64, T)>,
+    /// Idempotency keys and the sequence they got, with when they are forgotten.
+    keys: HashMap<String, (u64, Instant)>,
+    expires: Instant,
+}
+
+/// The outcome of appending one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Its position (for a duplicate: the position it got the first time).
+    pub position: Position,
+    /// Whether the key was seen within the window: nothing was appended.
+    pub duplicate: bool,
+}
+
+/// What a reader gets: the head, whether the gap after its position could be filled, and the
+/// entries that fill it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read<T> {
+    /// The newest position (seq 0 before any event).
+    pub head: Position,
+    /// `None` without a position to recover from.
+    pub recovered: Option<bool>,
+    /// The entries after the reader's position, in order (empty unless recovered).
+    pub entries: Vec<(u64, T)>,
+}
+
+impl<T: Clone> Histories<T> {
+    /// Empty, with these bounds.
+    pub fn new(settings: HistorySettings) -> Self {
+        Self {
+            settings,
+            groups: HashMap::new(),
+        }
+    }
+
+    /// Appends `item` to `group` under idempotency `key`, at `now`.
+    pub fn append(&mut self, group: &Group, key: &str, item: T, now: Instant) -> Appended {
+        let settings = self.settings.clone();
+        let history = self.live(group, now);
+        if let Some(&(seq, forget)) = history.keys.get(key)
+            && forget > now
+        {
+            return Appended {
+                position: Position {
+                    epoch: history.epoch.clone(),
+                    seq,
+                },
+                duplicate: true,
+            };
+        }
+        history.seq += 1;
+        let seq = history.seq;
+        history.entries.push_back((seq, item));
+        while history.entries.len() > settings.size {
+            history.entries.pop_front();
+        }
+        history.keys.retain(|_, (_, forget)| *forget > now);
+        history
+            .keys
+            .insert(key.to_owned(), (seq, now + settings.idempotency_window));
+        history.expires = now + settings.ttl;
+        Appended {
+            position: Position {
+                epoch: history.epoch.clone(),
+                seq,
+            },
+            duplicate: false,
+        }
+    }
+
+    /// Reads `group`'s head and, given `after`, the entries after it.
+    pub fn read(&mut self, group: &Group, after: Option<&Position>, now: Instant) -> Read<T> {
+        let history = self.live(group, now);
+        let head = Position {
+            epoch: history.epoch.clone(),
+            seq: history.seq,
+        };
+        let Some(after) = after else {
+            return Read {
+                head,
+                recovered: None,
+                entries: Vec::new(),
+            };
+        };
+        let first_kept = history.entries.front().map_or(history.seq + 1, |e| e.0);
+        let reachable = after.epoch == history.epoch
+            && after.seq <= history.seq
+            && (after.seq == history.seq || after.seq + 1 >= first_kept);
+        let entries = if reachable {
+            history
+                .entries
+                .iter()
+                .filter(|(seq, _)| *seq > after.seq)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Read {
+            head,
+            recovered: Some(reachable),
+            entries,
+        }
+    }
+
+    /// The group's history, started afresh (new epoch) when absent or expired.
+    fn live(&mut self, group: &Group, now: Instant) -> &mut GroupHistory<T> {
+        let ttl = self.settings.ttl;
+        // Forget every expired group now and then, so idle groups do not accumulate.
+        if self.groups.len() > 1024 && self.groups.len().is_power_of_two() {
+            self.groups.retain(|_, h| h.expires > now);
+        }
+        let history = self
+            .groups
+            .entry(group.clone())
+            .or_insert_with(|| GroupHistory::new(now + ttl));
+        if history.expires <= now {
+            *history = GroupHistory::new(now + ttl);
+        }
+        history
+    }
+}
+
+impl<T> GroupHistory<T> {
+    fn new(expires: Instant) -> Self {
+        Self {
+            epoch: new_epoch(),
+            seq: 0,
+            entries: VecDeque::new(),
+            keys: HashMap::new(),
+            expires,
+        }
+    }
+}
+
+/// A fresh epoch id: 32 lowercase hex digits.
+pub fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl HistorySettings {
+    /// The defaults: 1,000 events, 10 minutes, 5 minutes.
+    pub fn defaults() -> Self {
+        Self {
+            size: 1000,
+            ttl: Duration::from_secs(600),
+            idempotency_window: Duration::from_secs(300),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> Histories<&'static str> {
+        Histories::new(HistorySettings {
+            size: 3,
+            ttl: Duration::from_secs(60),
+            idempotency_window: Duration::from_secs(30),
+        })
+    }
+
+    fn west() -> Group {
+        Group::try_dispatch("west").expect("valid region")
+    }
+
+    #[test]
+    fn sequence_grows_by_one_and_the_history_keeps_the_last_n() {
+        let mut histories = small();
+        let now = Instant::now();
+        let first = histories.append(&west(), "a", "A", now);
+        assert_eq!(first.position.seq, 1);
+        for (key, item) in [("b", "B"), ("c", "C"), ("d", "D")] {
+            histories.append(&west(), key, item, now);
+        }
+        let start = Position {
+            epoch: first.position.epoch.clone(),
+            seq: 1,
+        };
+        let read = histories.read(&west(), Some(&start), now);
+        assert_eq!(read.head.seq, 4);
+        assert_eq!(read.recovered, Some(true));
+        assert_eq!(read.entries, vec![(2, "B"), (3, "C"), (4, "D")]);
+        // Seq 1 is gone: a reader at 0 cannot be brought up to date.
+        let from_zero = Position { seq: 0, ..start };
+        let read = histories.read(&west(), Some(&from_zero), now);
+        assert_eq!(read.recovered, Some(false));
+        assert!(read.entries.is_empty());
+    }
+
+    #[test]
+    fn a_key_seen_within_the_window_is_a_duplicate_and_appends_nothing() {
+        let mut histories = small();
+        let now = Instant::now();
+        let first = histories.append(&west(), "k", "A", now);
+        let again = histories.append(&west(), "k", "A", now + Duration::from_secs(10));
+        assert!(again.duplicate);
+        assert_eq!(again.position, first.position);
+        let later = histories.append(&west(), "k", "A", now + Duration::from_secs(31));
+        assert!(!later.duplicate, "the window is over");
+        assert_eq!(later.position.seq, 2);
+    }
+
+    #[test]
+    fn other_epochs_and_positions_ahead_are_not_recovered_and_the_head_is_recovered() {
+        let mut histories = small();
+        let now = Instant::now();
+        let appended = histories.append(&west(), "a", "A", now);
+        let epoch = appended.position.epoch.clone();
+        for after in [
+            Position {
+                epoch: "other".to_owned(),
+                seq: 1,
+            },
+            Position {
+                epoch: epoch.clone(),
+                seq: 2,
+            },
+        ] {
+            assert_eq!(
+                histories.read(&west(), Some(&after), now).recovered,
+                Some(false)
+            );
+        }
+        let at_head = histories.read(&west(), Some(&appended.position), now);
+        assert_eq!(at_head.recovered, Some(true));
+        assert!(at_head.entries.is_empty());
+    }
+
+    #[test]
+    fn an_idle_group_expires_and_starts_a_new_epoch() {
+        let mut histories = small();
+        let now = Instant::now();
+        let before = histories.append(&west(), "a", "A", now).position;
+        let read = histories.read(&west(), Some(&before), now + Duration::from_secs(61));
+        assert_eq!(read.recovered, Some(false));
+        assert_ne!(read.head.epoch, before.epoch);
+        assert_eq!(read.head.seq, 0);
+    }
+
+    #[test]
+    fn a_read_before_any_publish_gives_an_epoch_that_the_first_publish_keeps() {
+        let mut histories = small();
+        let now = Instant::now();
+        let head = histories.read(&west(), None, now).head;
+        assert_eq!(head.seq, 0);
+        let appended = histories.append(&west(), "a", "A", now);
+        assert_eq!(appended.position.epoch, head.epoch);
+        let read = histories.read(&west(), Some(&head), now);
+        assert_eq!(read.recovered, Some(true));
+        assert_eq!(read.entries, vec![(1, "A")]);
+    }
+}

@@ -1,0 +1,149 @@
+//! A group's positions and history in Redis: the two Lua scripts and the calls that run them.
+//!
+//! Every event published to a group gets a [`Position`] there (an epoch naming the group's
+//! history and a sequence number that grows by one per event). The publish script assigns it,
+//! appends the positioned envelope to the group's bounded history stream and PUBLISHes it, in
+//! one atomic script whose keys and channel share the group's cluster hash tag, so a subscriber
+//! never sees a sequence number the history does not hold. The read script returns a group's
+//! head and the history after a given position, for a client that resumes.
+//!
+//! Keys, for group `g` under prefix `p`: the channel `p{g}`, the position hash `p{g}:pos`
+//! (`epoch`, `seq`), the history stream `p{g}:history` (entry `<seq>-1`, field `m`) and one
+//! idempotency key per published key, `p{g}:id:<key>`. The script texts are also in
+//! `docs/redis-contract.md`, verbatim (a test compares them).
+//!
+//! Scripts run through [`redis::Script::invoke_async`], which loads a script again after
+//! NOSCRIPT (a restarted Redis has an empty script cache); never inside a pipeline, where a
+//! NOSCRIPT would not be recovered from. This module knows nothing about retries or timeouts;
+//! [`crate::Publisher`] bounds and classifies the calls.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Script;
+use uuid::Uuid;
+
+use crate::contract::{Group, Position};
+
+/// The publish script (Lua), as `docs/redis-contract.md` shows it.
+///
+/// `KEYS`: position hash, history stream, idempotency key. `ARGV`: channel, candidate epoch,
+/// envelope without position, history size, history TTL in seconds, idempotency window in
+/// seconds. Returns `{epoch, seq, duplicate (0|1), subscribers}`.
+pub const PUBLISH_SCRIPT: &str = include_str!("history/publish.lua");
+
+/// The read script (Lua), as `docs/redis-contract.md` shows it.
+///
+/// `KEYS`: position hash, history stream. `ARGV`: candidate epoch, history TTL in seconds, epoch
+/// to read after (`""` for none), seq to read after. Returns `{epoch, head, recovered (-1|0|1),
+/// messages}`.
+pub const READ_SCRIPT: &str = include_str!("history/read.lua");
+
+static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_SCRIPT));
+static READ: LazyLock<Script> = LazyLock::new(|| Script::new(READ_SCRIPT));
+
+/// What [`crate::Publisher::read_history`] found in a group's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRead {
+    /// The group's current head: its epoch and the seq of its last event (0 before any).
+    pub head: Position,
+    /// `None` when no position was given. `Some(true)`: `messages` are every event after the
+    /// given position up to `head`, nothing missing. `Some(false)`: they cannot be given (other
+    /// epoch, the history no longer reaches back, or the position is ahead of the head), and
+    /// `messages` is empty; the client must refetch its state.
+    pub recovered: Option<bool>,
+    /// Positioned envelopes after the given position, in seq order.
+    pub messages: Vec<Vec<u8>>,
+}
+
+/// The limits the publish and read scripts apply.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) history_size: usize,
+    pub(crate) history_ttl: Duration,
+    pub(crate) idempotency_window: Duration,
+}
+
+/// What the publish script did in one group.
+#[derive(Debug, Clone)]
+pub(crate) struct Appended {
+    pub(crate) position: Position,
+    pub(crate) duplicate: bool,
+    pub(crate) subscribers: u64,
+}
+
+/// Runs the publish script for `group`: assigns a position to `envelope` (a plain envelope, see
+/// [`crate::contract::Envelope::encode`]), appends and PUBLISHes it, unless `key` was already
+/// published to this group within the idempotency window.
+pub(crate) async fn append<C: redis::aio::ConnectionLike>(
+    connection: &mut C,
+    prefix: &str,
+    group: &Group,
+    key: &str,
+    envelope: &[u8],
+    limits: Limits,
+) -> redis::RedisResult<Appended> {
+    let channel = group.channel(prefix);
+    let (epoch, seq, duplicate, subscribers): (String, u64, u8, u64) = PUBLISH
+        .key(format!("{channel}:pos"))
+        .key(format!("{channel}:history"))
+        .key(format!("{channel}:id:{key}"))
+        .arg(&channel)
+        .arg(new_epoch())
+        .arg(envelope)
+        .arg(limits.history_size)
+        .arg(seconds(limits.history_ttl))
+        .arg(seconds(limits.idempotency_window))
+        .invoke_async(connection)
+        .await?;
+    Ok(Appended {
+        position: Position { epoch, seq },
+        duplicate: duplicate != 0,
+        subscribers,
+    })
+}
+
+/// Runs the read script for `group`: its head (creating an empty history with a new epoch when
+/// the group has none) and, with `after`, the history after that position.
+pub(crate) async fn read<C: redis::aio::ConnectionLike>(
+    connection: &mut C,
+    prefix: &str,
+    group: &Group,
+    after: Option<&Position>,
+    limits: Limits,
+) -> redis::RedisResult<HistoryRead> {
+    let channel = group.channel(prefix);
+    // An empty epoch would read as "no position"; "-" matches no epoch, so it reads as another.
+    let (after_epoch, after_seq) = match after {
+        None => ("", 0),
+        Some(p) if p.epoch.is_empty() => ("-", p.seq),
+        Some(p) => (p.epoch.as_str(), p.seq),
+    };
+    let (epoch, seq, recovered, messages): (String, u64, i64, Vec<Vec<u8>>) = READ
+        .key(format!("{channel}:pos"))
+        .key(format!("{channel}:history"))
+        .arg(new_epoch())
+        .arg(seconds(limits.history_ttl))
+        .arg(after_epoch)
+        .arg(after_seq)
+        .invoke_async(connection)
+        .await?;
+    Ok(HistoryRead {
+        head: Position { epoch, seq },
+        recovered: match recovered {
+            -1 => None,
+            flag => Some(flag == 1),
+        },
+        messages,
+    })
+}
+
+/// A candidate epoch: a UUID v4 in simple form (32 lowercase hex characters).
+fn new_epoch() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+/// Whole seconds for EXPIRE and SET EX, at least 1 (0 is an error there).
+fn seconds(duration: Duration) -> u64 {
+    duration.as_secs().max(1)
+}
