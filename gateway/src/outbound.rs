@@ -128,6 +128,8 @@ pub struct Inbox {
 struct State {
     frames: VecDeque<Frame>,
     capacity: usize,
+    /// Frames of a resume backlog queued beyond `capacity`; shrinks as frames are taken.
+    backlog: usize,
     closing: Option<Closing>,
     receiver_gone: bool,
     waker: Option<Waker>,
@@ -161,6 +163,7 @@ pub fn channel(capacity: usize) -> (Outbound, Inbox) {
     let shared = Arc::new(Mutex::new(State {
         frames: VecDeque::new(),
         capacity,
+        backlog: 0,
         closing: None,
         receiver_gone: false,
         waker: None,
@@ -205,7 +208,7 @@ impl Outbound {
                 Err(_) => {}
             }
         }
-        if state.frames.len() >= state.capacity {
+        if state.frames.len() >= state.capacity + state.backlog {
             state.closing = Some(Closing::SlowConsumer);
             state.frames.clear();
             wake(state);
@@ -218,6 +221,23 @@ impl Outbound {
             wake(state);
         }
         Ok(())
+    }
+
+    /// Queues a resume backlog (the events a joining client missed) in order, beyond the
+    /// capacity: it is bounded by the history size, and a client must be able to catch up from
+    /// further back than its live queue holds. Live frames then get the usual capacity on top.
+    pub fn push_backlog(&self, frames: impl IntoIterator<Item = Frame>) {
+        let mut state = lock(&self.shared);
+        if state.closing.is_some() || state.receiver_gone {
+            return;
+        }
+        let before = state.frames.len();
+        state.frames.extend(frames);
+        let added = state.frames.len() - before;
+        state.backlog += added;
+        if before == 0 && added > 0 {
+            wake(state);
+        }
     }
 
     /// Tells the connection to close; the first reason given wins.
@@ -244,6 +264,7 @@ impl Inbox {
             }
             match state.frames.pop_front() {
                 Some(frame) => {
+                    state.backlog = state.backlog.saturating_sub(1);
                     state.writing = true;
                     Poll::Ready(Delivery::Frame(frame))
                 }
@@ -269,6 +290,9 @@ impl Inbox {
             return None;
         }
         let frame = state.frames.pop_front();
+        if frame.is_some() {
+            state.backlog = state.backlog.saturating_sub(1);
+        }
         if frame.is_none() && state.frames.capacity() > RETAINED_CAPACITY {
             state.frames.shrink_to(RETAINED_CAPACITY);
         }

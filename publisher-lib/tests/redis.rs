@@ -726,10 +726,28 @@ async fn a_position_the_history_cannot_continue_is_not_recovered() {
     // Older than the history: seq 3 is the oldest it continues.
     check(Position::new(&epoch, 2), Some(false)).await;
     check(Position::new(&epoch, 0), Some(false)).await;
-    // Ahead of the head.
-    check(Position::new(&epoch, 9), Some(false)).await;
     // At the head: nothing missed.
     check(Position::new(&epoch, 8), Some(true)).await;
+
+    // Ahead of the head: the history was rewound, so the group starts a new epoch at once and
+    // nobody resumes across it, not even from a position the old epoch held.
+    let read = publisher
+        .read_history(&west, Some(&Position::new(&epoch, 9)))
+        .await
+        .unwrap();
+    assert_eq!(read.recovered, Some(false));
+    assert_ne!(read.head.epoch, epoch);
+    assert_eq!(read.head.seq, 0);
+    let read = publisher
+        .read_history(&west, Some(&Position::new(&epoch, 8)))
+        .await
+        .unwrap();
+    assert_eq!(read.recovered, Some(false), "the old epoch is gone");
+    let receipt = publisher.publish(&recommendation("west")).await.unwrap();
+    assert_eq!(
+        receipt.deliveries[0].position,
+        Position::new(read.head.epoch, 1)
+    );
 }
 
 #[tokio::test]

@@ -75,7 +75,6 @@ async fn a_position_the_history_cannot_answer_is_reported_as_not_recovered() {
             json!({"epoch": "0123456789abcdef0123456789abcdef", "seq": 3}),
         ),
         ("2", json!({"epoch": epoch, "seq": 1})),
-        ("3", json!({"epoch": epoch, "seq": 9})),
     ] {
         let result = join_after(&mut other, id, "west", &after).await;
         assert_eq!(result["recovered"], false, "{after} -> {result}");
@@ -94,6 +93,13 @@ async fn a_position_the_history_cannot_answer_is_reported_as_not_recovered() {
         seqs
     };
     assert_eq!(kept, vec![3, 4]);
+
+    // A position ahead of the head means the history was rewound: a new epoch starts.
+    let ahead = json!({"epoch": epoch, "seq": 9});
+    let result = join_after(&mut other, "5", "west", &ahead).await;
+    assert_eq!(result["recovered"], false, "{result}");
+    assert_ne!(result["epoch"], epoch.as_str());
+    assert_eq!(result["seq"], 0);
 }
 
 async fn replica(redis: &RedisServer) -> TestGateway {

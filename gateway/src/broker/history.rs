@@ -99,7 +99,16 @@ impl<T: Clone> Histories<T> {
 
     /// Reads `group`'s head and, given `after`, the entries after it.
     pub fn read(&mut self, group: &Group, after: Option<&Position>, now: Instant) -> Read<T> {
+        let ttl = self.settings.ttl;
         let history = self.live(group, now);
+        // A position ahead of the head in the same epoch: the history was rewound (in Redis, a
+        // failover that lost writes); start a new epoch, as the read script does.
+        if let Some(after) = after
+            && after.epoch == history.epoch
+            && after.seq > history.seq
+        {
+            *history = GroupHistory::new(now + ttl);
+        }
         let head = Position {
             epoch: history.epoch.clone(),
             seq: history.seq,
@@ -232,29 +241,38 @@ mod tests {
     }
 
     #[test]
-    fn other_epochs_and_positions_ahead_are_not_recovered_and_the_head_is_recovered() {
+    fn other_epochs_are_not_recovered_and_the_head_is_recovered() {
         let mut histories = small();
         let now = Instant::now();
         let appended = histories.append(&west(), "a", "A", now);
-        let epoch = appended.position.epoch.clone();
-        for after in [
-            Position {
-                epoch: "other".to_owned(),
-                seq: 1,
-            },
-            Position {
-                epoch: epoch.clone(),
-                seq: 2,
-            },
-        ] {
-            assert_eq!(
-                histories.read(&west(), Some(&after), now).recovered,
-                Some(false)
-            );
-        }
+        let other = Position {
+            epoch: "other".to_owned(),
+            seq: 1,
+        };
+        assert_eq!(
+            histories.read(&west(), Some(&other), now).recovered,
+            Some(false)
+        );
         let at_head = histories.read(&west(), Some(&appended.position), now);
         assert_eq!(at_head.recovered, Some(true));
         assert!(at_head.entries.is_empty());
+    }
+
+    #[test]
+    fn a_position_ahead_of_the_head_starts_a_new_epoch() {
+        let mut histories = small();
+        let now = Instant::now();
+        let appended = histories.append(&west(), "a", "A", now);
+        let ahead = Position {
+            seq: 2,
+            ..appended.position.clone()
+        };
+        let read = histories.read(&west(), Some(&ahead), now);
+        assert_eq!(read.recovered, Some(false));
+        assert_ne!(read.head.epoch, appended.position.epoch);
+        assert_eq!(read.head.seq, 0);
+        let old = histories.read(&west(), Some(&appended.position), now);
+        assert_eq!(old.recovered, Some(false), "the old epoch is gone");
     }
 
     #[test]

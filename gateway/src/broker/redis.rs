@@ -48,6 +48,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const SUBSCRIBE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 1000;
+/// How often a failed history read for a gap is tried again, and the pause unit between tries
+/// (growing to five units): about 40 s in all, longer than a Redis restart with a loaded AOF.
+const REPAIR_ATTEMPTS: u32 = 40;
+const REPAIR_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// First and longest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -546,43 +550,94 @@ impl Supervisor {
         }
         cursor.waiting = Some(waiting);
         metrics::broker_gap_repair();
+        self.read_for_repair(group, after, 0);
+    }
+
+    /// Reads `group`'s history after `after` in the background (after a pause when retrying).
+    fn read_for_repair(&self, group: Group, after: Position, attempt: u32) {
         let broker = self.broker.clone();
         let repairs = self.repairs.clone();
         tokio::spawn(async move {
+            if attempt > 0 {
+                tokio::time::sleep(REPAIR_RETRY_PAUSE * attempt.min(5)).await;
+            }
             let history = broker.read_history(&group, Some(&after)).await;
-            let _ = repairs.send(Repair { group, history });
+            let _ = repairs.send(Repair {
+                group,
+                after,
+                attempt,
+                history,
+            });
         });
     }
 
-    /// Delivers the history a repair read, then what waited behind it.
+    /// Delivers the history a repair read, then what waited behind it. A read that failed is
+    /// tried again (Redis may be restarting or loading); a group that started a new epoch is
+    /// caught up from the new epoch's beginning.
     fn finish_repair(&mut self, repair: Repair) {
         let Some(cursor) = self.cursors.get_mut(&repair.group) else {
             return;
         };
+        let history = match repair.history {
+            Err(e) if repair.attempt < REPAIR_ATTEMPTS => {
+                tracing::debug!(group = %repair.group, error = %e, "history read failed; retrying");
+                self.read_for_repair(repair.group, repair.after, repair.attempt + 1);
+                return;
+            }
+            Ok(history)
+                if history.recovered == Some(false) && history.head.epoch != repair.after.epoch =>
+            {
+                // The group's history started again (Redis lost it): everything in the new epoch
+                // is news here. Clients see the new epoch and refetch; what follows is complete.
+                tracing::warn!(group = %repair.group, "the group's history restarted under a new epoch");
+                let fresh = Position {
+                    epoch: history.head.epoch,
+                    seq: 0,
+                };
+                // What already arrived of the old epoch goes first, as far as it got.
+                let (old, new): (Vec<_>, Vec<_>) = cursor
+                    .waiting
+                    .take()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .partition(|p| {
+                        p.position
+                            .as_ref()
+                            .is_some_and(|p| p.epoch == repair.after.epoch)
+                    });
+                cursor.position = Some(fresh.clone());
+                cursor.waiting = Some(new);
+                for publication in &old {
+                    self.fanout.fan_out(publication);
+                }
+                self.read_for_repair(repair.group, fresh, 0);
+                return;
+            }
+            history => history,
+        };
         let waiting = cursor.waiting.take().unwrap_or_default();
-        match repair.history {
+        match history {
             Ok(history) if history.recovered == Some(true) => {
                 tracing::info!(
                     group = %repair.group,
                     missed = history.missed.len(),
                     "filled a gap from the history"
                 );
+                cursor.position = Some(repair.after);
                 for publication in history.missed {
                     self.sequence(publication);
                 }
             }
             outcome => {
-                // The gap cannot be filled: deliver on; the clients see the jump in `seq` (or
-                // the new epoch) and refetch their state.
+                // The gap cannot be filled: deliver on; the clients see the jump in `seq` and
+                // refetch their state.
                 metrics::broker_gap_unrecovered();
                 tracing::warn!(
                     group = %repair.group,
                     error = outcome.err().map(|e| e.to_string()),
                     "a gap in a group's events could not be filled from the history"
                 );
-                if let Some(cursor) = self.cursors.get_mut(&repair.group) {
-                    cursor.position = None;
-                }
+                cursor.position = None;
             }
         }
         for publication in waiting {
@@ -615,6 +670,10 @@ struct Cursor {
 #[derive(Debug)]
 struct Repair {
     group: Group,
+    /// The position it read after.
+    after: Position,
+    /// 0 for the first read, then one more per retry.
+    attempt: u32,
     history: Result<History, BrokerError>,
 }
 

@@ -198,40 +198,30 @@ impl Groups {
         let Some(held) = members.held.remove(&conn) else {
             return;
         };
-        let mut slow = 0;
-        let mut push = |frame: &Frame| {
-            if let Err(Rejected::Overflowed) = held.outbound.try_push(frame, WriteMode::Queue) {
-                slow += 1;
-            }
-        };
-        for publication in missed {
-            push(&event_frame(publication));
-        }
         let frames = held
             .frames
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);
         let mut last = head.clone();
-        for (position, frame) in &frames {
+        let mut backlog: Vec<Frame> = missed.iter().map(event_frame).collect();
+        for (position, frame) in frames {
             let seen = position
                 .as_ref()
                 .is_some_and(|p| p.epoch == head.epoch && p.seq <= head.seq);
             if !seen {
-                push(frame);
+                backlog.push(frame);
                 if let Some(position) = position {
-                    last.clone_from(position);
+                    last = position;
                 }
             }
         }
+        held.outbound.push_backlog(backlog);
         members.queues.insert(conn, held.outbound);
         members
             .floors
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(conn, last);
-        if slow > 0 {
-            metrics::slow_consumers_closed(1);
-        }
     }
 
     /// Waits until the group's subscription is live (asking the broker when `first`).

@@ -203,6 +203,34 @@ async fn a_held_member_gets_the_missed_events_then_the_live_ones_after_the_head_
 }
 
 #[tokio::test]
+async fn a_resume_backlog_longer_than_the_queue_is_delivered_and_live_frames_get_the_usual_room() {
+    let mut replica = Replica::new();
+    let (conn, outbound, mut inbox) = replica.connect(2);
+    replica
+        .join_as(conn, &west(), &outbound, Admission::Held)
+        .await
+        .unwrap();
+    let missed: Vec<Publication> = (1..=10).map(|seq| positioned(&west(), seq)).collect();
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: 10,
+    };
+    replica.groups.release(conn, &west(), &missed, &head);
+    // Room for two live frames on top of the backlog; a third is an overflow.
+    replica.groups.fan_out(&positioned(&west(), 11));
+    replica.groups.fan_out(&positioned(&west(), 12));
+    assert_eq!(seqs(&mut inbox), (1..=12).collect::<Vec<u64>>());
+    for seq in 13..=15 {
+        replica.groups.fan_out(&positioned(&west(), seq));
+    }
+    assert_eq!(
+        outbound.try_push(&Frame::new(Bytes::new()), crate::outbound::WriteMode::Queue),
+        Err(Rejected::Closed),
+        "closed as a slow consumer"
+    );
+}
+
+#[tokio::test]
 async fn a_held_member_that_leaves_is_forgotten_and_a_release_for_it_does_nothing() {
     let mut replica = Replica::new();
     let (conn, outbound, mut inbox) = replica.connect(8);

@@ -16,7 +16,16 @@ if ARGV[3] == '' then
   return {epoch, head, -1, {}}
 end
 local after = tonumber(ARGV[4])
-if ARGV[3] ~= epoch or after == nil or after > head then
+if ARGV[3] == epoch and after ~= nil and after > head then
+  -- Someone saw events this history no longer holds: it was rewound (a replica promoted after
+  -- missing the last writes). Start a new epoch so no one resumes across it.
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {epoch, 0, 0, {}}
+end
+if ARGV[3] ~= epoch or after == nil then
   return {epoch, head, 0, {}}
 end
 if after == head then

@@ -26,6 +26,7 @@ mod modes;
 mod publisher;
 mod report;
 mod signalr;
+mod stream;
 mod tally;
 mod ws;
 
@@ -63,6 +64,11 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
+    // `publish-stream` (stream.rs) parses its own flags.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("publish-stream") {
+        std::process::exit(stream::main(argv[1..].to_vec()).await);
+    }
     let cli = Cli::parse();
     if let Err(e) = host::raise_nofile_limit() {
         eprintln!("loadgen: could not raise the descriptor limit: {e:#}");
