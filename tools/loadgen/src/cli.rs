@@ -31,6 +31,9 @@ pub(crate) enum Mode {
     /// process over stdin and stdout (JSON lines).
     #[command(hide = true)]
     Receivers(ReceiversArgs),
+    /// Publish a steady stream of events into Redis through publisher-lib's background
+    /// publisher, riding out Redis outages, and print what was published (the chaos tests).
+    PublishStream(crate::stream::StreamArgs),
 }
 
 /// Where the gateway is and how to get in; shared by every mode.

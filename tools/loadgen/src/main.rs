@@ -64,12 +64,12 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    // `publish-stream` (stream.rs) parses its own flags.
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("publish-stream") {
-        std::process::exit(stream::main(argv[1..].to_vec()).await);
-    }
     let cli = Cli::parse();
+    let cli = match cli.mode {
+        // Bounded by its own --secs and --flush-secs; it reports on stdout itself.
+        Mode::PublishStream(args) => return stream::main(args).await,
+        mode => Cli { mode },
+    };
     if let Err(e) = host::raise_nofile_limit() {
         eprintln!("loadgen: could not raise the descriptor limit: {e:#}");
     }
@@ -77,12 +77,14 @@ async fn run() -> ExitCode {
         Mode::Run(args) => (args.target.max_secs, args.observe.json),
         Mode::Idle(args) => (args.target.max_secs, args.observe.json),
         Mode::Receivers(args) => (args.target.max_secs, false),
+        Mode::PublishStream(_) => unreachable!("handled above"),
     };
     let work = async {
         match cli.mode {
             Mode::Run(args) => modes::run(args).await.map(Some),
             Mode::Idle(args) => modes::idle(args).await.map(Some),
             Mode::Receivers(args) => crew::serve(args).await.map(|()| None),
+            Mode::PublishStream(_) => unreachable!("handled above"),
         }
     };
     let limit = Duration::from_secs(max_secs) + HARD_DEADLINE_SLACK;

@@ -23,15 +23,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use clap::Parser;
+use clap::Args;
 use publisher_lib::contract::{Event, RecommendationReady};
 use publisher_lib::{BackgroundConfig, BackgroundPublisher, Publisher, PublisherConfig};
 use tokio::time::Instant;
 use uuid::Uuid;
 
 /// Publish a steady stream of RecommendationReady events into Redis (loopback only).
-#[derive(Debug, Parser)]
-#[command(name = "loadgen publish-stream")]
+#[derive(Debug, Args)]
 pub(crate) struct StreamArgs {
     /// Redis URL (host 127.0.0.1, ::1 or localhost).
     #[arg(long)]
@@ -48,10 +47,6 @@ pub(crate) struct StreamArgs {
     /// Channel prefix (the gateway's GATEWAY_REDIS_PREFIX).
     #[arg(long, default_value = publisher_lib::DEFAULT_PREFIX)]
     pub(crate) prefix: String,
-    /// Accepted for compatibility; the idempotency key is always the event's requestId (a fresh
-    /// UUID per event), which BackgroundPublisher keeps across retries.
-    #[arg(long)]
-    pub(crate) idempotency_prefix: Option<String>,
     /// Bound on the final flush, in seconds.
     #[arg(long, default_value_t = 60)]
     pub(crate) flush_secs: u64,
@@ -60,21 +55,14 @@ pub(crate) struct StreamArgs {
     pub(crate) publish_timeout_ms: u64,
 }
 
-/// Runs `loadgen publish-stream` with `argv` (the program name first); returns the exit code.
-pub(crate) async fn main(argv: Vec<String>) -> i32 {
-    let args = match StreamArgs::try_parse_from(argv) {
-        Ok(args) => args,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { 2 } else { 0 };
-        }
-    };
+/// Runs `loadgen publish-stream`.
+pub(crate) async fn main(args: StreamArgs) -> std::process::ExitCode {
     match run(args).await {
-        Ok(true) => 0,
-        Ok(false) => 1,
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("loadgen publish-stream: {e:#}");
-            1
+            std::process::ExitCode::FAILURE
         }
     }
 }
