@@ -283,7 +283,12 @@ pub struct TimeoutsConfig {
     /// Close a client as slow when one socket write takes longer than this.
     #[arg(long, env = "GATEWAY_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
-    /// On SIGTERM, how long to wait for connections to close before exiting.
+    /// On SIGTERM, how long to report not ready (while still serving and accepting) before
+    /// closing clients, so the load balancer stops sending new ones first.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+    /// After the shutdown delay, how long the drain may take: clients are closed (reconnect
+    /// allowed) spread over its first half, then the rest is waited for before exiting.
     #[arg(long, env = "GATEWAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 }

@@ -150,6 +150,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
     );
 
     let trigger = CancellationToken::new();
+    let listener_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
     // Event frames are small and latency matters: without TCP_NODELAY a frame can wait ~40 ms
     // for the client's delayed ACK.
@@ -163,7 +164,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
             public,
             http::public(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(trigger.clone().cancelled_owned())
+        .with_graceful_shutdown(listener_stop.clone().cancelled_owned())
         .into_future(),
     );
     let admin_server = tokio::spawn(
@@ -172,21 +173,33 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
             .into_future(),
     );
     let drain_timeout = config.timeouts.drain_timeout;
+    let shutdown_delay = config.timeouts.shutdown_delay;
     let groups = Arc::clone(&state.groups);
     let stopping = trigger.clone();
     let task = tokio::spawn(async move {
         stopping.cancelled().await;
         let started = tokio::time::Instant::now();
-        tracing::info!("shutdown started: not ready, no new connections");
         shutdown.begin_drain();
-        let open = groups.close_all(outbound::Closing::Shutdown);
+        if !shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_ms = shutdown_delay.as_millis() as u64,
+                "shutdown started: not ready, still serving until the load balancer notices"
+            );
+            tokio::time::sleep(shutdown_delay).await;
+        }
+        listener_stop.cancel();
+        let queues = groups.begin_close_all(outbound::Closing::Shutdown);
+        let spread = drain_timeout / 2;
         tracing::info!(
-            connections = open,
-            "closing connections with reconnect allowed"
+            connections = queues.len(),
+            spread_ms = spread.as_millis() as u64,
+            "no new connections; closing clients with reconnect allowed"
         );
+        let closing = close_spread(queues, spread);
         // The listener has stopped accepting; plain HTTP requests still in flight finish on
         // their own, but none of them may hold the WebSocket drain back.
-        let (server, drained) = tokio::join!(
+        let ((), server, drained) = tokio::join!(
+            closing,
             tokio::time::timeout(drain_timeout, public_server),
             shutdown.drain_connections(drain_timeout)
         );
@@ -223,6 +236,21 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         trigger,
         task,
     })
+}
+
+/// Closes `queues` in even batches over `over` (every 20 ms), so a replica's clients reconnect
+/// to the others at a steady rate instead of all at once.
+async fn close_spread(queues: Vec<outbound::Outbound>, over: Duration) {
+    const STEP: Duration = Duration::from_millis(20);
+    let steps = (over.as_millis() / STEP.as_millis()).max(1) as usize;
+    let batch = queues.len().div_ceil(steps).max(1);
+    let mut tick = tokio::time::interval(STEP);
+    for chunk in queues.chunks(batch) {
+        tick.tick().await;
+        for queue in chunk {
+            queue.close(outbound::Closing::Shutdown);
+        }
+    }
 }
 
 /// Key material read from the configuration and its files.

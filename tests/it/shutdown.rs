@@ -94,3 +94,74 @@ async fn client_in_the_middle_of_its_handshake_is_closed_by_shutdown() {
     assert_eq!(closed.code(), 1001, "{closed:?}");
     gateway.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_shutdown_delay_the_gateway_is_not_ready_but_still_serves_new_clients() {
+    let gateway = start_gateway(&["--shutdown-delay", "1500ms"]).await;
+    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
+    client.join_dispatch("1", "west").await;
+
+    gateway.shutdown();
+    assert_eq!(until_not_ready(&gateway).await, "not ready: draining\n");
+    // The load balancer has not noticed yet: a new client still gets in, and events flow.
+    let mut late = gateway.connect(&dispatcher("d-2", &["west"])).await;
+    late.join_dispatch("1", "west").await;
+    let event = recommendation_ready("west", &[]);
+    gateway.publish_accepted(&event).await;
+    assert_eq!(
+        within(DEADLINE, late.next_event(), "an event").await.1,
+        event
+    );
+    assert_eq!(
+        within(DEADLINE, client.next_event(), "an event").await.1,
+        event
+    );
+
+    // Then both are told to reconnect elsewhere.
+    for mut closing in [client, late] {
+        assert_eq!(closing.expect_close().await.code(), 1001);
+    }
+    gateway.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_closed_spread_over_half_the_drain_timeout() {
+    const CLIENTS: usize = 40;
+    let gateway = start_gateway(&["--drain-timeout", "2s"]).await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(
+            gateway
+                .connect(&dispatcher(&format!("d-{i}"), &["west"]))
+                .await,
+        );
+    }
+    let started = tokio::time::Instant::now();
+    gateway.shutdown();
+    let closes = clients.into_iter().map(|mut client| async move {
+        client.expect_close().await;
+        started.elapsed()
+    });
+    let mut at: Vec<Duration> = futures_util::future::join_all(closes).await;
+    at.sort();
+    let (first, last) = (at[0], at[CLIENTS - 1]);
+    // About 1 s (half the drain timeout) between the first and the last close: a steady
+    // trickle of reconnects for the other replicas, not a burst.
+    assert!(
+        last - first >= Duration::from_millis(700),
+        "closes between {first:?} and {last:?}"
+    );
+    assert!(
+        last <= Duration::from_millis(1800),
+        "the last close came at {last:?}"
+    );
+    let in_first_quarter = at
+        .iter()
+        .filter(|t| **t < first + Duration::from_millis(250))
+        .count();
+    assert!(
+        in_first_quarter <= CLIENTS / 2,
+        "{in_first_quarter} of {CLIENTS} closed in the first 250 ms"
+    );
+    gateway.wait().await;
+}

@@ -124,12 +124,20 @@ impl Groups {
 
     /// Tells every connection, present and future, to close; returns how many were open.
     pub fn close_all(&self, closing: Closing) -> usize {
-        let mut connections = self.connections();
-        connections.closing = Some(closing);
-        for queue in connections.queues.values() {
+        let queues = self.begin_close_all(closing);
+        for queue in &queues {
             queue.close(closing);
         }
-        connections.queues.len()
+        queues.len()
+    }
+
+    /// Like [`Groups::close_all`] for connections that register from now on, and returns the
+    /// open connections' queues so the caller closes them at its own pace (a drain spread
+    /// over time, so the other replicas see no reconnect storm).
+    pub fn begin_close_all(&self, closing: Closing) -> Vec<Outbound> {
+        let mut connections = self.connections();
+        connections.closing = Some(closing);
+        connections.queues.values().cloned().collect()
     }
 
     /// Adds `conn` to `group` and returns once the broker delivers the group's publications, so
