@@ -238,13 +238,18 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
     })
 }
 
-/// Closes `queues` in even batches over `over` (every 20 ms), so a replica's clients reconnect
-/// to the others at a steady rate instead of all at once.
+/// Closes `queues` in even batches over `over` (at most one batch every 20 ms), so a replica's
+/// clients reconnect to the others at a steady rate instead of all at once.
 async fn close_spread(queues: Vec<outbound::Outbound>, over: Duration) {
     const STEP: Duration = Duration::from_millis(20);
-    let steps = (over.as_millis() / STEP.as_millis()).max(1) as usize;
-    let batch = queues.len().div_ceil(steps).max(1);
-    let mut tick = tokio::time::interval(STEP);
+    if queues.is_empty() {
+        return;
+    }
+    let most_batches = (over.as_millis() / STEP.as_millis()).max(1) as usize;
+    let batches = queues.len().min(most_batches);
+    let batch = queues.len().div_ceil(batches);
+    let period = over / u32::try_from(batches).unwrap_or(u32::MAX);
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(1)));
     for chunk in queues.chunks(batch) {
         tick.tick().await;
         for queue in chunk {

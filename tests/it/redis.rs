@@ -388,7 +388,12 @@ async fn a_flood_beyond_the_subscriber_buffer_is_dropped_and_counted_and_deliver
         dropped > 0.0,
         "a one-message buffer dropped nothing out of {FLOOD}"
     );
-    assert_eq!(gateway.metric(received).await + dropped, FLOOD as f64);
+    // Health probes share the buffer, so one or two of them may be among the dropped.
+    let accounted = gateway.metric(received).await + dropped;
+    assert!(
+        (FLOOD as f64..=FLOOD as f64 + 5.0).contains(&accounted),
+        "{accounted} received or dropped for {FLOOD} published"
+    );
 
     // Still ready, and the next event arrives after whatever of the flood got through.
     gateway.wait_readyz(StatusCode::OK).await;

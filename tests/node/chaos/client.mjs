@@ -67,6 +67,7 @@ export function resumingClient({ hubUrl, token, regions, name, initial = {} }) {
 
   connection.onreconnecting(() => {
     client.reconnects += 1;
+    (client.reconnectingAt ??= []).push(Date.now());
     if (client.disconnectedSince === null) client.disconnectedSince = Date.now();
   });
   connection.onreconnected(() => {

@@ -120,14 +120,18 @@ function launch(topology, name, argv, env) {
   return child.pid;
 }
 
-/** SIGKILLs replica `i` (0-based); returns { pid, argv } to start it again. */
-export async function killReplica(topology, i) {
+/**
+ * Stops replica `i` (0-based) with `signal` (SIGKILL: a crash; SIGTERM: a graceful drain) and
+ * waits until it has exited; returns { pid, argv, stopMs } to start it again.
+ */
+export async function killReplica(topology, i, signal = "SIGKILL", ms = 30_000) {
   const replica = topology.replicas[i];
   const pid = pidIn(replica.pidFile);
   const argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
-  process.kill(pid, "SIGKILL");
-  await exitOf(pid, 10_000);
-  return { pid, argv };
+  const started = Date.now();
+  process.kill(pid, signal);
+  await exitOf(pid, ms);
+  return { pid, argv, stopMs: Date.now() - started };
 }
 
 /** Starts replica `i` again with the command line it had, and waits for its /readyz. */

@@ -1,0 +1,136 @@
+// Rolling restart on the deploy/local topology (redis-server, three replicas, nginx): ROLLING_CLIENTS
+// official-client connections that resume with their last positions, a steady stream published
+// into Redis by `loadgen publish-stream`, and the three replicas restarted one after the other
+// with SIGTERM (not ready for --shutdown-delay, then clients closed spread over half of
+// --drain-timeout). Every client must end with every event of its groups once and in order, and
+// the reconnects that land on the survivors must come as a trickle, not a storm. Writes
+// chaos-results/7-rolling-restart.json.
+
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { after, before, test } from "node:test";
+
+import { dispatcherToken, uniqueRegion, within } from "./harness.mjs";
+import { resumingClient, startAll } from "./chaos/client.mjs";
+import { killReplica, publishStream, restartReplica, startTopology } from "./chaos/topology.mjs";
+import { report, track } from "./chaos/tracker.mjs";
+
+const CLIENTS = Number(process.env.ROLLING_CLIENTS ?? 300);
+const GROUPS = 4;
+const RATE = 200;
+const SHUTDOWN_DELAY_MS = 1000;
+const DRAIN_TIMEOUT_MS = 4000;
+/** Clients are closed over half the drain timeout; a window of this length sees a share of them. */
+const WINDOW_MS = 500;
+
+let topology;
+let stateDir;
+
+before(async () => {
+  stateDir = mkdtempSync(path.join(os.tmpdir(), "realtime-rolling-"));
+  topology = await startTopology(
+    stateDir,
+    `--shutdown-delay ${SHUTDOWN_DELAY_MS}ms --drain-timeout ${DRAIN_TIMEOUT_MS}ms`,
+  );
+});
+
+after(async () => {
+  if (topology) await topology.stop();
+  if (stateDir && !process.env.KEEP_CHAOS_STATE) rmSync(stateDir, { recursive: true, force: true });
+});
+
+/** The most reconnects that landed within any WINDOW_MS among `times` (sorted ms). */
+function peakInWindow(times) {
+  let peak = 0;
+  let start = 0;
+  for (let end = 0; end < times.length; end += 1) {
+    while (times[end] - times[start] >= WINDOW_MS) start += 1;
+    peak = Math.max(peak, end - start + 1);
+  }
+  return peak;
+}
+
+/** Resolves once every client has every published event of its groups, or the deadline passes. */
+async function settled(clients, summary, ms) {
+  const deadline = Date.now() + ms;
+  const wanted = (group) => summary.groups[group.slice("/dispatch/".length)]?.length ?? 0;
+  for (;;) {
+    const behind = clients.filter((client) =>
+      client.groups.some((group) => new Set(client.received[group].map((e) => e.requestId)).size < wanted(group)),
+    );
+    if (behind.length === 0 || Date.now() > deadline) return behind.length;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+test("restarting the three replicas one after another loses nothing and spreads the reconnects", { timeout: 300_000 }, async (t) => {
+  const regions = Array.from({ length: GROUPS }, () => uniqueRegion("rolling"));
+  const clients = [];
+  for (let i = 0; i < CLIENTS; i += 1) {
+    const mine = [regions[i % GROUPS], regions[(i + 1) % GROUPS]];
+    clients.push(resumingClient({ hubUrl: topology.lb.hubUrl, token: dispatcherToken(mine), regions: mine, name: `client-${i}` }));
+  }
+  t.after(() => Promise.all(clients.map((c) => c.stop())));
+  await startAll(clients);
+
+  const restarts = [];
+  const secs = 30;
+  const stream = publishStream({ redisUrl: topology.redisUrl, regions, rate: RATE, secs });
+  await within(20_000, stream.reached(RATE * 2), "the stream to start");
+  for (let i = 0; i < 3; i += 1) {
+    const before = Date.now();
+    const stopped = await killReplica(topology, i, "SIGTERM");
+    await restartReplica(topology, i, stopped.argv);
+    restarts.push({ replica: topology.replicas[i].name, from: before, stopMs: stopped.stopMs, until: Date.now() });
+  }
+  const summary = await stream.done;
+  const behind = await settled(clients, summary, 30_000);
+
+  // Reconnects per restart: each client's reconnections from that replica's SIGTERM until the
+  // next one's (the last: until the stream ended).
+  const reconnects = restarts.map(({ replica, from, stopMs }, i) => {
+    const to = restarts[i + 1]?.from ?? Date.now();
+    const times = clients
+      .flatMap((c) => (c.reconnectedAt ?? []).filter((at) => at >= from && at < to))
+      .sort((a, b) => a - b);
+    const peak = peakInWindow(times);
+    const lost = clients
+      .flatMap((c) => (c.reconnectingAt ?? []).filter((at) => at >= from && at < to))
+      .sort((a, b) => a - b);
+    return {
+      replica,
+      stopMs,
+      reconnected: times.length,
+      peakInWindow: peak,
+      peakPerSecond: (peak * 1000) / WINDOW_MS,
+      closedPeakInWindow: peakInWindow(lost),
+      closedOverMs: lost.length ? lost.at(-1) - lost[0] : 0,
+    };
+  });
+  const result = track(summary.groups, clients);
+  report("7-rolling-restart", "7 rolling restart x3", result, {
+    settings: { rate: RATE, secs, clients: CLIENTS, groups: GROUPS, shutdownDelayMs: SHUTDOWN_DELAY_MS, drainTimeoutMs: DRAIN_TIMEOUT_MS },
+    reconnects,
+    clientsBehindAtDeadline: behind,
+  });
+  console.log(`reconnects per restart: ${JSON.stringify(reconnects)}`);
+
+  assert.equal(summary.dropped, 0, "events dropped before queueing");
+  assert.equal(summary.failed, 0, "events the publisher gave up on");
+  for (const client of clients) assert.equal(client.closedWith, undefined, `${client.name} gave up: ${client.closedWith}`);
+  const { totals } = result;
+  assert.equal(totals.lost, 0, "lost events");
+  assert.equal(totals.duplicates, 0, "duplicates");
+  assert.equal(totals.outOfOrder, 0, "out of order");
+  assert.equal(totals.seqGaps, 0, "seq gaps");
+  assert.equal(totals.recoveredFalse, 0, "a resume was refused");
+  for (const { replica, reconnected, peakInWindow: peak, stopMs } of reconnects) {
+    assert.ok(reconnected > 0, `no client was on ${replica}`);
+    // Spread over half the drain timeout (2 s), a 500 ms window sees about a quarter of a
+    // replica's clients; all at once would be all of them. Allow twice the even share.
+    assert.ok(peak <= Math.ceil(reconnected / 2), `${replica}: ${peak} of ${reconnected} reconnects within ${WINDOW_MS} ms`);
+    assert.ok(stopMs >= SHUTDOWN_DELAY_MS, `${replica} stopped after ${stopMs} ms, before its shutdown delay`);
+  }
+});
