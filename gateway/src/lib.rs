@@ -246,8 +246,8 @@ async fn close_spread(queues: Vec<outbound::Outbound>, over: Duration) {
         return;
     }
     let most_batches = (over.as_millis() / STEP.as_millis()).max(1) as usize;
-    let batches = queues.len().min(most_batches);
-    let batch = queues.len().div_ceil(batches);
+    let batch = queues.len().div_ceil(queues.len().min(most_batches));
+    let batches = queues.len().div_ceil(batch);
     let period = over / u32::try_from(batches).unwrap_or(u32::MAX);
     let mut tick = tokio::time::interval(period.max(Duration::from_millis(1)));
     for chunk in queues.chunks(batch) {

@@ -198,7 +198,6 @@ test("a join with a position the history cannot serve resolves with recovered fa
   const cases = [
     [() => ({ epoch: otherEpoch, seq: 1 }), false, "another epoch"],
     [() => ({ epoch: otherEpoch, seq: head }), false, "another epoch at the head's seq"],
-    [() => ({ epoch, seq: head + 1 }), false, "ahead of the history"],
     [() => ({ epoch, seq: head }), true, "at the head: nothing was missed"],
     // Other fields, such as the group of a position passed back as it came, are ignored.
     [() => ({ group, epoch, seq: head }), true, "at the head, with its group"],
@@ -216,6 +215,17 @@ test("a join with a position the history cannot serve resolves with recovered fa
     assert.deepStrictEqual(await recommendations.take(1), [[live, { group, epoch, seq: head }]], what);
     await connection.stop();
   }
+
+  // A position ahead of the history means it was rewound (a failover that lost writes): the
+  // group starts a new epoch at once, and the old epoch can no longer be resumed.
+  const connection = await connect(t, gateway, token);
+  const ahead = await connection.invoke("JoinDispatchGroup", region, { epoch, seq: head + 1 });
+  assert.equal(ahead.recovered, false);
+  assert.equal(ahead.seq, 0);
+  assert.notEqual(ahead.epoch, epoch);
+  const old = await connection.invoke("JoinDispatchGroup", region, { epoch, seq: head });
+  assert.deepStrictEqual(old, { group, epoch: ahead.epoch, seq: 0, recovered: false }, "the old epoch is gone");
+  await connection.stop();
 });
 
 test("the same event published twice is delivered once and the second answer says duplicate", async (t) => {
