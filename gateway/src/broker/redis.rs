@@ -515,15 +515,22 @@ impl Supervisor {
         if !self.desired.contains_key(&publication.group) {
             return;
         }
-        let cursor = self.cursors.entry(publication.group.clone()).or_default();
+        // Looked up before inserting: no clone of the group on the per-message path.
+        if !self.cursors.contains_key(&publication.group) {
+            self.cursors
+                .insert(publication.group.clone(), Cursor::default());
+        }
+        let Some(cursor) = self.cursors.get_mut(&publication.group) else {
+            return;
+        };
         if let Some(waiting) = &mut cursor.waiting {
             waiting.push(publication);
             return;
         }
         let (Some(last), Some(next)) = (&cursor.position, &publication.position) else {
             // The first since subscribing, or one without a position (an old publisher).
-            if publication.position.is_some() {
-                cursor.position.clone_from(&publication.position);
+            if let Some(next) = &publication.position {
+                advance(&mut cursor.position, next);
             }
             self.fanout.fan_out(&publication);
             return;
@@ -538,7 +545,7 @@ impl Supervisor {
             return;
         }
         // The next one, or a new epoch (the history started again; clients see it and resync).
-        cursor.position.clone_from(&publication.position);
+        advance(&mut cursor.position, next);
         self.fanout.fan_out(&publication);
     }
 
@@ -664,6 +671,14 @@ struct Cursor {
     position: Option<Position>,
     /// While a gap is being filled: what arrived meanwhile, delivered after the repair.
     waiting: Option<Vec<Publication>>,
+}
+
+/// Moves a cursor to `next`, allocating only when the epoch changes.
+fn advance(cursor: &mut Option<Position>, next: &Position) {
+    match cursor {
+        Some(last) if last.epoch == next.epoch => last.seq = next.seq,
+        _ => *cursor = Some(next.clone()),
+    }
 }
 
 /// The history a repair read for a group.
