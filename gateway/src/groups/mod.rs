@@ -68,9 +68,13 @@ struct Members {
 #[derive(Debug)]
 struct Held {
     outbound: Outbound,
-    /// Behind its own lock so fan-out keeps the registry's read lock.
-    frames: Mutex<Vec<(Option<Position>, Frame)>>,
+    /// Behind its own lock so fan-out keeps the registry's read lock. `None` once it held
+    /// [`MAX_HELD_FRAMES`] and was closed as a slow consumer: nothing more is kept for it.
+    frames: Mutex<Option<Vec<HeldFrame>>>,
 }
+
+/// A live frame kept for a held member, with its position to cut at the head.
+type HeldFrame = (Option<Position>, Frame);
 
 /// How a joining member starts receiving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +185,7 @@ impl Groups {
                     members.queues.remove(&conn);
                     members.held.entry(conn).or_insert_with(|| Held {
                         outbound: outbound.clone(),
-                        frames: Mutex::new(Vec::new()),
+                        frames: Mutex::new(Some(Vec::new())),
                     });
                 }
             }
@@ -209,7 +213,8 @@ impl Groups {
         let frames = held
             .frames
             .into_inner()
-            .unwrap_or_else(PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_default();
         let mut last = head.clone();
         let mut backlog: Vec<Frame> = missed.iter().map(event_frame).collect();
         for (position, frame) in frames {
@@ -377,12 +382,16 @@ impl Fanout for Groups {
             }
             for held in members.held.values() {
                 let mut frames = held.frames.lock().unwrap_or_else(PoisonError::into_inner);
-                if frames.len() < MAX_HELD_FRAMES {
-                    frames.push((publication.position.clone(), frame.clone()));
-                } else if !frames.is_empty() {
-                    frames.clear();
-                    held.outbound.close(Closing::SlowConsumer);
-                    slow += 1;
+                match frames.as_mut() {
+                    Some(kept) if kept.len() < MAX_HELD_FRAMES => {
+                        kept.push((publication.position.clone(), frame.clone()));
+                    }
+                    Some(_) => {
+                        *frames = None;
+                        held.outbound.close(Closing::SlowConsumer);
+                        slow += 1;
+                    }
+                    None => {}
                 }
             }
             (queued, slow)

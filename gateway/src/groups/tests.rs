@@ -231,6 +231,30 @@ async fn a_resume_backlog_longer_than_the_queue_is_delivered_and_live_frames_get
 }
 
 #[tokio::test]
+async fn a_held_member_past_the_hold_limit_is_closed_once_and_its_release_sends_nothing() {
+    let mut replica = Replica::new();
+    let (conn, outbound, mut inbox) = replica.connect(8);
+    replica
+        .join_as(conn, &west(), &outbound, Admission::Held)
+        .await
+        .unwrap();
+    for seq in 1..=(super::MAX_HELD_FRAMES as u64 + 5) {
+        replica.groups.fan_out(&positioned(&west(), seq));
+    }
+    assert_eq!(
+        outbound.try_push(&Frame::new(Bytes::new()), crate::outbound::WriteMode::Queue),
+        Err(Rejected::Closed),
+        "closed as a slow consumer"
+    );
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: 0,
+    };
+    replica.groups.release(conn, &west(), &[], &head);
+    assert_eq!(seqs(&mut inbox), Vec::<u64>::new());
+}
+
+#[tokio::test]
 async fn a_held_member_that_leaves_is_forgotten_and_a_release_for_it_does_nothing() {
     let mut replica = Replica::new();
     let (conn, outbound, mut inbox) = replica.connect(8);
