@@ -51,8 +51,11 @@ async fn an_event_published_with_publisher_lib_reaches_subscribed_clients() {
     assert_eq!(payload.as_bytes(), event.to_json().unwrap().as_slice());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_short_redis_outage_the_gateway_is_ready_again_and_its_clients_get_events() {
+/// Kills Redis under a gateway with a joined client, keeps it down for `outage` (the outage
+/// itself is what is tested, not a way to synchronise), starts it again on the same port, and
+/// checks that the gateway is ready again by itself and the same, still-connected client gets
+/// an event published after that.
+async fn recovers_after_an_outage(outage: Duration) {
     let mut redis = RedisServer::start().await;
     let gateway = replica(&redis).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
@@ -66,19 +69,18 @@ async fn after_a_short_redis_outage_the_gateway_is_ready_again_and_its_clients_g
         StatusCode::SERVICE_UNAVAILABLE,
         "publishing fails while Redis is down"
     );
-    // A wait on purpose: a 2 s outage is what is tested.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(outage).await;
 
     redis.start_again().await;
     let back = tokio::time::Instant::now();
     gateway.wait_readyz(StatusCode::OK).await;
     eprintln!(
-        "ready again {:?} after Redis came back (2 s outage)",
+        "ready again {:?} after Redis came back ({outage:?} outage)",
         back.elapsed()
     );
     let event = recommendation_ready("west", &[]);
     gateway.publish_accepted(&event).await;
-    let (_, payload) = within(DEADLINE, client.next_event(), "the event after the restart").await;
+    let (_, payload) = within(DEADLINE, client.next_event(), "the event after the outage").await;
     assert_eq!(
         payload, event,
         "the same, still-connected client receives it"
@@ -86,29 +88,14 @@ async fn after_a_short_redis_outage_the_gateway_is_ready_again_and_its_clients_g
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_short_redis_outage_the_gateway_is_ready_again_and_its_clients_get_events() {
+    recovers_after_an_outage(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_long_redis_outage_the_gateway_recovers_by_itself() {
-    let mut redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
-    let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
-    client.join_dispatch("1", "west").await;
-
-    redis.kill();
-    gateway.wait_readyz(StatusCode::SERVICE_UNAVAILABLE).await;
-    // A wait on purpose: the outage itself is what is tested (15 s, longer than the redis
-    // crate's own retry budget), not a way to synchronise.
-    tokio::time::sleep(Duration::from_secs(15)).await;
-    redis.start_again().await;
-    let back = tokio::time::Instant::now();
-    gateway.wait_readyz(StatusCode::OK).await;
-    eprintln!(
-        "ready again {:?} after Redis came back (15 s outage)",
-        back.elapsed()
-    );
-
-    let event = recommendation_ready("west", &[]);
-    gateway.publish_accepted(&event).await;
-    let (_, payload) = within(DEADLINE, client.next_event(), "the event after the outage").await;
-    assert_eq!(payload, event);
+    // Longer than the redis crate's own retry budget.
+    recovers_after_an_outage(Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
