@@ -36,6 +36,10 @@ pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
 pub const MIN_KEY_BYTES: usize = 16;
 /// Default number of groups one connection may be in.
 pub const DEFAULT_MAX_GROUPS_PER_CONNECTION: usize = 64;
+/// Default hub invocations one connection may make per second (sustained; short bursts allowed).
+pub const DEFAULT_MAX_INVOCATIONS_PER_SECOND: u32 = 50;
+/// Default group joins one connection may make per second (sustained; short bursts allowed).
+pub const DEFAULT_MAX_JOINS_PER_SECOND: u32 = 20;
 
 /// `gateway`: real-time fan-out over the SignalR protocol.
 #[derive(Debug, Parser)]
@@ -266,6 +270,12 @@ pub struct LimitsConfig {
     /// Groups one connection may be in at once.
     #[arg(long, env = "GATEWAY_MAX_GROUPS_PER_CONNECTION", default_value_t = DEFAULT_MAX_GROUPS_PER_CONNECTION)]
     pub max_groups_per_connection: usize,
+    /// Hub invocations one connection may make per second; past it the invocation fails.
+    #[arg(long, env = "GATEWAY_MAX_INVOCATIONS_PER_SECOND", default_value_t = DEFAULT_MAX_INVOCATIONS_PER_SECOND)]
+    pub max_invocations_per_second: u32,
+    /// Group joins one connection may make per second; past it the join fails.
+    #[arg(long, env = "GATEWAY_MAX_JOINS_PER_SECOND", default_value_t = DEFAULT_MAX_JOINS_PER_SECOND)]
+    pub max_joins_per_second: u32,
 }
 
 /// Keep-alive, timeouts and drain.
@@ -501,6 +511,12 @@ impl Config {
         }
         if l.max_groups_per_connection == 0 {
             problems.push("--max-groups-per-connection must be at least 1".to_owned());
+        }
+        if l.max_invocations_per_second == 0 {
+            problems.push("--max-invocations-per-second must be at least 1".to_owned());
+        }
+        if l.max_joins_per_second == 0 {
+            problems.push("--max-joins-per-second must be at least 1".to_owned());
         }
         if self.redis.prefix.contains(['{', '}']) {
             problems.push(
