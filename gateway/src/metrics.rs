@@ -34,6 +34,7 @@ const BROKER_GAP_REPAIRS: &str = "gateway_broker_gap_repairs_total";
 const BROKER_GAPS_UNRECOVERED: &str = "gateway_broker_gaps_unrecovered_total";
 const EVENTS_RECEIVED: &str = "gateway_events_received_total";
 const ENVELOPES_REJECTED: &str = "gateway_envelopes_rejected_total";
+const RUNTIME_TASKS_ALIVE: &str = "gateway_runtime_tasks_alive";
 
 /// Latency buckets, in seconds: sub-millisecond fan-out up to multi-second stalls.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -151,6 +152,10 @@ fn describe() {
         ENVELOPES_REJECTED,
         "broker messages dropped because they were not envelopes, by reason"
     );
+    describe_gauge!(
+        RUNTIME_TASKS_ALIVE,
+        "tokio tasks alive in the gateway's runtime, read at each scrape (a leak shows as growth)"
+    );
 }
 
 /// A connection was accepted.
@@ -250,6 +255,11 @@ pub fn event_received(source: &'static str) {
 /// A broker message was not an envelope.
 pub fn envelope_rejected(reason: &'static str) {
     counter!(ENVELOPES_REJECTED, "reason" => reason).increment(1);
+}
+
+/// `count` tokio tasks are alive in the runtime (set when `/metrics` is scraped).
+pub fn runtime_tasks_alive(count: usize) {
+    gauge!(RUNTIME_TASKS_ALIVE).set(count as f64);
 }
 
 /// The broker's health changed.

@@ -39,6 +39,11 @@ pub async fn readyz(State(state): State<AdminState>) -> Response {
 /// `/metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AdminState>) -> Response {
     crate::metrics::broker_up(state.app.broker.is_healthy());
+    crate::metrics::runtime_tasks_alive(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
+    );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
