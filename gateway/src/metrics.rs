@@ -35,6 +35,7 @@ const BROKER_GAPS_UNRECOVERED: &str = "gateway_broker_gaps_unrecovered_total";
 const EVENTS_RECEIVED: &str = "gateway_events_received_total";
 const ENVELOPES_REJECTED: &str = "gateway_envelopes_rejected_total";
 const RUNTIME_TASKS_ALIVE: &str = "gateway_runtime_tasks_alive";
+const LIMIT_EXCEEDED: &str = "gateway_limit_exceeded_total";
 
 /// Latency buckets, in seconds: sub-millisecond fan-out up to multi-second stalls.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -147,6 +148,10 @@ fn describe() {
     describe_counter!(
         EVENTS_RECEIVED,
         "publications received from the broker, by source"
+    );
+    describe_counter!(
+        LIMIT_EXCEEDED,
+        "requests, connections and invocations refused by a limit, by limit"
     );
     describe_counter!(
         ENVELOPES_REJECTED,
@@ -265,4 +270,9 @@ pub fn runtime_tasks_alive(count: usize) {
 /// The broker's health changed.
 pub fn broker_up(up: bool) {
     gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Something was refused by `limit` (a fixed label such as `connections_per_user`).
+pub fn limit_exceeded(limit: &'static str) {
+    counter!(LIMIT_EXCEEDED, "limit" => limit).increment(1);
 }
