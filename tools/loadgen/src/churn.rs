@@ -69,8 +69,10 @@ const ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// Longest a joined churn connection stays before it ends (uniform from zero).
 const MAX_DWELL_MS: u64 = 2000;
 
-/// How long a half-sent upgrade or handshake is held before the client drops it.
-const HALF_HOLD: Duration = Duration::from_secs(3);
+/// How long a half-sent upgrade or handshake is held before the client drops it: longer than
+/// the gateway's default header-read (10 s) and handshake (15 s) timeouts, so the outcome
+/// says whether the server bounds them.
+const HALF_HOLD: Duration = Duration::from_secs(20);
 
 /// WebSocket pings the `ping-flood` kind sends without reading anything.
 const FLOOD_PINGS: usize = 2000;
@@ -78,8 +80,14 @@ const FLOOD_PINGS: usize = 2000;
 /// Receive buffer of a `ping-flood` connection, so the server's pongs back up quickly.
 const FLOOD_RECV_BUFFER: u32 = 4096;
 
-/// How long `ping-flood` keeps sending and not reading before it resets the connection.
-const FLOOD_HOLD: Duration = Duration::from_secs(5);
+/// How long `ping-flood` keeps sending and not reading before it resets the connection:
+/// longer than the gateway's default write timeout (10 s), so the outcome says whether the
+/// server closed it.
+const FLOOD_HOLD: Duration = Duration::from_secs(15);
+
+/// After the burst, `ping-flood` sends one more ping this often (a failed send shows that the
+/// server closed the connection).
+const FLOOD_TRICKLE: Duration = Duration::from_millis(200);
 
 /// Size of the `oversized` kind's text message: above any sensible `--max-message-size`.
 const OVERSIZED_BYTES: usize = 256 * 1024;
@@ -956,22 +964,31 @@ async fn churn_one(plan: &Plan, n: usize, kind: Kind, seed: u64) -> Result<Strin
             let mut conn =
                 Conn::open_with(plan, target, n, &token, Some(FLOOD_RECV_BUFFER)).await?;
             conn.join(group, None, "1").await?;
-            let payload = [b'p'; 125];
-            let flood = async {
-                for _ in 0..FLOOD_PINGS {
-                    conn.send(ws::OPCODE_PING, &payload).await?;
-                }
-                std::future::pending::<std::io::Result<()>>().await
-            };
-            let outcome = match timeout(FLOOD_HOLD, flood).await {
-                Err(_) => "held".to_owned(),
-                Ok(Err(e)) => format!("send failed: {:?}", e.kind()),
-                Ok(Ok(())) => "held".to_owned(),
+            let outcome = match timeout(FLOOD_HOLD, flood_pings(&mut conn)).await {
+                Err(_) => "held until the client reset it".to_owned(),
+                Ok(e) => format!("server closed (send failed: {:?})", e.kind()),
             };
             conn.stream.set_zero_linger().map_err(io("linger"))?;
             Ok(outcome)
         }
         Kind::HalfUpgrade | Kind::HalfHandshake => Ok("unreachable".to_owned()),
+    }
+}
+
+/// Sends `FLOOD_PINGS` pings at once, then one every `FLOOD_TRICKLE`, never reading; returns
+/// the error that ended the sending (only the caller's timeout ends it otherwise).
+async fn flood_pings(conn: &mut Conn) -> std::io::Error {
+    let payload = [b'p'; 125];
+    for _ in 0..FLOOD_PINGS {
+        if let Err(e) = conn.send(ws::OPCODE_PING, &payload).await {
+            return e;
+        }
+    }
+    loop {
+        sleep(FLOOD_TRICKLE).await;
+        if let Err(e) = conn.send(ws::OPCODE_PING, &payload).await {
+            return e;
+        }
     }
 }
 
