@@ -5,7 +5,11 @@
 //! appends the positioned envelope to the group's bounded history stream and PUBLISHes it, in
 //! one atomic script whose keys and channel share the group's cluster hash tag, so a subscriber
 //! never sees a sequence number the history does not hold. The read script returns a group's
-//! head and the history after a given position, for a client that resumes.
+//! head and the history after a given position, for a client that resumes or a gateway replica
+//! that fills a gap. Only a replica's own delivery cursor ([`AheadOfHead::NewEpoch`]) may start
+//! a new epoch when it is ahead of the head (the history was rewound); a client's position ahead
+//! of the head is answered "not recovered" and changes nothing, because a client can send any
+//! position.
 //!
 //! Keys, for group `g` under prefix `p`: the channel `p{g}`, the position hash `p{g}:pos`
 //! (`epoch`, `seq`), the history stream `p{g}:history` (entry `<seq>-1`, field `m`) and one
@@ -35,8 +39,8 @@ pub const PUBLISH_SCRIPT: &str = include_str!("history/publish.lua");
 /// The read script (Lua), as `docs/redis-contract.md` shows it.
 ///
 /// `KEYS`: position hash, history stream. `ARGV`: candidate epoch, history TTL in seconds, epoch
-/// to read after (`""` for none), seq to read after. Returns `{epoch, head, recovered (-1|0|1),
-/// messages}`.
+/// to read after (`""` for none), seq to read after, `"cursor"` when that position is the
+/// caller's own delivery cursor. Returns `{epoch, head, recovered (-1|0|1), messages}`.
 pub const READ_SCRIPT: &str = include_str!("history/read.lua");
 
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_SCRIPT));
@@ -54,6 +58,17 @@ pub struct HistoryRead {
     pub recovered: Option<bool>,
     /// Positioned envelopes after the given position, in seq order.
     pub messages: Vec<Vec<u8>>,
+}
+
+/// What the read script makes of a position ahead of the group's head in the same epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AheadOfHead {
+    /// Not recovered, and nothing changes: the position came from a client, which can send any
+    /// value, so it proves nothing about the history.
+    Unrecovered,
+    /// The history was rewound (a failover lost writes): the group starts a new epoch at once.
+    /// Only for the caller's own delivery cursor, a position it got from Redis itself.
+    NewEpoch,
 }
 
 /// The limits the publish and read scripts apply.
@@ -104,12 +119,14 @@ pub(crate) async fn append<C: redis::aio::ConnectionLike>(
 }
 
 /// Runs the read script for `group`: its head (creating an empty history with a new epoch when
-/// the group has none) and, with `after`, the history after that position.
+/// the group has none) and, with `after`, the history after that position; `ahead` says what a
+/// position ahead of the head does.
 pub(crate) async fn read<C: redis::aio::ConnectionLike>(
     connection: &mut C,
     prefix: &str,
     group: &Group,
     after: Option<&Position>,
+    ahead: AheadOfHead,
     limits: Limits,
 ) -> redis::RedisResult<HistoryRead> {
     let channel = group.channel(prefix);
@@ -126,6 +143,10 @@ pub(crate) async fn read<C: redis::aio::ConnectionLike>(
         .arg(seconds(limits.history_ttl))
         .arg(after_epoch)
         .arg(after_seq)
+        .arg(match ahead {
+            AheadOfHead::Unrecovered => "client",
+            AheadOfHead::NewEpoch => "cursor",
+        })
         .invoke_async(connection)
         .await?;
     Ok(HistoryRead {

@@ -399,7 +399,8 @@ impl Publisher {
 
     /// Reads `group`'s head and, with `after`, the history after that position (see
     /// [`HistoryRead`]). A group without a history gets one here, empty, under a new epoch, so
-    /// the head always names an epoch.
+    /// the head always names an epoch. `after` may come from anyone: a position ahead of the
+    /// head is answered `recovered: Some(false)` and changes nothing.
     ///
     /// # Errors
     /// [`PublishError::Unreachable`], [`PublishError::Timeout`] or [`PublishError::Redis`].
@@ -411,10 +412,40 @@ impl Publisher {
         group: &Group,
         after: Option<&Position>,
     ) -> Result<HistoryRead, PublishError> {
+        self.read(group, after, history::AheadOfHead::Unrecovered)
+            .await
+    }
+
+    /// As [`Publisher::read_history`] after `cursor`, the last position the caller itself
+    /// received from Redis (a gateway replica filling a gap). A cursor ahead of the head in the
+    /// same epoch means the history was rewound (a failover lost writes): the group starts a
+    /// new epoch at once, and the answer names it with head 0 and `recovered: Some(false)`.
+    /// Never pass a position a client sent.
+    ///
+    /// # Errors
+    /// As [`Publisher::read_history`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: at most the group's history is started again, which the next read would do.
+    pub async fn read_history_after_cursor(
+        &self,
+        group: &Group,
+        cursor: &Position,
+    ) -> Result<HistoryRead, PublishError> {
+        self.read(group, Some(cursor), history::AheadOfHead::NewEpoch)
+            .await
+    }
+
+    async fn read(
+        &self,
+        group: &Group,
+        after: Option<&Position>,
+        ahead: history::AheadOfHead,
+    ) -> Result<HistoryRead, PublishError> {
         let limits = self.limits;
         let prefix = self.prefix.as_str();
         self.run(|mut connection| async move {
-            history::read(&mut connection, prefix, group, after, limits).await
+            history::read(&mut connection, prefix, group, after, ahead, limits).await
         })
         .await
     }

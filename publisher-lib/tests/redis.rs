@@ -729,20 +729,94 @@ async fn a_position_the_history_cannot_continue_is_not_recovered() {
     // At the head: nothing missed.
     check(Position::new(&epoch, 8), Some(true)).await;
 
-    // Ahead of the head: the history was rewound, so the group starts a new epoch at once and
-    // nobody resumes across it, not even from a position the old epoch held.
+    // Ahead of the head, from a client: anyone can send that, so it is not recovered and the
+    // group is left as it was.
+    check(Position::new(&epoch, 9), Some(false)).await;
+    check(Position::new(&epoch, u64::MAX), Some(false)).await;
+    check(Position::new(&epoch, 8), Some(true)).await;
+}
+
+#[tokio::test]
+async fn a_client_position_ahead_of_the_head_changes_nothing_in_redis() {
+    let server = RedisServer::start().await;
+    let publisher = publisher(&server);
+    let west = Group::try_dispatch("west").unwrap();
+    let mut last = None;
+    for _ in 0..3 {
+        let receipt = publisher.publish(&recommendation("west")).await.unwrap();
+        last = Some(receipt.deliveries[0].position.clone());
+    }
+    let head = last.unwrap();
+    let mut admin = admin(&server).await;
+    let before = stored_west(&mut admin).await;
+
+    let forged = publisher
+        .read_history(&west, Some(&Position::new(&head.epoch, 999_999_999)))
+        .await
+        .unwrap();
+    assert_eq!(forged.recovered, Some(false));
+    assert_eq!(forged.head, head, "the head is the group's, unchanged");
+    assert!(forged.messages.is_empty());
+    assert_eq!(stored_west(&mut admin).await, before);
+
+    // Everyone else still resumes in the same epoch, and publishing continues it.
     let read = publisher
-        .read_history(&west, Some(&Position::new(&epoch, 9)))
+        .read_history(&west, Some(&Position::new(&head.epoch, 1)))
+        .await
+        .unwrap();
+    assert_eq!(read.recovered, Some(true));
+    assert_eq!(
+        positions(&read.messages),
+        [2, 3].map(|seq| Position::new(&head.epoch, seq))
+    );
+    let receipt = publisher.publish(&recommendation("west")).await.unwrap();
+    assert_eq!(
+        receipt.deliveries[0].position,
+        Position::new(&head.epoch, 4)
+    );
+}
+
+/// `/dispatch/west`'s stored epoch and seq, and the length of its history.
+async fn stored_west(admin: &mut redis::aio::MultiplexedConnection) -> (Vec<String>, u64) {
+    let position: Vec<String> =
+        command(admin, &["HMGET", "rt:{/dispatch/west}:pos", "epoch", "seq"]).await;
+    let length: u64 = command(admin, &["XLEN", "rt:{/dispatch/west}:history"]).await;
+    (position, length)
+}
+
+#[tokio::test]
+async fn a_replica_cursor_ahead_of_the_head_means_a_rewind_and_starts_a_new_epoch() {
+    let server = RedisServer::start().await;
+    let publisher = publisher(&server);
+    let west = Group::try_dispatch("west").unwrap();
+    for _ in 0..3 {
+        publisher.publish(&recommendation("west")).await.unwrap();
+    }
+    let epoch = publisher
+        .read_history(&west, None)
+        .await
+        .unwrap()
+        .head
+        .epoch;
+    // A failover that lost the last write: the promoted history ends at 2, a replica saw 3.
+    let mut admin = admin(&server).await;
+    let () = command(&mut admin, &["HSET", "rt:{/dispatch/west}:pos", "seq", "2"]).await;
+
+    let read = publisher
+        .read_history_after_cursor(&west, &Position::new(&epoch, 3))
         .await
         .unwrap();
     assert_eq!(read.recovered, Some(false));
     assert_ne!(read.head.epoch, epoch);
     assert_eq!(read.head.seq, 0);
-    let read = publisher
-        .read_history(&west, Some(&Position::new(&epoch, 8)))
+    assert!(read.messages.is_empty());
+    // Nobody resumes across it, not even from a position the old epoch held.
+    let old = publisher
+        .read_history(&west, Some(&Position::new(&epoch, 2)))
         .await
         .unwrap();
-    assert_eq!(read.recovered, Some(false), "the old epoch is gone");
+    assert_eq!(old.recovered, Some(false), "the old epoch is gone");
+    assert_eq!(old.head, read.head);
     let receipt = publisher.publish(&recommendation("west")).await.unwrap();
     assert_eq!(
         receipt.deliveries[0].position,

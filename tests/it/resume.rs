@@ -94,12 +94,75 @@ async fn a_position_the_history_cannot_answer_is_reported_as_not_recovered() {
     };
     assert_eq!(kept, vec![3, 4]);
 
-    // A position ahead of the head means the history was rewound: a new epoch starts.
+    // A position ahead of the head proves nothing (a client can send any): not recovered,
+    // and the group keeps its epoch and head.
     let ahead = json!({"epoch": epoch, "seq": 9});
     let result = join_after(&mut other, "5", "west", &ahead).await;
     assert_eq!(result["recovered"], false, "{result}");
-    assert_ne!(result["epoch"], epoch.as_str());
-    assert_eq!(result["seq"], 0);
+    assert_eq!(result["epoch"], epoch.as_str());
+    assert_eq!(result["seq"], 4);
+}
+
+/// A forged position from one client leaves every other client's resume, the epoch and (in
+/// memory) the idempotency keys as they were: A recovers what it missed in the same epoch, and
+/// a publisher's retry is still a duplicate.
+async fn a_forged_position_changes_nothing_for_the_others(gateway: &TestGateway) {
+    let claims = dispatcher("d-1", &["west"]);
+    let mut a = gateway.connect(&claims).await;
+    let head = a.join_dispatch("1", "west").await;
+    let epoch = head["epoch"]
+        .as_str()
+        .expect("the join names an epoch")
+        .to_owned();
+    let start = head["seq"].as_u64().expect("the join names a seq");
+    let seen = publish_many(gateway, "west", 2).await;
+    expect_in_order(&mut a, &seen, &epoch, start).await;
+    drop(a);
+
+    // B, allowed in west, claims to be far ahead of the group in its current epoch.
+    let mut b = gateway.connect(&dispatcher("d-2", &["west"])).await;
+    let forged = json!({"epoch": epoch, "seq": 999_999_999});
+    let result = join_after(&mut b, "1", "west", &forged).await;
+    assert_eq!(result["recovered"], false, "{result}");
+    assert_eq!(result["epoch"], epoch.as_str(), "the group keeps its epoch");
+    assert_eq!(result["seq"], start + 2, "the group keeps its head");
+
+    // Events published meanwhile keep the epoch; B gets them live.
+    let missed = publish_many(gateway, "west", 3).await;
+    expect_in_order(&mut b, &missed, &epoch, start + 2).await;
+
+    // A publisher retries the first event (same requestId): still a duplicate, delivered to
+    // nobody. The next event B receives is the one after it.
+    let (status, body) = gateway.publish(&seen[0]).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("the publish answer is JSON");
+    assert_eq!(body["duplicate"], true, "{body}");
+    let next = publish_many(gateway, "west", 1).await;
+    expect_in_order(&mut b, &next, &epoch, start + 5).await;
+
+    // A comes back with its real last position: everything it missed, in the same epoch.
+    let mut back = gateway.connect(&claims).await;
+    let last = json!({"epoch": epoch, "seq": start + 2});
+    let result = join_after(&mut back, "1", "west", &last).await;
+    assert_eq!(result["recovered"], true, "{result}");
+    assert_eq!(result["epoch"], epoch.as_str());
+    assert_eq!(result["seq"], start + 6, "{result}");
+    expect_in_order(&mut back, &[missed, next].concat(), &epoch, start + 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_position_ahead_of_the_head_cannot_reset_the_group_in_memory() {
+    let gateway = start_gateway(&[]).await;
+    a_forged_position_changes_nothing_for_the_others(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_position_ahead_of_the_head_cannot_reset_the_group_in_redis() {
+    let redis = RedisServer::start().await;
+    let gateway = replica(&redis).await;
+    a_forged_position_changes_nothing_for_the_others(&gateway).await;
+    let stored = redis.cli(&["HGET", "rt:{/dispatch/west}:pos", "seq"]).await;
+    assert_eq!(stored.trim(), "6", "the stored head");
 }
 
 async fn replica(redis: &RedisServer) -> TestGateway {
@@ -154,4 +217,59 @@ async fn a_replica_whose_subscription_was_cut_fills_the_gap_before_delivering_fu
     expect_in_order(&mut client, &during, &epoch, 1).await;
     expect_in_order(&mut client, &after, &epoch, 6).await;
     assert!(gateway.metric("gateway_broker_gap_repairs_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_cursor_is_ahead_of_a_rewound_history_starts_a_new_epoch() {
+    let redis = RedisServer::start().await;
+    let gateway = replica(&redis).await;
+    let claims = dispatcher("d-1", &["west"]);
+    let mut client = gateway.connect(&claims).await;
+    let head = client.join_dispatch("1", "west").await;
+    let epoch = head["epoch"].as_str().unwrap().to_owned();
+    let seen = publish_many(&gateway, "west", 3).await;
+    expect_in_order(&mut client, &seen, &epoch, 0).await;
+
+    // A failover that lost the last two writes: the promoted history ends at seq 1, while the
+    // replica delivered up to 3. Its subscriber connection breaks, as in a failover.
+    redis
+        .cli(&["HSET", "rt:{/dispatch/west}:pos", "seq", "1"])
+        .await;
+    redis
+        .cli(&["XTRIM", "rt:{/dispatch/west}:history", "MAXLEN", "1"])
+        .await;
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert!(
+        killed.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+        "{killed}"
+    );
+
+    // After reconnecting, the replica reads after its own cursor, finds it ahead of the head and
+    // starts a new epoch for the group.
+    let renewed = within(
+        DEADLINE,
+        async {
+            loop {
+                let stored = redis
+                    .cli(&["HGET", "rt:{/dispatch/west}:pos", "epoch"])
+                    .await;
+                let stored = stored.trim().to_owned();
+                if !stored.is_empty() && stored != epoch {
+                    return stored;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        },
+        "the replica to start a new epoch",
+    )
+    .await;
+
+    // The connected client sees the new epoch from its first event; nobody resumes across it.
+    let next = publish_many(&gateway, "west", 1).await;
+    expect_in_order(&mut client, &next, &renewed, 0).await;
+    let mut back = gateway.connect(&claims).await;
+    let result = join_after(&mut back, "1", "west", &json!({"epoch": epoch, "seq": 1})).await;
+    assert_eq!(result["recovered"], false, "{result}");
+    assert_eq!(result["epoch"], renewed.as_str());
+    assert_eq!(result["seq"], 1);
 }

@@ -5,6 +5,11 @@
 //! keeps the last `size` events and is forgotten after `ttl` without publishes; the next publish
 //! or read then starts a new epoch. An idempotency key seen within `window` is acknowledged again
 //! without appending.
+//!
+//! A read never changes what other readers see: whatever position a reader brings (positions
+//! come from clients, who can send anything), it gets its own answer, and the epoch, the
+//! entries and the idempotency keys stay as they were. In memory the history cannot be rewound
+//! behind the process's back, so a position ahead of the head is simply not recovered.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -97,18 +102,10 @@ impl<T: Clone> Histories<T> {
         }
     }
 
-    /// Reads `group`'s head and, given `after`, the entries after it.
+    /// Reads `group`'s head and, given `after`, the entries after it. A position ahead of the
+    /// head (a forged one: nothing else can be ahead here) is not recovered and changes nothing.
     pub fn read(&mut self, group: &Group, after: Option<&Position>, now: Instant) -> Read<T> {
-        let ttl = self.settings.ttl;
         let history = self.live(group, now);
-        // A position ahead of the head in the same epoch: the history was rewound (in Redis, a
-        // failover that lost writes); start a new epoch, as the read script does.
-        if let Some(after) = after
-            && after.epoch == history.epoch
-            && after.seq > history.seq
-        {
-            *history = GroupHistory::new(now + ttl);
-        }
         let head = Position {
             epoch: history.epoch.clone(),
             seq: history.seq,
@@ -259,20 +256,31 @@ mod tests {
     }
 
     #[test]
-    fn a_position_ahead_of_the_head_starts_a_new_epoch() {
+    fn a_position_ahead_of_the_head_is_not_recovered_and_changes_nothing() {
         let mut histories = small();
         let now = Instant::now();
         let appended = histories.append(&west(), "a", "A", now);
-        let ahead = Position {
-            seq: 2,
-            ..appended.position.clone()
-        };
-        let read = histories.read(&west(), Some(&ahead), now);
-        assert_eq!(read.recovered, Some(false));
-        assert_ne!(read.head.epoch, appended.position.epoch);
-        assert_eq!(read.head.seq, 0);
-        let old = histories.read(&west(), Some(&appended.position), now);
-        assert_eq!(old.recovered, Some(false), "the old epoch is gone");
+        histories.append(&west(), "b", "B", now);
+        for seq in [3, 999_999_999, u64::MAX] {
+            let ahead = Position {
+                seq,
+                ..appended.position.clone()
+            };
+            let read = histories.read(&west(), Some(&ahead), now);
+            assert_eq!(read.recovered, Some(false), "seq {seq}");
+            assert!(read.entries.is_empty(), "seq {seq}");
+            assert_eq!(read.head.epoch, appended.position.epoch, "seq {seq}");
+            assert_eq!(read.head.seq, 2, "seq {seq}");
+        }
+        // The others still resume in the same epoch, from the same entries.
+        let read = histories.read(&west(), Some(&appended.position), now);
+        assert_eq!(read.recovered, Some(true));
+        assert_eq!(read.entries, vec![(2, "B")]);
+        // The idempotency keys are still there: a retry is a duplicate, not a second event.
+        let retry = histories.append(&west(), "a", "A", now);
+        assert!(retry.duplicate);
+        assert_eq!(retry.position, appended.position);
+        assert_eq!(histories.append(&west(), "c", "C", now).position.seq, 3);
     }
 
     #[test]

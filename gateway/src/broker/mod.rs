@@ -11,6 +11,7 @@
 pub mod history;
 pub mod memory;
 pub mod redis;
+mod sequencer;
 
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 
+use super::sequencer::Sequencer;
 use super::{
     BrokerError, Fanout, History, HistorySettings, Publication, Published, SubscriptionRequest,
     SubscriptionRequests,
@@ -175,7 +176,9 @@ impl RedisBroker {
             .collect())
     }
 
-    /// `group`'s head and what a reader at `after` missed, from the history in Redis.
+    /// `group`'s head and what a reader at `after` missed, from the history in Redis. `after`
+    /// may be anything a client sent: a position ahead of the head is not recovered and changes
+    /// nothing.
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when Redis cannot be read in time.
@@ -184,27 +187,48 @@ impl RedisBroker {
         group: &Group,
         after: Option<&Position>,
     ) -> Result<History, BrokerError> {
+        let read = self.publisher.read_history(group, after).await;
+        history(group, read)
+    }
+
+    /// What this replica missed after `cursor`, the last position it delivered (it came from
+    /// Redis itself). A cursor ahead of the head means the history was rewound: the group starts
+    /// a new epoch, which the answer names.
+    async fn read_history_after_cursor(
+        &self,
+        group: &Group,
+        cursor: &Position,
+    ) -> Result<History, BrokerError> {
         let read = self
             .publisher
-            .read_history(group, after)
-            .await
-            .map_err(|e| BrokerError::Unavailable(describe(&e)))?;
-        let mut missed = Vec::with_capacity(read.messages.len());
-        for message in &read.messages {
-            match publication(group.clone(), message) {
-                Ok(publication) => missed.push(publication),
-                Err(e) => {
-                    metrics::envelope_rejected("malformed");
-                    tracing::warn!(%group, error = %e, "history holds a message that is not an envelope");
-                }
+            .read_history_after_cursor(group, cursor)
+            .await;
+        history(group, read)
+    }
+}
+
+/// A history read from Redis as the broker hands it on: envelopes decoded (a malformed one is
+/// counted and skipped), errors described.
+fn history(
+    group: &Group,
+    read: Result<publisher_lib::HistoryRead, PublishError>,
+) -> Result<History, BrokerError> {
+    let read = read.map_err(|e| BrokerError::Unavailable(describe(&e)))?;
+    let mut missed = Vec::with_capacity(read.messages.len());
+    for message in &read.messages {
+        match publication(group.clone(), message) {
+            Ok(publication) => missed.push(publication),
+            Err(e) => {
+                metrics::envelope_rejected("malformed");
+                tracing::warn!(%group, error = %e, "history holds a message that is not an envelope");
             }
         }
-        Ok(History {
-            head: read.head,
-            recovered: read.recovered,
-            missed,
-        })
     }
+    Ok(History {
+        head: read.head,
+        recovered: read.recovered,
+        missed,
+    })
 }
 
 /// A publish error with its cause, for logs.
@@ -223,7 +247,7 @@ struct Supervisor {
     /// Every group this replica wants, with the generation that asked for it.
     desired: HashMap<Group, u64>,
     /// Where each subscribed group's delivery stands, and what waits behind a repair.
-    cursors: HashMap<Group, Cursor>,
+    cursors: HashMap<Group, Sequencer>,
     /// Where repair tasks send the history they read.
     repairs: mpsc::UnboundedSender<Repair>,
     /// Capacity of the message buffer between the connection and fan-out.
@@ -350,11 +374,11 @@ impl Supervisor {
             // delivering further.
             let behind: Vec<(Group, Position)> = self
                 .cursors
-                .iter()
-                .filter_map(|(group, cursor)| Some((group.clone(), cursor.position.clone()?)))
+                .iter_mut()
+                .filter_map(|(group, sequencer)| Some((group.clone(), sequencer.reconnected()?)))
                 .collect();
-            for (group, position) in behind {
-                self.start_repair(group, position, Vec::new());
+            for (group, after) in behind {
+                self.read_for_repair(group, after, 0);
             }
         }
         let mut probe = tokio::time::interval(PROBE_INTERVAL_UNHEALTHY);
@@ -509,8 +533,8 @@ impl Supervisor {
         }
     }
 
-    /// Delivers a group's publications in order, once: a repeat is dropped, a gap is filled
-    /// from the history before anything after it is delivered.
+    /// Delivers a group's publications in order, once, through its [`Sequencer`]: a repeat is
+    /// dropped, a gap is filled from the history before anything after it is delivered.
     fn sequence(&mut self, publication: Publication) {
         if !self.desired.contains_key(&publication.group) {
             return;
@@ -518,46 +542,20 @@ impl Supervisor {
         // Looked up before inserting: no clone of the group on the per-message path.
         if !self.cursors.contains_key(&publication.group) {
             self.cursors
-                .insert(publication.group.clone(), Cursor::default());
+                .insert(publication.group.clone(), Sequencer::default());
         }
-        let Some(cursor) = self.cursors.get_mut(&publication.group) else {
+        let Some(sequencer) = self.cursors.get_mut(&publication.group) else {
             return;
         };
-        if let Some(waiting) = &mut cursor.waiting {
-            waiting.push(publication);
-            return;
-        }
-        let (Some(last), Some(next)) = (&cursor.position, &publication.position) else {
-            // The first since subscribing, or one without a position (an old publisher).
-            if let Some(next) = &publication.position {
-                advance(&mut cursor.position, next);
-            }
-            self.fanout.fan_out(&publication);
+        let fanout = &self.fanout;
+        let Some(after) = sequencer.live(publication, &mut |p| fanout.fan_out(p)) else {
             return;
         };
-        if last.epoch == next.epoch && next.seq <= last.seq {
-            metrics::broker_duplicate_dropped();
-            return;
+        // A gap: the publication now waits in the sequencer, which names its group (cloned
+        // only here, not per message).
+        if let Some(group) = sequencer.held_group().cloned() {
+            self.read_for_repair(group, after, 0);
         }
-        if last.epoch == next.epoch && next.seq > last.seq + 1 {
-            let after = last.clone();
-            self.start_repair(publication.group.clone(), after, vec![publication]);
-            return;
-        }
-        // The next one, or a new epoch (the history started again; clients see it and resync).
-        advance(&mut cursor.position, next);
-        self.fanout.fan_out(&publication);
-    }
-
-    /// Holds `group`'s deliveries (starting with `waiting`) and reads what came after `after`.
-    fn start_repair(&mut self, group: Group, after: Position, waiting: Vec<Publication>) {
-        let cursor = self.cursors.entry(group.clone()).or_default();
-        if cursor.waiting.is_some() {
-            return;
-        }
-        cursor.waiting = Some(waiting);
-        metrics::broker_gap_repair();
-        self.read_for_repair(group, after, 0);
     }
 
     /// Reads `group`'s history after `after` in the background (after a pause when retrying).
@@ -568,7 +566,7 @@ impl Supervisor {
             if attempt > 0 {
                 tokio::time::sleep(REPAIR_RETRY_PAUSE * attempt.min(5)).await;
             }
-            let history = broker.read_history(&group, Some(&after)).await;
+            let history = broker.read_history_after_cursor(&group, &after).await;
             let _ = repairs.send(Repair {
                 group,
                 after,
@@ -578,77 +576,48 @@ impl Supervisor {
         });
     }
 
-    /// Delivers the history a repair read, then what waited behind it. A read that failed is
-    /// tried again (Redis may be restarting or loading); a group that started a new epoch is
-    /// caught up from the new epoch's beginning.
+    /// Hands the history a repair read to the group's sequencer, which delivers what it filled
+    /// and what waited. A read that failed is tried again (Redis may be restarting or loading).
     fn finish_repair(&mut self, repair: Repair) {
-        let Some(cursor) = self.cursors.get_mut(&repair.group) else {
+        let Some(sequencer) = self.cursors.get_mut(&repair.group) else {
             return;
         };
-        let history = match repair.history {
+        let fanout = &self.fanout;
+        let mut deliver = |p: &Publication| fanout.fan_out(p);
+        let next = match repair.history {
             Err(e) if repair.attempt < REPAIR_ATTEMPTS => {
                 tracing::debug!(group = %repair.group, error = %e, "history read failed; retrying");
                 self.read_for_repair(repair.group, repair.after, repair.attempt + 1);
                 return;
             }
-            Ok(history)
-                if history.recovered == Some(false) && history.head.epoch != repair.after.epoch =>
-            {
-                // The group's history started again (Redis lost it): everything in the new epoch
-                // is news here. Clients see the new epoch and refetch; what follows is complete.
-                tracing::warn!(group = %repair.group, "the group's history restarted under a new epoch");
-                let fresh = Position {
-                    epoch: history.head.epoch,
-                    seq: 0,
-                };
-                // What already arrived of the old epoch goes first, as far as it got.
-                let (old, new): (Vec<_>, Vec<_>) = cursor
-                    .waiting
-                    .take()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .partition(|p| {
-                        p.position
-                            .as_ref()
-                            .is_some_and(|p| p.epoch == repair.after.epoch)
-                    });
-                cursor.position = Some(fresh.clone());
-                cursor.waiting = Some(new);
-                for publication in &old {
-                    self.fanout.fan_out(publication);
-                }
-                self.read_for_repair(repair.group, fresh, 0);
-                return;
-            }
-            history => history,
-        };
-        let waiting = cursor.waiting.take().unwrap_or_default();
-        match history {
-            Ok(history) if history.recovered == Some(true) => {
-                tracing::info!(
-                    group = %repair.group,
-                    missed = history.missed.len(),
-                    "filled a gap from the history"
-                );
-                cursor.position = Some(repair.after);
-                for publication in history.missed {
-                    self.sequence(publication);
-                }
-            }
-            outcome => {
-                // The gap cannot be filled: deliver on; the clients see the jump in `seq` and
-                // refetch their state.
-                metrics::broker_gap_unrecovered();
+            Err(e) => {
                 tracing::warn!(
                     group = %repair.group,
-                    error = outcome.err().map(|e| e.to_string()),
+                    error = %e,
                     "a gap in a group's events could not be filled from the history"
                 );
-                cursor.position = None;
+                sequencer.read_failed(&mut deliver)
             }
-        }
-        for publication in waiting {
-            self.sequence(publication);
+            Ok(history) => {
+                if history.head.epoch != repair.after.epoch {
+                    tracing::warn!(group = %repair.group, "the group's history restarted under a new epoch");
+                } else if history.recovered == Some(true) {
+                    tracing::info!(
+                        group = %repair.group,
+                        missed = history.missed.len(),
+                        "filled a gap from the history"
+                    );
+                } else {
+                    tracing::warn!(
+                        group = %repair.group,
+                        "a gap in a group's events could not be filled from the history"
+                    );
+                }
+                sequencer.history(&repair.after, history, &mut deliver)
+            }
+        };
+        if let Some(after) = next {
+            self.read_for_repair(repair.group, after, 0);
         }
     }
 
@@ -661,23 +630,6 @@ impl Supervisor {
                 tracing::warn!("redis round trip failing: not ready");
             }
         }
-    }
-}
-
-/// Where one group's delivery stands on this replica.
-#[derive(Debug, Default)]
-struct Cursor {
-    /// The last position fanned out.
-    position: Option<Position>,
-    /// While a gap is being filled: what arrived meanwhile, delivered after the repair.
-    waiting: Option<Vec<Publication>>,
-}
-
-/// Moves a cursor to `next`, allocating only when the epoch changes.
-fn advance(cursor: &mut Option<Position>, next: &Position) {
-    match cursor {
-        Some(last) if last.epoch == next.epoch => last.seq = next.seq,
-        _ => *cursor = Some(next.clone()),
     }
 }
 

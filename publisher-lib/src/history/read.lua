@@ -1,7 +1,9 @@
 -- Read one group's head and the history after a position.
 -- KEYS[1] position hash <prefix>{<group>}:pos, KEYS[2] history stream <prefix>{<group>}:history
 -- ARGV[1] candidate epoch (used if the group has none), ARGV[2] history ttl (seconds),
--- ARGV[3] epoch of the position to read after ("" = none), ARGV[4] seq of that position.
+-- ARGV[3] epoch of the position to read after ("" = none), ARGV[4] seq of that position,
+-- ARGV[5] "cursor" when that position is the caller's own delivery cursor (a gateway replica
+-- filling a gap), anything else or absent when it came from a client.
 -- Returns {epoch, head seq, recovered, messages}: recovered is -1 without a position, 1 when
 -- messages are every event after the position up to the head (in order), 0 when they cannot be.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -17,8 +19,13 @@ if ARGV[3] == '' then
 end
 local after = tonumber(ARGV[4])
 if ARGV[3] == epoch and after ~= nil and after > head then
-  -- Someone saw events this history no longer holds: it was rewound (a replica promoted after
-  -- missing the last writes). Start a new epoch so no one resumes across it.
+  if ARGV[5] ~= 'cursor' then
+    -- A client's position ahead of the head proves nothing (anyone can send one): that client
+    -- alone is told it did not recover, and the group is left as it is.
+    return {epoch, head, 0, {}}
+  end
+  -- A replica delivered events this history no longer holds: it was rewound (a replica promoted
+  -- after missing the last writes). Start a new epoch so no one resumes across it.
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
