@@ -205,7 +205,9 @@ impl Conn {
                         };
                     }
                 }
-                Message::Close(code) => return Err(format!("handshake: close {code:?}")),
+                Message::Close(code) => {
+                    return Err(format!("handshake: close frame {}", code_label(code)));
+                }
                 Message::Ping(_) | Message::Other => {}
             }
         }
@@ -259,7 +261,9 @@ impl Conn {
                         .await
                         .map_err(io("pong"))?;
                 }
-                Message::Close(code) => return Err(format!("join: close {code:?}")),
+                Message::Close(code) => {
+                    return Err(format!("join: close frame {}", code_label(code)));
+                }
                 Message::Other => {}
             }
         }
@@ -269,7 +273,9 @@ impl Conn {
     pub(super) async fn discard_until_closed(&mut self) -> String {
         loop {
             match self.receive().await {
-                Ok(Message::Close(code)) => return format!("server close frame {code:?}"),
+                Ok(Message::Close(code)) => {
+                    return format!("server close frame {}", code_label(code));
+                }
                 Ok(Message::Text(text)) if text.contains("\"type\":7") => {
                     return "server close record".to_owned();
                 }
@@ -365,6 +371,11 @@ impl Rng {
     pub(super) fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1_u64 << 53) as f64
     }
+}
+
+/// A close frame's status code for a label, `none` when it carried none.
+pub(super) fn code_label(code: Option<u16>) -> String {
+    code.map_or_else(|| "none".to_owned(), |c| c.to_string())
 }
 
 /// Maps an I/O error to the label `<what>: io <kind>`.

@@ -309,10 +309,14 @@ async fn churn_one(plan: &Plan, n: usize, kind: Kind, seed: u64) -> Result<Strin
                 joined.map(|p| p.epoch).unwrap_or_default()
             );
             let result = conn.join_raw(&region, Some(&forged), "2").await?;
-            let recovered = result.and_then(|p| p.recovered);
+            let recovered = match result.and_then(|p| p.recovered) {
+                Some(true) => "recovered",
+                Some(false) => "not recovered",
+                None => "no recovered flag",
+            };
             let _ = conn.send(ws::OPCODE_CLOSE, &1000_u16.to_be_bytes()).await;
             let answer = conn.await_answer().await;
-            Ok(format!("recovered {recovered:?}, {answer}"))
+            Ok(format!("{recovered}, {answer}"))
         }
         Kind::PingFlood => {
             // A connection of its own with a small receive buffer, so that pongs back up.

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{MissedTickBehavior, interval, timeout};
 
-use super::client::{Conn, Message, PING, Record, records};
+use super::client::{Conn, Message, PING, Record, code_label, records};
 use super::{Plan, Published, shorten};
 use crate::ws;
 
@@ -169,7 +169,7 @@ pub(super) async fn stable_client(
                     }
                 }
                 Ok(Message::Close(code)) => {
-                    verifier.report.ended = Some(format!("websocket close {code:?}"));
+                    verifier.report.ended = Some(format!("websocket close {}", code_label(code)));
                     break;
                 }
                 Ok(Message::Other) => {}
