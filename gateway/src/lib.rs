@@ -7,7 +7,7 @@
 //! - [`config`]: flags, environment, validation.
 //! - [`protocol`], [`auth`], [`hub`]: the pure core (SignalR codec, tokens and join rules, hub methods).
 //! - [`outbound`], [`groups`], [`broker`]: the data path, broker → groups → queue.
-//! - [`websocket`], [`connection`]: RFC 6455 framing, and one task per WebSocket.
+//! - [`connection`]: one task per WebSocket, framed with the workspace's `ws-frame` crate.
 //! - [`http`]: routers and handlers, and the upgrade; with `start`, the only place that names axum.
 //! - [`metrics`], [`shutdown`], [`telemetry`]: cross-cutting.
 //!
@@ -25,7 +25,6 @@ pub mod outbound;
 pub mod protocol;
 pub mod shutdown;
 pub mod telemetry;
-pub mod websocket;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -45,7 +45,7 @@ fn pure_core_names_no_runtime_framework_or_broker() {
     let mut files = rust_files(&src.join("protocol"));
     files.extend(rust_files(&src.join("auth")));
     files.push(src.join("hub.rs"));
-    files.extend(rust_files(&src.join("websocket")));
+    files.extend(rust_files(&root.join("ws-frame/src")));
     files.extend(rust_files(&root.join("publisher-lib/src/contract")));
     assert!(files.len() >= 8, "the core files were not found: {files:?}");
 
@@ -66,7 +66,7 @@ fn pure_core_names_no_runtime_framework_or_broker() {
     }
     assert!(
         offences.is_empty(),
-        "the pure core (protocol, auth, hub, websocket, contract) must not depend on tokio, axum or redis:\n{}",
+        "the pure core (protocol, auth, hub, ws-frame, contract) must not depend on tokio, axum or redis:\n{}",
         offences.join("\n")
     );
 }

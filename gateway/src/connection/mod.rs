@@ -29,7 +29,7 @@ use crate::outbound::{self, Closing, Delivery, Frame, Inbox, Outbound};
 use crate::protocol::codec::{self, Message};
 use crate::protocol::handshake::{self, HandshakeError};
 use crate::protocol::{CloseReason, ProtocolError, RecordBuffer};
-use crate::websocket::{FrameError, Incoming};
+use ws_frame::server::Incoming;
 
 /// Frames written per system call at most, so one busy connection cannot starve its own reads.
 const MAX_BATCH: usize = 64;
@@ -165,14 +165,14 @@ impl Connection {
                 Ok(Err(ReadError::Gone) | Ok(Incoming::Close(_))) => {
                     return Err(CloseReason::ClientClosed);
                 }
-                Ok(Err(ReadError::Frame(FrameError::TooLarge { .. }))) => {
-                    return Err(refuse(HandshakeError::Canceled));
-                }
+                // Broken WebSocket framing is failed with its own close code (1009, 1007 or
+                // 1002), before the handshake as after it.
                 Ok(Err(ReadError::Frame(e))) => {
-                    return Err(refuse(HandshakeError::Malformed(e.to_string())));
+                    metrics::handshake_failed("bad_frame");
+                    return Err(CloseReason::Protocol(e.into()));
                 }
                 Ok(Ok(Incoming::Text(text))) => text,
-                Ok(Ok(Incoming::Binary)) => {
+                Ok(Ok(Incoming::Binary(_))) => {
                     return Err(refuse(HandshakeError::Malformed(
                         "binary frames are not supported by the JSON hub protocol".to_owned(),
                     )));
@@ -274,7 +274,7 @@ impl Connection {
                         Ok(Incoming::Close(_)) | Err(ReadError::Gone) => {
                             return CloseReason::ClientClosed;
                         }
-                        Ok(Incoming::Binary) => return CloseReason::Protocol(ProtocolError::Binary),
+                        Ok(Incoming::Binary(_)) => return CloseReason::Protocol(ProtocolError::Binary),
                         Ok(Incoming::Ping(payload)) => {
                             if socket.pong(&payload).await.is_err() {
                                 return CloseReason::ClientClosed;
@@ -282,11 +282,8 @@ impl Connection {
                             continue;
                         }
                         Ok(Incoming::Pong) => continue,
-                        Err(ReadError::Frame(FrameError::TooLarge { limit })) => {
-                            return CloseReason::Protocol(ProtocolError::TooLarge { limit });
-                        }
                         Err(ReadError::Frame(e)) => {
-                            return CloseReason::Protocol(ProtocolError::BadFrame(e.to_string()));
+                            return CloseReason::Protocol(e.into());
                         }
                     };
                     let records = match buffer.feed(&text) {
@@ -328,9 +325,9 @@ impl Connection {
         let mut result = None;
         let error = match action.outcome {
             Outcome::Join { group, after } => {
-                match self
-                    .join(&invocation.target, group, after, outbound, joined)
-                    .await
+                // Boxed: the join's broker round trip nests deep futures, which the
+                // connection's own future should neither carry nor have to lay out.
+                match Box::pin(self.join(&invocation.target, group, after, outbound, joined)).await
                 {
                     Ok(joined) => {
                         result = Some(joined);

@@ -1,9 +1,11 @@
 //! A server-side WebSocket over a socket: messages in, frames out.
 //!
-//! The gateway frames its own WebSocket (see [`crate::websocket`]) so an event's frame is built
+//! The gateway frames its own WebSocket (with the `ws-frame` crate) so an event's frame is built
 //! once and written as-is to every recipient, several queued frames in one vectored write. The
 //! write side is a shared [`Wire`], so fan-out can also write to it directly (see
-//! [`crate::outbound`]). An idle socket holds only a small read buffer.
+//! [`crate::outbound`]). An idle socket holds only a small read buffer. Decoded frames are
+//! skipped with an offset, and the undecoded rest moves to the front at most once per read,
+//! never once per frame.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -11,9 +13,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use ws_frame::server::{self as ws, Decoded, Decoder, FrameError, Incoming};
 
 use crate::outbound::Wire;
-use crate::websocket::{self, Decoder, FrameError, Incoming};
 
 /// Bytes reserved for each read; client messages are small (pings, joins).
 const READ_CHUNK: usize = 256;
@@ -34,7 +36,11 @@ pub enum ReadError {
 pub struct Socket<R> {
     reader: R,
     wire: Arc<dyn Wire>,
+    /// Bytes read; those before `read_at` are decoded already.
     read_buf: Vec<u8>,
+    /// Where the undecoded bytes start in `read_buf`: a burst of tiny frames after a large one
+    /// costs no copy per frame.
+    read_at: usize,
     decoder: Decoder,
 }
 
@@ -46,6 +52,7 @@ impl<R: AsyncRead + Unpin> Socket<R> {
             reader,
             wire,
             read_buf: read.to_vec(),
+            read_at: 0,
             decoder: Decoder::new(max_message_bytes),
         }
     }
@@ -61,18 +68,27 @@ impl<R: AsyncRead + Unpin> Socket<R> {
     /// Cancel-safe: bytes read are kept in the socket's buffer until a whole frame is there.
     pub async fn recv(&mut self) -> Result<Incoming, ReadError> {
         loop {
-            while let Some((message, used)) = self
+            while let Some(Decoded { message, used }) = self
                 .decoder
-                .decode(&self.read_buf)
+                .decode(&self.read_buf[self.read_at..])
                 .map_err(ReadError::Frame)?
             {
-                self.read_buf.drain(..used);
-                if self.read_buf.is_empty() && self.read_buf.capacity() > RETAINED_READ_CAPACITY {
-                    self.read_buf = Vec::new();
+                self.read_at += used;
+                if self.read_at == self.read_buf.len() {
+                    self.read_at = 0;
+                    self.read_buf.clear();
+                    if self.read_buf.capacity() > RETAINED_READ_CAPACITY {
+                        self.read_buf = Vec::new();
+                    }
                 }
                 if let Some(message) = message {
                     return Ok(message);
                 }
+            }
+            if self.read_at > 0 {
+                // Once per read, not per frame: move the start of the next frame to the front.
+                self.read_buf.drain(..self.read_at);
+                self.read_at = 0;
             }
             self.read_buf.reserve(READ_CHUNK);
             match self.reader.read_buf(&mut self.read_buf).await {
@@ -87,8 +103,7 @@ impl<R: AsyncRead + Unpin> Socket<R> {
     /// # Errors
     /// The I/O error when the client is gone.
     pub async fn send_text(&self, text: &str) -> io::Result<()> {
-        self.send_frame(&websocket::text_frame(text.as_bytes()))
-            .await
+        self.send_frame(&ws::text_frame(text.as_bytes())).await
     }
 
     /// Writes one ready-made frame.
@@ -131,7 +146,7 @@ impl<R: AsyncRead + Unpin> Socket<R> {
     /// # Errors
     /// The I/O error when the client is gone.
     pub async fn pong(&self, payload: &[u8]) -> io::Result<()> {
-        self.send_frame(&websocket::pong_frame(payload)).await
+        self.send_frame(&ws::pong_frame(payload)).await
     }
 
     /// Sends a close frame. The write side shuts down when the last holder of the wire drops it.
@@ -139,7 +154,7 @@ impl<R: AsyncRead + Unpin> Socket<R> {
     /// # Errors
     /// The I/O error when the client is gone.
     pub async fn close(&self, code: u16, reason: &str) -> io::Result<()> {
-        self.send_frame(&websocket::close_frame(code, reason)).await
+        self.send_frame(&ws::close_frame(code, reason)).await
     }
 
     async fn writable(&self) -> io::Result<()> {

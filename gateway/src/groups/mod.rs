@@ -19,7 +19,6 @@ use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
 use crate::outbound::{Closing, Frame, Outbound, Rejected, WriteMode};
 use crate::protocol::codec;
-use crate::websocket;
 
 /// Largest group whose publications are written straight to idle members' sockets.
 pub const MAX_DIRECT_WRITE_MEMBERS: usize = 256;
@@ -416,7 +415,7 @@ fn event_frame(publication: &Publication) -> Frame {
         }))
         .unwrap_or_default()
     });
-    Frame::new(websocket::text_frame(&codec::encode_invocation(
+    Frame::new(ws_frame::server::text_frame(&codec::encode_invocation(
         publication.kind.name(),
         &publication.payload,
         position.as_deref(),

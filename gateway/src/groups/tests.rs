@@ -419,7 +419,7 @@ async fn fan_out_delivers_one_shared_frame_to_each_member() {
 
     let frame_a = inbox_a.try_recv().unwrap().bytes();
     let frame_b = inbox_b.try_recv().unwrap().bytes();
-    let expected = crate::websocket::text_frame(job_assigned_frame().as_bytes());
+    let expected = ws_frame::server::text_frame(job_assigned_frame().as_bytes());
     assert_eq!(frame_a, expected);
     assert_eq!(frame_b, expected);
     assert_eq!(

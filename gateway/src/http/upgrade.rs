@@ -20,7 +20,6 @@ use super::{AppState, bearer, unauthorized};
 use crate::auth::AuthError;
 use crate::connection::{Connection, Socket};
 use crate::metrics;
-use crate::websocket;
 
 /// The query of the upgrade request.
 #[derive(Debug, Deserialize)]
@@ -41,16 +40,7 @@ pub async fn upgrade(
     let headers = request.headers();
     let key = match websocket_key(headers) {
         Ok(key) => key,
-        Err(why) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "{}: only WebSocket upgrades are served here ({why})",
-                    super::HUB_PATH
-                ),
-            )
-                .into_response();
-        }
+        Err(refused) => return refused.into_response(),
     };
     if !state.origins.allows_upgrade(headers) {
         metrics::origin_refused("upgrade");
@@ -140,14 +130,49 @@ pub async fn upgrade(
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(&key)) {
+    if let Ok(accept) = HeaderValue::from_str(&ws_frame::accept_key(&key)) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
 }
 
+/// Why a request to the hub is not a WebSocket upgrade this gateway can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotAnUpgrade {
+    /// No `Connection: upgrade` and `Upgrade: websocket`: a plain HTTP request.
+    Plain,
+    /// A `Sec-WebSocket-Version` other than 13 (or none).
+    WrongVersion,
+    /// No `Sec-WebSocket-Key`, or one that is not the base64 of 16 bytes.
+    BadKey,
+}
+
+impl IntoResponse for NotAnUpgrade {
+    /// 400 with the reason, except a wrong version: `426 Upgrade Required` naming the version
+    /// served (RFC 6455 §4.4).
+    fn into_response(self) -> Response {
+        let why = match self {
+            Self::Plain => "not a WebSocket upgrade request",
+            Self::WrongVersion => "WebSocket version 13 is required",
+            Self::BadKey => "Sec-WebSocket-Key must be the base64 of 16 bytes",
+        };
+        let body = format!(
+            "{}: only WebSocket upgrades are served here ({why})",
+            super::HUB_PATH
+        );
+        if self == Self::WrongVersion {
+            let version = [(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            )];
+            return (StatusCode::UPGRADE_REQUIRED, version, body).into_response();
+        }
+        (StatusCode::BAD_REQUEST, body).into_response()
+    }
+}
+
 /// The client's `Sec-WebSocket-Key`, if the request is a WebSocket upgrade we can serve.
-fn websocket_key(headers: &HeaderMap) -> Result<String, &'static str> {
+fn websocket_key(headers: &HeaderMap) -> Result<String, NotAnUpgrade> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|value| {
             value
@@ -156,17 +181,19 @@ fn websocket_key(headers: &HeaderMap) -> Result<String, &'static str> {
         })
     };
     if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
-        return Err("not a WebSocket upgrade request");
+        return Err(NotAnUpgrade::Plain);
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_none_or(|v| v.as_bytes() != b"13")
     {
-        return Err("WebSocket version 13 is required");
+        return Err(NotAnUpgrade::WrongVersion);
     }
     headers
         .get(header::SEC_WEBSOCKET_KEY)
         .and_then(|key| key.to_str().ok())
+        .filter(|key| ws_frame::server::is_valid_key(key))
         .map(str::to_owned)
-        .ok_or("Sec-WebSocket-Key is missing")
+        .ok_or(NotAnUpgrade::BadKey)
 }
+

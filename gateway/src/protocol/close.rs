@@ -73,7 +73,7 @@ impl CloseReason {
             Self::SlowConsumer | Self::ClientTimeout | Self::TokenExpired => 1000,
             Self::Protocol(ProtocolError::TooLarge { .. }) => 1009,
             Self::Protocol(ProtocolError::Binary) => 1003,
-            Self::Protocol(ProtocolError::BadFrame(_)) => 1002,
+            Self::Protocol(ProtocolError::BadFrame(e)) => e.close_code(),
             Self::Protocol(_) | Self::Handshake(_) => 1008,
             Self::ClientClosed => 1000,
         }

@@ -57,7 +57,16 @@ pub enum ProtocolError {
     Binary,
     /// WebSocket frames that break RFC 6455 (unmasked, reserved bits, bad UTF-8, ...).
     #[error("invalid WebSocket frame: {0}")]
-    BadFrame(String),
+    BadFrame(ws_frame::server::FrameError),
+}
+
+impl From<ws_frame::server::FrameError> for ProtocolError {
+    fn from(error: ws_frame::server::FrameError) -> Self {
+        match error {
+            ws_frame::server::FrameError::TooLarge { limit } => Self::TooLarge { limit },
+            other => Self::BadFrame(other),
+        }
+    }
 }
 
 impl ProtocolError {
