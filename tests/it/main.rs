@@ -14,3 +14,4 @@ mod resume;
 mod shutdown;
 mod slow_consumer;
 mod tidy;
+mod websocket;

@@ -161,3 +161,6 @@ impl<R: AsyncRead + Unpin> Socket<R> {
         poll_fn(|cx| self.wire.poll_write_ready(cx)).await
     }
 }
+
+#[cfg(test)]
+mod tests;
