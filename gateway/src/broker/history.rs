@@ -306,4 +306,191 @@ mod tests {
         assert_eq!(read.recovered, Some(true));
         assert_eq!(read.entries, vec![(1, "A")]);
     }
+
+    /// Property tests: appends, reads after any position (genuine, stale, ahead of the head,
+    /// another epoch) and idempotent repeats, against what the appends promised.
+    mod properties {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const TTL: Duration = Duration::from_secs(60);
+        const WINDOW: Duration = Duration::from_secs(30);
+
+        /// Where a read starts from.
+        #[derive(Debug, Clone)]
+        enum After {
+            /// No position: the head only.
+            Nothing,
+            /// A position an append returned, `back` events before the head.
+            Behind(usize),
+            /// The current epoch, `ahead` past the head (forged: nothing was ever there).
+            Ahead(u64),
+            /// The current epoch, seq `u64::MAX`.
+            Farthest,
+            /// An epoch this history never had.
+            OtherEpoch(u64),
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Publishes a new item under idempotency key `key`.
+            Append(u8),
+            Read(After),
+            /// Time passes.
+            Wait(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let after = prop_oneof![
+                Just(After::Nothing),
+                (0usize..10).prop_map(After::Behind),
+                (1u64..5).prop_map(After::Ahead),
+                (1u64..1_000_000_000).prop_map(After::Ahead),
+                Just(After::Farthest),
+                (0u64..10).prop_map(After::OtherEpoch),
+            ];
+            prop_oneof![
+                5 => (0u8..6).prop_map(Op::Append),
+                5 => after.prop_map(Op::Read),
+                1 => (0u64..40).prop_map(Op::Wait),
+            ]
+        }
+
+        /// What the appends promised: the current epoch, its items in order, the keys and
+        /// when they are forgotten, and when the whole history is.
+        #[derive(Default)]
+        struct Promised {
+            epoch: Option<String>,
+            items: Vec<u32>,
+            keys: HashMap<u8, (u64, Instant)>,
+            expires: Option<Instant>,
+        }
+
+        impl Promised {
+            fn head(&self) -> u64 {
+                self.items.len() as u64
+            }
+
+            /// Before an operation at `now`: when the history is gone, the operation starts a
+            /// new epoch, which must differ from the last one; it is learnt from `epoch`.
+            fn follow(&mut self, now: Instant, epoch: &str) {
+                if self.expires.is_none_or(|at| at <= now) {
+                    assert_ne!(Some(epoch), self.epoch.as_deref(), "a new epoch");
+                    *self = Self {
+                        epoch: Some(epoch.to_owned()),
+                        expires: Some(now + TTL),
+                        ..Self::default()
+                    };
+                }
+                assert_eq!(
+                    Some(epoch),
+                    self.epoch.as_deref(),
+                    "the epoch does not change"
+                );
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn reads_never_lose_repeat_reorder_or_change_anything(
+                ops in prop::collection::vec(op(), 0..60),
+                size in 1usize..6,
+            ) {
+                let mut histories = Histories::new(HistorySettings {
+                    size,
+                    ttl: TTL,
+                    idempotency_window: WINDOW,
+                });
+                let mut promised = Promised::default();
+                let mut now = Instant::now();
+                let mut next_item = 0u32;
+                for op in ops {
+                    match op {
+                        Op::Wait(seconds) => now += Duration::from_secs(seconds),
+                        Op::Append(key) => {
+                            next_item += 1;
+                            let appended =
+                                histories.append(&west(), &key.to_string(), next_item, now);
+                            promised.follow(now, &appended.position.epoch);
+                            match promised.keys.get(&key) {
+                                Some(&(seq, forget)) if forget > now => {
+                                    prop_assert!(appended.duplicate, "key {} again", key);
+                                    prop_assert_eq!(appended.position.seq, seq);
+                                }
+                                _ => {
+                                    prop_assert!(!appended.duplicate, "key {} is new", key);
+                                    promised.items.push(next_item);
+                                    prop_assert_eq!(appended.position.seq, promised.head());
+                                    promised.keys.insert(key, (promised.head(), now + WINDOW));
+                                    promised.expires = Some(now + TTL);
+                                }
+                            }
+                        }
+                        Op::Read(after) => {
+                            // The epoch a position names is the one known before this read.
+                            let epoch = promised
+                                .epoch
+                                .clone()
+                                .filter(|_| promised.expires.is_some_and(|at| at > now))
+                                .unwrap_or_else(|| "not yet".to_owned());
+                            let head = promised.head();
+                            let (position, genuine) = match after {
+                                After::Nothing => (None, false),
+                                After::Behind(back) => (
+                                    Some(Position {
+                                        epoch,
+                                        seq: head.saturating_sub(back as u64),
+                                    }),
+                                    true,
+                                ),
+                                After::Ahead(ahead) => {
+                                    (Some(Position { epoch, seq: head + ahead }), false)
+                                }
+                                After::Farthest => (Some(Position { epoch, seq: u64::MAX }), false),
+                                After::OtherEpoch(seq) => (
+                                    Some(Position {
+                                        epoch: format!("other{seq}"),
+                                        seq,
+                                    }),
+                                    false,
+                                ),
+                            };
+                            let read = histories.read(&west(), position.as_ref(), now);
+                            promised.follow(now, &read.head.epoch);
+                            // The head is what the appends made it, whatever was asked.
+                            prop_assert_eq!(read.head.seq, promised.head());
+                            let Some(position) = position else {
+                                prop_assert_eq!(read.recovered, None);
+                                prop_assert!(read.entries.is_empty());
+                                continue;
+                            };
+                            let same_epoch = promised.epoch.as_deref() == Some(&position.epoch);
+                            let reachable = same_epoch
+                                && position.seq <= promised.head()
+                                && promised.head() - position.seq <= size as u64;
+                            if genuine && reachable {
+                                // Every item after the position, once, in order.
+                                prop_assert_eq!(read.recovered, Some(true));
+                                let from = usize::try_from(position.seq).unwrap_or(usize::MAX);
+                                let expected: Vec<(u64, u32)> = promised.items[from..]
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, item)| (position.seq + 1 + i as u64, *item))
+                                    .collect();
+                                prop_assert_eq!(read.entries, expected);
+                            } else {
+                                prop_assert_eq!(read.recovered, Some(false));
+                                prop_assert!(read.entries.is_empty());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

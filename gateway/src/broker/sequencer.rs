@@ -107,12 +107,13 @@ impl Sequencer {
         let repair = self.repair.take()?;
         if history.recovered == Some(false) && history.head.epoch != after.epoch {
             // The history started again under a new epoch (Redis lost it, or it was rewound):
-            // what already arrived of the old epoch goes first, as far as it got, then
-            // everything of the new epoch is news, read from its beginning.
-            let (old, new): (Vec<_>, Vec<_>) = repair.waiting.into_iter().partition(|p| {
+            // what already arrived of older epochs (the cursor's, and any that came and went
+            // while the read was out) goes first, in arrival order, as far as it got; then
+            // everything of the head's epoch is news, read from its beginning.
+            let (new, old): (Vec<_>, Vec<_>) = repair.waiting.into_iter().partition(|p| {
                 p.position
                     .as_ref()
-                    .is_some_and(|position| position.epoch == after.epoch)
+                    .is_some_and(|position| position.epoch == history.head.epoch)
             });
             self.deliver_skipping_gaps(old, deliver);
             let start = Position {
