@@ -40,6 +40,19 @@ pub const DEFAULT_MAX_GROUPS_PER_CONNECTION: usize = 64;
 pub const DEFAULT_MAX_INVOCATIONS_PER_SECOND: u32 = 50;
 /// Default group joins one connection may make per second (sustained; short bursts allowed).
 pub const DEFAULT_MAX_JOINS_PER_SECOND: u32 = 20;
+/// Default WebSockets one replica holds (a replica holds 5,000 with ~20 MiB; see benchmarks).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default connections between their upgrade and their completed SignalR handshake.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 2_000;
+/// Default HTTP connections that have not sent a full request head yet.
+pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 4_096;
+/// Default WebSockets one user (`sub`) may hold (tabs and devices; 0 turns it off).
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 20;
+/// Default HTTP publishes per second per service key (0 turns it off).
+pub const DEFAULT_MAX_PUBLISHES_PER_SECOND: u32 = 5_000;
+/// Default time a client has to send a full HTTP request head (and the idle limit between
+/// requests of a kept-alive connection).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `gateway`: real-time fan-out over the SignalR protocol.
 #[derive(Debug, Parser)]
@@ -218,7 +231,7 @@ pub struct AuthConfig {
     /// Required `iss` claim, when set.
     #[arg(long, env = "GATEWAY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Clock skew tolerated on a token's `exp`. A connection is closed (reconnect allowed) when
+    /// Clock skew tolerated on a token's `exp` and `nbf`. A connection is closed (reconnect allowed) when
     /// its token is no longer accepted.
     #[arg(long, env = "GATEWAY_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
@@ -276,6 +289,56 @@ pub struct LimitsConfig {
     /// Group joins one connection may make per second; past it the join fails.
     #[arg(long, env = "GATEWAY_MAX_JOINS_PER_SECOND", default_value_t = DEFAULT_MAX_JOINS_PER_SECOND)]
     pub max_joins_per_second: u32,
+    /// WebSockets this replica holds at most; past it upgrades get 503 with Retry-After.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Connections between their upgrade and their completed handshake at most; past it
+    /// upgrades get 503 with Retry-After.
+    #[arg(long, env = "GATEWAY_MAX_PENDING_HANDSHAKES", default_value_t = DEFAULT_MAX_PENDING_HANDSHAKES)]
+    pub max_pending_handshakes: usize,
+    /// HTTP connections that have not sent a full request head yet, at most; further
+    /// connections are closed at once.
+    #[arg(long, env = "GATEWAY_MAX_PENDING_REQUESTS", default_value_t = DEFAULT_MAX_PENDING_REQUESTS)]
+    pub max_pending_requests: usize,
+    /// WebSockets one user (`sub`) may hold; past it upgrades get 429. 0 turns it off.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_USER", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_USER)]
+    pub max_connections_per_user: usize,
+    /// WebSockets one source address may hold; past it upgrades get 429. 0 (the default)
+    /// turns it off: behind a load balancer every client has its address.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 0)]
+    pub max_connections_per_address: usize,
+    /// New WebSockets per second one source address may open (a burst of as many); past it
+    /// upgrades get 429. 0 (the default) turns it off.
+    #[arg(
+        long,
+        env = "GATEWAY_MAX_CONNECTS_PER_SECOND_PER_ADDRESS",
+        default_value_t = 0
+    )]
+    pub max_connects_per_second_per_address: u32,
+    /// Proxies (addresses or networks like 10.0.0.0/8, comma-separated) whose
+    /// X-Forwarded-For names the client for the per-address limits; none by default.
+    #[arg(long, env = "GATEWAY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::limits::IpNet>,
+    /// Publishes per second on POST /api/v1/events per service key (a burst of as many);
+    /// past it 429 with Retry-After. 0 turns it off.
+    #[arg(long, env = "GATEWAY_MAX_PUBLISHES_PER_SECOND", default_value_t = DEFAULT_MAX_PUBLISHES_PER_SECOND)]
+    pub max_publishes_per_second: u32,
+}
+
+impl LimitsConfig {
+    /// The admission slice, as [`crate::limits::Limits`] takes it.
+    pub fn admission(&self) -> crate::limits::Settings {
+        crate::limits::Settings {
+            max_connections: self.max_connections,
+            max_pending_handshakes: self.max_pending_handshakes,
+            max_pending_requests: self.max_pending_requests,
+            max_connections_per_user: self.max_connections_per_user,
+            max_connections_per_address: self.max_connections_per_address,
+            connects_per_second_per_address: self.max_connects_per_second_per_address,
+            publishes_per_second: self.max_publishes_per_second,
+            trusted_proxies: crate::limits::TrustedProxies::new(self.trusted_proxies.clone()),
+        }
+    }
 }
 
 /// Keep-alive, timeouts and drain.
@@ -290,6 +353,10 @@ pub struct TimeoutsConfig {
     /// Close a client that has not completed the SignalR handshake after this long.
     #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Close an HTTP connection that has not sent a full request head this long after it
+    /// opened or after its previous request (slow or idle clients).
+    #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
     /// Close a client as slow when one socket write takes longer than this.
     #[arg(long, env = "GATEWAY_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
@@ -497,6 +564,7 @@ impl Config {
         for (name, value) in [
             ("--handshake-timeout", t.handshake_timeout),
             ("--write-timeout", t.write_timeout),
+            ("--header-read-timeout", t.header_read_timeout),
         ] {
             if value.is_zero() {
                 problems.push(format!("{name} must be more than zero"));
@@ -517,6 +585,15 @@ impl Config {
         }
         if l.max_joins_per_second == 0 {
             problems.push("--max-joins-per-second must be at least 1".to_owned());
+        }
+        for (name, value) in [
+            ("--max-connections", l.max_connections),
+            ("--max-pending-handshakes", l.max_pending_handshakes),
+            ("--max-pending-requests", l.max_pending_requests),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
         }
         if self.redis.prefix.contains(['{', '}']) {
             problems.push(

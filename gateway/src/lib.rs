@@ -9,6 +9,7 @@
 //! - [`outbound`], [`groups`], [`broker`]: the data path, broker → groups → queue.
 //! - [`connection`]: one task per WebSocket, framed with the workspace's `ws-frame` crate.
 //! - [`http`]: routers and handlers, and the upgrade; with `start`, the only place that names axum.
+//! - [`limits`]: admission bookkeeping (connections, handshakes, connect and publish rates).
 //! - [`metrics`], [`shutdown`], [`telemetry`]: cross-cutting.
 //!
 //! [`start`] is the only place that wires the parts together.
@@ -20,6 +21,7 @@ pub mod connection;
 pub mod groups;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
@@ -131,6 +133,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         broker,
         settings: Arc::new(connection::Settings::from_config(&config)),
         shutdown: shutdown.clone(),
+        limits: limits::Limits::new(config.limits.admission()),
     };
 
     let public = TcpListener::bind(config.listen.public)
@@ -151,21 +154,13 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
     let trigger = CancellationToken::new();
     let listener_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
-    // Event frames are small and latency matters: without TCP_NODELAY a frame can wait ~40 ms
-    // for the client's delayed ACK.
-    let public = axum::serve::ListenerExt::tap_io(public, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let public_server = tokio::spawn(
-        axum::serve(
-            public,
-            http::public(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(listener_stop.clone().cancelled_owned())
-        .into_future(),
-    );
+    let public_server = tokio::spawn(http::server::serve(
+        public,
+        http::public(state.clone()),
+        Arc::clone(&state.limits),
+        config.timeouts.header_read_timeout,
+        listener_stop.clone(),
+    ));
     let admin_server = tokio::spawn(
         axum::serve(admin, http::admin(state.clone(), metrics))
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
@@ -203,9 +198,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
             shutdown.drain_connections(drain_timeout)
         );
         match server {
-            Ok(joined) => joined
-                .context("public server panicked")?
-                .context("public server failed")?,
+            Ok(joined) => joined.context("public server panicked")?,
             Err(_) => tracing::warn!("HTTP requests still in flight at the drain deadline"),
         }
         match drained {

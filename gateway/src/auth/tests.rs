@@ -190,6 +190,47 @@ mod verifier {
         );
     }
 
+    fn dispatcher_claims_not_before(nbf: Value) -> Value {
+        json!({"sub": "d-1", "role": "dispatcher", "regions": ["west"], "exp": in_an_hour(), "nbf": nbf})
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused_beyond_the_leeway() {
+        check(
+            &verifier(None, None),
+            &hs256(&dispatcher_claims_not_before(json!(now() + 3600))),
+            Err(AuthError::NotYetValid),
+        );
+        check(
+            &verifier(None, None),
+            &hs256(&dispatcher_claims_not_before(json!(
+                now() + DEFAULT_LEEWAY_SECS + 60
+            ))),
+            Err(AuthError::NotYetValid),
+        );
+        assert_eq!(AuthError::NotYetValid.label(), "not_yet_valid");
+    }
+
+    #[test]
+    fn a_token_whose_nbf_is_past_or_within_the_leeway_is_accepted() {
+        for nbf in [now() - 3600, now(), now() + DEFAULT_LEEWAY_SECS - 10] {
+            let got =
+                verifier(None, None).verify(&hs256(&dispatcher_claims_not_before(json!(nbf))));
+            assert!(got.is_ok(), "nbf {nbf}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_whose_nbf_is_not_a_number_is_refused() {
+        check(
+            &verifier(None, None),
+            &hs256(&dispatcher_claims_not_before(json!("tomorrow"))),
+            Err(AuthError::BadClaims(
+                "claim `nbf` is not a number of seconds".to_owned(),
+            )),
+        );
+    }
+
     #[test]
     fn hs384_and_hs512_signed_with_the_same_secret_are_refused() {
         for algorithm in [

@@ -1,4 +1,4 @@
-//! User tokens: a JWT with a pinned algorithm, `exp`, and optionally `iss` and `aud`.
+//! User tokens: a JWT with a pinned algorithm, `exp`, and optionally `nbf`, `iss` and `aud`.
 
 use std::str::FromStr;
 
@@ -20,7 +20,7 @@ pub enum Algorithm {
     Es256,
 }
 
-/// Default clock skew tolerated on `exp`, in seconds.
+/// Default clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const DEFAULT_LEEWAY_SECS: u64 = 30;
 
 /// Shortest HS256 secret accepted, in bytes (RFC 7518 asks for at least the hash size).
@@ -44,6 +44,9 @@ pub enum AuthError {
     /// `exp` is in the past.
     #[error("token expired")]
     Expired,
+    /// `nbf` is still in the future (beyond the clock skew leeway).
+    #[error("token not valid yet")]
+    NotYetValid,
     /// `iss` is not the configured issuer.
     #[error("token issuer not accepted")]
     WrongIssuer,
@@ -64,6 +67,7 @@ impl AuthError {
             Self::WrongAlgorithm => "wrong_algorithm",
             Self::BadSignature => "bad_signature",
             Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
             Self::WrongIssuer => "wrong_issuer",
             Self::WrongAudience => "wrong_audience",
             Self::BadClaims(_) => "bad_claims",
@@ -138,6 +142,8 @@ impl Verifier {
         let mut validation = Validation::new(algorithm.into());
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = DEFAULT_LEEWAY_SECS;
+        // `nbf` is optional, but a token that carries one is refused before it.
+        validation.validate_nbf = true;
         if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
             validation.required_spec_claims.insert("iss".to_owned());
@@ -152,7 +158,8 @@ impl Verifier {
         Ok(Self { key, validation })
     }
 
-    /// The same verifier tolerating `seconds` of clock skew on `exp` instead of the default.
+    /// The same verifier tolerating `seconds` of clock skew on `exp` and `nbf` instead of the
+    /// default.
     pub fn with_leeway(mut self, seconds: u64) -> Self {
         self.validation.leeway = seconds;
         self
@@ -240,10 +247,14 @@ fn principal(claims: Claims, leeway: u64) -> Result<Principal, AuthError> {
 fn refusal(kind: &ErrorKind) -> AuthError {
     match kind {
         ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
         ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm,
         ErrorKind::InvalidSignature => AuthError::BadSignature,
         ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
         ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::InvalidClaimFormat(claim) => {
+            AuthError::BadClaims(format!("claim `{claim}` is not a number of seconds"))
+        }
         ErrorKind::MissingRequiredClaim(claim) => {
             AuthError::BadClaims(format!("missing claim `{claim}`"))
         }

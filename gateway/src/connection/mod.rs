@@ -96,6 +96,8 @@ pub struct Connection {
     pub broker: Broker,
     /// Its settings.
     pub settings: Arc<Settings>,
+    /// Its admission slots, given back when the connection ends.
+    pub permit: crate::limits::ConnectionPermit,
 }
 
 impl Connection {
@@ -112,6 +114,7 @@ impl Connection {
         // should not carry it.
         let reason = match Box::pin(self.handshake(&mut socket, &mut inbox)).await {
             Ok(pending) => {
+                self.permit.handshake_completed();
                 if self.settings.direct_writes {
                     inbox.attach(socket.wire());
                 }

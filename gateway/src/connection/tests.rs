@@ -137,6 +137,7 @@ fn start(principal: Principal) -> Harness {
         groups: groups.clone(),
         broker,
         settings: Arc::new(settings()),
+        permit: crate::limits::ConnectionPermit::unlimited(),
     };
     let (reader, writer) = server.into_split();
     let socket = Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024);
@@ -311,6 +312,7 @@ async fn an_idle_connection_task_stays_small() {
         groups: groups.clone(),
         broker,
         settings: Arc::new(settings()),
+        permit: crate::limits::ConnectionPermit::unlimited(),
     };
     let task = connection.serve(Socket::new(
         reader,

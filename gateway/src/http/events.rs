@@ -9,14 +9,18 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use publisher_lib::contract::{Event, ValidationError};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::{AppState, bearer};
+use crate::limits::Refusal;
 use crate::metrics;
+
+/// What a publisher is told when the broker fails; the detail is logged, never sent.
+pub const UNAVAILABLE: &str = "unavailable";
 
 /// Validates and publishes one event.
 pub async fn publish(
@@ -39,6 +43,9 @@ pub async fn publish(
         };
         metrics::auth_failed("publish", reason);
         return error(StatusCode::UNAUTHORIZED, "missing or invalid service key");
+    }
+    if let Err(refusal) = state.limits.try_publish() {
+        return too_many(refusal);
     }
     let body = match body {
         Ok(body) => body,
@@ -74,9 +81,11 @@ pub async fn publish(
         .await
     {
         Ok(published) => published,
+        // The broker's text can name Redis hosts (`MOVED 10.0.0.7:6379`) or its memory state:
+        // it goes to the log, the publisher gets a fixed word.
         Err(e) => {
             tracing::warn!(error = %e, "publish failed");
-            return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            return error(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
         }
     };
     let duplicate = !published.is_empty() && published.iter().all(|p| p.duplicate);
@@ -101,6 +110,21 @@ pub async fn publish(
 /// An idempotency key the Redis contract accepts: 1 to 200 printable ASCII characters.
 fn valid_key(key: &str) -> bool {
     (1..=200).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// 429 with `Retry-After`, in the endpoint's JSON shape, naming the limit.
+fn too_many(refusal: Refusal) -> Response {
+    let retry_after = refusal.retry_after.as_secs().max(1);
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, retry_after.to_string())],
+        Json(json!({
+            "error": refusal.limit.reason(),
+            "limit": refusal.limit.label(),
+            "retryAfterSeconds": retry_after,
+        })),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -2,12 +2,14 @@
 //!
 //! Public: `POST /hub/v1/negotiate`, `GET /hub/v1` (WebSocket), `POST /api/v1/events`.
 //! Admin: `/healthz`, `/readyz`, `/metrics`. Handlers translate between HTTP and the runtime
-//! modules; they hold no state of their own.
+//! modules; they hold no state of their own. [`server`] is the public listener's accept loop,
+//! with the header-read timeout axum's `serve` leaves off.
 
 pub mod admin;
 pub mod events;
 pub mod negotiate;
 pub mod origin;
+pub mod server;
 pub mod upgrade;
 
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use crate::auth::{AuthError, ConnectionTokens, Verifier};
 use crate::broker::Broker;
 use crate::connection::Settings;
 use crate::groups::Groups;
+use crate::limits::{Limits, Refusal};
 use crate::shutdown::Shutdown;
 
 /// The hub route; the version is part of the contract.
@@ -49,6 +52,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Shutdown and drain.
     pub shutdown: Shutdown,
+    /// Admission limits: connections, handshakes, connect and publish rates.
+    pub limits: Arc<Limits>,
 }
 
 /// The public router.
@@ -94,6 +99,29 @@ pub fn unauthorized(error: &AuthError) -> Response {
             format!("Bearer error=\"invalid_token\", error_description=\"{error}\""),
         )],
         format!("unauthorized: {error}"),
+    )
+        .into_response()
+}
+
+/// A limit's answer: 503 for the replica's own limits (another replica may have room), 429
+/// for one client's; a short body naming the limit, and `Retry-After`.
+pub fn too_many(refusal: Refusal) -> Response {
+    let status = if refusal.limit.is_global() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    (
+        status,
+        [(
+            header::RETRY_AFTER,
+            refusal.retry_after.as_secs().max(1).to_string(),
+        )],
+        format!(
+            "{} (limit: {})",
+            refusal.limit.reason(),
+            refusal.limit.label()
+        ),
     )
         .into_response()
 }

@@ -46,6 +46,13 @@ pub async fn upgrade(
         metrics::origin_refused("upgrade");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
+    // Checked before the token so a flood of upgrades costs no signature checks.
+    let client = state
+        .limits
+        .client_address(remote.ip(), forwarded_for(headers).as_deref());
+    if let Err(refusal) = state.limits.try_connect(client) {
+        return super::too_many(refusal);
+    }
     let token = query.access_token.as_deref().or_else(|| bearer(headers));
     let principal = match token
         .ok_or(AuthError::Missing)
@@ -79,6 +86,12 @@ pub async fn upgrade(
             }
         }
     };
+    // Admitted before any task exists; the permit travels into the connection task and gives
+    // its slots back when that ends, however it ends.
+    let permit = match state.limits.try_admit(&principal.subject, client) {
+        Ok(permit) => permit,
+        Err(refusal) => return super::too_many(refusal),
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let conn = Connection {
         id: state.groups.next_conn_id(),
@@ -86,6 +99,7 @@ pub async fn upgrade(
         groups: Arc::clone(&state.groups),
         broker: state.broker.clone(),
         settings: Arc::clone(&state.settings),
+        permit,
     };
     let span = tracing::debug_span!(
         "connection",
@@ -197,3 +211,12 @@ fn websocket_key(headers: &HeaderMap) -> Result<String, NotAnUpgrade> {
         .ok_or(NotAnUpgrade::BadKey)
 }
 
+/// Every `X-Forwarded-For` value, in order, as one list.
+fn forwarded_for(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(","))
+}
