@@ -793,20 +793,7 @@ mod tests {
 
     /// A server frame as the gateway writes it.
     fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x80 | opcode];
-        match payload.len() {
-            len @ 0..=125 => out.push(len as u8),
-            len @ 126..=0xFFFF => {
-                out.push(126);
-                out.extend_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
-            }
-            len => {
-                out.push(127);
-                out.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(payload);
-        out
+        ws_frame::server::frame(opcode, payload).to_vec()
     }
 
     /// An event record as the gateway writes it, stamped for group `g`, counter `n`, step 0.
