@@ -35,6 +35,10 @@ use ws_frame::server::Incoming;
 const MAX_BATCH: usize = 64;
 /// How long the final Close message and close frame may take to write.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// What a client is told when its join fails for the broker (the detail is logged).
+const GROUP_UNAVAILABLE: &str = "the group is unavailable; try again";
+/// The close metric's reason for a task that panicked or was dropped before it could close.
+const ABORTED: &str = "aborted";
 
 /// The per-connection settings, taken once from the configuration.
 #[derive(Debug, Clone)]
@@ -109,16 +113,24 @@ impl Connection {
         metrics::connection_opened();
         let (outbound, mut inbox) = outbound::channel(self.settings.outbound_queue);
         self.groups.register(self.id, &outbound);
-        let mut joined = Vec::new();
+        // From here on every exit path (the end below, a panic, the future being dropped)
+        // leaves the groups, unregisters and records the close.
+        let mut registration = Registration {
+            id: self.id,
+            groups: &self.groups,
+            joined: Vec::new(),
+            reason: None,
+        };
         // Boxed: the handshake's state is only needed at the start, and an idle connection
         // should not carry it.
         let reason = match Box::pin(self.handshake(&mut socket, &mut inbox)).await {
-            Ok(pending) => {
+            Ok((pending, buffer)) => {
                 self.permit.handshake_completed();
                 if self.settings.direct_writes {
                     inbox.attach(socket.wire());
                 }
-                self.run(&mut socket, &outbound, &mut inbox, &mut joined, pending)
+                let joined = &mut registration.joined;
+                self.run(&mut socket, &outbound, &mut inbox, joined, pending, buffer)
                     .await
             }
             // Before the handshake completes the client reads a handshake response, not a
@@ -128,22 +140,20 @@ impl Connection {
             }
             Err(reason) => reason,
         };
-        for group in &joined {
-            self.groups.leave(self.id, group).await;
-        }
-        self.groups.unregister(self.id);
         tracing::debug!(reason = reason.label(), "connection closed");
-        metrics::connection_closed(reason.label());
+        registration.reason = Some(reason.label());
+        drop(registration);
         inbox.begin_writing();
         close(&socket, &reason).await;
     }
 
-    /// Reads the handshake; returns records that followed it in the same message.
+    /// Reads the handshake; returns the records that followed it in the same message and the
+    /// record buffer, which may hold the start of the next record.
     async fn handshake<S>(
         &self,
         socket: &mut Socket<S>,
         inbox: &mut Inbox,
-    ) -> Result<Vec<String>, CloseReason>
+    ) -> Result<(Vec<String>, RecordBuffer), CloseReason>
     where
         S: AsyncRead + Unpin,
     {
@@ -181,10 +191,7 @@ impl Connection {
                     )));
                 }
                 Ok(Ok(Incoming::Ping(payload))) => {
-                    socket
-                        .pong(&payload)
-                        .await
-                        .map_err(|_| CloseReason::ClientClosed)?;
+                    pong(socket, inbox, &payload, self.settings.write_timeout).await?;
                     continue;
                 }
                 Ok(Ok(Incoming::Pong)) => continue,
@@ -208,7 +215,7 @@ impl Connection {
             .await
             .map_err(|_| CloseReason::ClientClosed)?;
             tracing::debug!("handshake completed");
-            return Ok(records.collect());
+            return Ok((records.collect(), buffer));
         }
     }
 
@@ -219,12 +226,12 @@ impl Connection {
         inbox: &mut Inbox,
         joined: &mut Vec<Group>,
         pending: Vec<String>,
+        mut buffer: RecordBuffer,
     ) -> CloseReason
     where
         S: AsyncRead + Unpin,
     {
         let settings = &self.settings;
-        let mut buffer = RecordBuffer::new(settings.max_message_bytes);
         let mut last_sent = Instant::now();
         let mut last_received = Instant::now();
         let token_expires = token_deadline(self.principal.valid_until);
@@ -279,9 +286,12 @@ impl Connection {
                         }
                         Ok(Incoming::Binary(_)) => return CloseReason::Protocol(ProtocolError::Binary),
                         Ok(Incoming::Ping(payload)) => {
-                            if socket.pong(&payload).await.is_err() {
-                                return CloseReason::ClientClosed;
+                            // Boxed: WebSocket pings are rare (SignalR pings are records).
+                            let answered = Box::pin(pong(socket, inbox, &payload, settings.write_timeout));
+                            if let Err(e) = answered.await {
+                                return e;
                             }
+                            last_sent = Instant::now();
                             continue;
                         }
                         Ok(Incoming::Pong) => continue,
@@ -342,7 +352,7 @@ impl Connection {
             Outcome::Leave(group) => {
                 if let Some(at) = joined.iter().position(|g| *g == group) {
                     joined.swap_remove(at);
-                    self.groups.leave(self.id, &group).await;
+                    self.groups.leave_now(self.id, &group);
                     tracing::debug!(%group, "left");
                 }
                 None
@@ -383,27 +393,22 @@ impl Connection {
                 joined.len()
             ));
         }
-        let unavailable = |e: &dyn std::fmt::Display| {
-            format!(
-                "An unexpected error occurred invoking '{method}' on the server. HubException: {e}; try again"
-            )
-        };
+        if !already {
+            // Listed before the first await, so a task cut short mid-join still leaves it.
+            joined.push(group.clone());
+        }
         let joining = async {
             self.groups
                 .join(self.id, &group, outbound, Admission::Held)
                 .await?;
             let history = self.broker.read_history(&group, after.as_ref()).await;
-            if history.is_err() {
-                if already {
-                    // Still a member: live again, with whatever was held (no head to cut at).
-                    let nowhere = Position {
-                        epoch: String::new(),
-                        seq: 0,
-                    };
-                    self.groups.release(self.id, &group, &[], &nowhere);
-                } else {
-                    self.groups.leave(self.id, &group).await;
-                }
+            // Still a member: live again, with whatever was held (no head to cut at).
+            if history.is_err() && already {
+                let nowhere = Position {
+                    epoch: String::new(),
+                    seq: 0,
+                };
+                self.groups.release(self.id, &group, &[], &nowhere);
             }
             history
         };
@@ -411,9 +416,6 @@ impl Connection {
             Ok(history) => {
                 self.groups
                     .release(self.id, &group, &history.missed, &history.head);
-                if !already {
-                    joined.push(group.clone());
-                }
                 let outcome = match history.recovered {
                     None => "joined",
                     Some(true) => "recovered",
@@ -432,11 +434,46 @@ impl Connection {
                 Ok(result)
             }
             Err(e) => {
+                if !already {
+                    joined.retain(|g| *g != group);
+                    self.groups.leave_now(self.id, &group);
+                }
                 metrics::join("broker_unavailable");
+                // The broker's text can name Redis hosts or carry its error replies: it is for
+                // the log, and the client only learns that it may try again.
                 tracing::warn!(%group, error = %e, "join failed: broker unavailable");
-                Err(unavailable(&e))
+                Err(format!(
+                    "An unexpected error occurred invoking '{method}' on the server. HubException: {GROUP_UNAVAILABLE}"
+                ))
             }
         }
+    }
+}
+
+/// Undoes what a connection registered, on every exit path: the end of `serve`, a panic
+/// inside the task, or the task's future being dropped (cancellation). It removes the
+/// connection from its groups without awaiting, forgets its queue and records the close metric,
+/// so no bug can leave a member, a registry entry or the connection gauge behind.
+struct Registration<'a> {
+    id: ConnId,
+    groups: &'a Groups,
+    /// The groups the connection is in (or joining).
+    joined: Vec<Group>,
+    /// Why it ended, once `serve` knows; `None` when it was cut short.
+    reason: Option<&'static str>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        for group in self.joined.drain(..) {
+            self.groups.leave_now(self.id, &group);
+        }
+        self.groups.unregister(self.id);
+        let reason = self.reason.unwrap_or_else(|| {
+            tracing::warn!("connection task ended abnormally (panic or cancellation); cleaned up");
+            ABORTED
+        });
+        metrics::connection_closed(reason);
     }
 }
 
@@ -458,7 +495,7 @@ impl From<WriteError> for CloseReason {
     }
 }
 
-/// Writes one text message, holding off direct writes from fan-out meanwhile.
+/// Writes one text message under the write timeout, holding off direct writes from fan-out.
 async fn send<S>(
     socket: &Socket<S>,
     inbox: &Inbox,
@@ -468,8 +505,34 @@ async fn send<S>(
 where
     S: AsyncRead + Unpin,
 {
+    write_alone(inbox, limit, socket.send_text(text)).await
+}
+
+/// Answers a client's ping under the write timeout, holding off direct writes from fan-out so
+/// an event frame never lands inside a half-written pong.
+async fn pong<S>(
+    socket: &Socket<S>,
+    inbox: &Inbox,
+    payload: &[u8],
+    limit: Duration,
+) -> Result<(), CloseReason>
+where
+    S: AsyncRead + Unpin,
+{
+    write_alone(inbox, limit, socket.pong(payload))
+        .await
+        .map_err(CloseReason::from)
+}
+
+/// Runs one write of the connection task: direct writes from fan-out are held off until it
+/// ends, and it may take at most `limit` (a client that does not read is a slow consumer).
+async fn write_alone(
+    inbox: &Inbox,
+    limit: Duration,
+    write: impl Future<Output = std::io::Result<()>>,
+) -> Result<(), WriteError> {
     inbox.begin_writing();
-    let outcome = timeout(limit, socket.send_text(text)).await;
+    let outcome = timeout(limit, write).await;
     inbox.finish_writing();
     match outcome {
         Ok(Ok(())) => Ok(()),

@@ -121,6 +121,16 @@ fn dispatcher(expires_in: Duration) -> Principal {
 }
 
 fn start(principal: Principal) -> Harness {
+    start_with(principal, settings(), |writer| Arc::new(writer))
+}
+
+/// Starts a connection task with `settings`, writing through the wire `wire` makes of the
+/// socket's write half.
+fn start_with(
+    principal: Principal,
+    settings: Settings,
+    wire: impl FnOnce(tokio::net::unix::OwnedWriteHalf) -> Arc<dyn crate::outbound::Wire>,
+) -> Harness {
     let shutdown = Shutdown::new();
     let (subscriptions, requests) = broker::subscriptions(16);
     let groups = Arc::new(Groups::new(subscriptions));
@@ -136,11 +146,11 @@ fn start(principal: Principal) -> Harness {
         principal,
         groups: groups.clone(),
         broker,
-        settings: Arc::new(settings()),
+        settings: Arc::new(settings),
         permit: crate::limits::ConnectionPermit::unlimited(),
     };
     let (reader, writer) = server.into_split();
-    let socket = Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024);
+    let socket = Socket::new(reader, wire(writer), Bytes::new(), 32 * 1024);
     let task = tokio::spawn(connection.serve(socket));
     Harness {
         client: Client { stream: client },
@@ -321,5 +331,359 @@ async fn an_idle_connection_task_stays_small() {
         32 * 1024,
     ));
     let size = std::mem::size_of_val(&task);
-    assert!(size <= 1536, "the connection future is {size} bytes");
+    // 1536 before the admission permit (48 bytes) and the cleanup guard joined the task.
+    assert!(size <= 1920, "the connection future is {size} bytes");
+}
+
+const HANDSHAKE: &str = "{\"protocol\":\"json\",\"version\":1}\u{1e}";
+const JOIN_WEST: &str = "{\"type\":1,\"invocationId\":\"1\",\"target\":\"JoinDispatchGroup\",\"arguments\":[\"west\"]}\u{1e}";
+
+impl Client {
+    /// Sends a masked ping frame carrying `payload`.
+    async fn ping(&mut self, payload: &[u8]) {
+        let mask = [9u8, 8, 7, 6];
+        let mut frame = vec![0x89, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+}
+
+/// A Prometheus recorder for one test. The runtime is current-thread, so once it is the
+/// thread's default the connection task records into it too.
+fn recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
+    metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder()
+}
+
+/// The value of the sample `series` (name and labels as rendered), if it was recorded.
+fn sample(recorder: &metrics_exporter_prometheus::PrometheusRecorder, series: &str) -> Option<f64> {
+    recorder.handle().render().lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.parse().ok()
+    })
+}
+
+/// Asserts the connection left nothing behind: no registry entry, no group, gauge at zero,
+/// and one close recorded for `reason`.
+fn assert_cleaned_up(
+    groups: &Groups,
+    recorder: &metrics_exporter_prometheus::PrometheusRecorder,
+    reason: &str,
+) {
+    assert_eq!(
+        groups.connection_count(),
+        0,
+        "the registry forgot the connection"
+    );
+    assert_eq!(groups.group_count(), 0, "the connection left its group");
+    assert_eq!(
+        sample(recorder, "gateway_connections_active"),
+        Some(0.0),
+        "the gauge is back to zero"
+    );
+    assert_eq!(
+        sample(
+            recorder,
+            &format!("gateway_connections_closed_total{{reason=\"{reason}\"}}")
+        ),
+        Some(1.0)
+    );
+}
+
+/// Handshakes and joins `/dispatch/west`, checking the registry sees the member.
+async fn handshake_and_join_west(h: &mut Harness) {
+    h.client.handshake().await;
+    h.client.send(JOIN_WEST).await;
+    assert_joined(&h.client.text().await, "1", "/dispatch/west");
+    assert_eq!(h.groups.connection_count(), 1);
+    assert_eq!(
+        h.groups
+            .member_count(&publisher_lib::contract::Group::try_dispatch("west").unwrap()),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_task_dropped_mid_way_leaves_its_groups_unregisters_and_counts_the_close() {
+    let recorder = recorder();
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let mut h = start(dispatcher(Duration::from_secs(3600)));
+    handshake_and_join_west(&mut h).await;
+    assert_eq!(sample(&recorder, "gateway_connections_active"), Some(1.0));
+
+    // Dropping the serve future (what abort does) is the cancellation path.
+    h.task.abort();
+    let ended = h.task.await;
+    assert!(ended.unwrap_err().is_cancelled());
+    assert_cleaned_up(&h.groups, &recorder, "aborted");
+}
+
+/// A write side that panics when asked to write a SignalR ping, standing in for any bug
+/// inside the connection task.
+#[derive(Debug)]
+struct PanicsOnPing(tokio::net::unix::OwnedWriteHalf);
+
+impl crate::outbound::Wire for PanicsOnPing {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        assert!(
+            !buf.windows(codec::PING.len())
+                .any(|w| w == codec::PING.as_bytes()),
+            "test bug inside the connection task"
+        );
+        self.0.try_write(buf)
+    }
+
+    fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn poll_write_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.as_ref().poll_write_ready(cx)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_task_that_panics_leaves_its_groups_unregisters_and_counts_the_close() {
+    let recorder = recorder();
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let mut h = start_with(
+        dispatcher(Duration::from_secs(3600)),
+        settings(),
+        |writer| Arc::new(PanicsOnPing(writer)),
+    );
+    handshake_and_join_west(&mut h).await;
+
+    // The keep-alive ping comes after 15 quiet seconds, and its write panics.
+    let ended = h.task.await;
+    assert!(ended.unwrap_err().is_panic());
+    assert_cleaned_up(&h.groups, &recorder, "aborted");
+}
+
+/// What a [`ScriptedWire`] took, and how much more it takes before it would block.
+#[derive(Debug)]
+struct WireState {
+    budget: usize,
+    waker: Option<std::task::Waker>,
+}
+
+/// A socket write side the test controls: it takes at most its budget (then would block until
+/// the test grants more) and keeps every byte it took.
+#[derive(Debug)]
+struct ScriptedWire {
+    state: std::sync::Mutex<WireState>,
+    taken: tokio::sync::watch::Sender<Vec<u8>>,
+}
+
+impl ScriptedWire {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: std::sync::Mutex::new(WireState {
+                budget: usize::MAX,
+                waker: None,
+            }),
+            taken: tokio::sync::watch::Sender::new(Vec::new()),
+        })
+    }
+
+    /// From now on it takes `budget` more bytes, and wakes a writer waiting for room.
+    fn set_budget(&self, budget: usize) {
+        let mut state = self.state.lock().unwrap();
+        state.budget = budget;
+        if budget > 0
+            && let Some(waker) = state.waker.take()
+        {
+            waker.wake();
+        }
+    }
+
+    /// Every byte taken so far.
+    fn bytes(&self) -> Vec<u8> {
+        self.taken.borrow().clone()
+    }
+
+    /// Waits until `enough` holds for the bytes taken.
+    async fn wait_for(&self, enough: impl Fn(&[u8]) -> bool) {
+        let mut taken = self.taken.subscribe();
+        taken.wait_for(|bytes| enough(bytes)).await.unwrap();
+    }
+}
+
+impl crate::outbound::Wire for ScriptedWire {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        self.try_write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let mut state = self.state.lock().unwrap();
+        if state.budget == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let mut took = 0;
+        for buf in bufs {
+            let n = buf.len().min(state.budget);
+            self.taken
+                .send_modify(|taken| taken.extend_from_slice(&buf[..n]));
+            state.budget -= n;
+            took += n;
+            if state.budget == 0 {
+                break;
+            }
+        }
+        Ok(took)
+    }
+
+    fn poll_write_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let mut state = self.state.lock().unwrap();
+        if state.budget > 0 {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        state.waker = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }
+}
+
+/// The handshake's accepted frame as the server writes it.
+const ACCEPTED_FRAME: &[u8] = b"\x81\x03{}\x1e";
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_pings_and_never_reads_is_closed_as_a_slow_consumer_after_the_write_timeout()
+{
+    let recorder = recorder();
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let wire = ScriptedWire::new();
+    let server_side = Arc::clone(&wire);
+    let mut h = start_with(dispatcher(Duration::from_secs(3600)), settings(), |_| {
+        server_side
+    });
+    h.client.send(HANDSHAKE).await;
+    wire.wait_for(|bytes| bytes == ACCEPTED_FRAME).await;
+
+    // The client stops reading: the socket takes nothing more, and pings keep coming.
+    wire.set_budget(0);
+    let started = tokio::time::Instant::now();
+    h.client.ping(b"are you there").await;
+    // Well before the client timeout (30 s), which would otherwise end it.
+    let ended = tokio::time::timeout(Duration::from_secs(20), h.task).await;
+    assert!(ended.is_ok(), "the connection task is stuck writing a pong");
+    // The write timeout (10 s), then the best-effort close (1 s).
+    assert_eq!(started.elapsed(), Duration::from_secs(11));
+    assert_eq!(
+        sample(
+            &recorder,
+            "gateway_connections_closed_total{reason=\"slow_consumer\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_direct_fan_out_write_never_lands_inside_a_half_written_pong() {
+    let wire = ScriptedWire::new();
+    let server_side = Arc::clone(&wire);
+    let mut h = start_with(dispatcher(Duration::from_secs(3600)), settings(), |_| {
+        server_side
+    });
+    h.client.send(HANDSHAKE).await;
+    wire.wait_for(|bytes| bytes == ACCEPTED_FRAME).await;
+    h.client.send(JOIN_WEST).await;
+    wire.wait_for(|bytes| bytes.ends_with(b"\x1e") && bytes.len() > ACCEPTED_FRAME.len())
+        .await;
+    let before = wire.bytes().len();
+
+    // The socket takes three bytes of the pong, then is full.
+    wire.set_budget(3);
+    h.client.ping(b"hello").await;
+    wire.wait_for(|bytes| bytes.len() == before + 3).await;
+    // Room again; before the connection task runs, fan-out finds the queue empty.
+    wire.set_budget(usize::MAX);
+    h.groups.fan_out(&crate::broker::Publication {
+        group: publisher_lib::contract::Group::try_dispatch("west").unwrap(),
+        kind: EventKind::RecommendationReady,
+        payload: bytes::Bytes::from_static(b"{\"x\":1}"),
+        published_at: SystemTime::now(),
+        position: None,
+    });
+    let event: &[u8] =
+        b"{\"type\":1,\"target\":\"RecommendationReady\",\"arguments\":[{\"x\":1}]}\x1e";
+    let pong: &[u8] = b"\x8a\x05hello";
+    let whole = before + pong.len() + 2 + event.len();
+    wire.wait_for(|bytes| bytes.len() >= whole).await;
+    let bytes = wire.bytes();
+    assert_eq!(
+        &bytes[before..before + pong.len()],
+        pong,
+        "the pong is whole"
+    );
+    assert_eq!(&bytes[before + pong.len() + 2..], event, "then the event");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_begun_in_the_handshake_message_is_completed_by_the_next_message() {
+    let mut h = start(dispatcher(Duration::from_secs(3600)));
+    let (first, rest) = JOIN_WEST.split_at(30);
+    h.client.send(&format!("{HANDSHAKE}{first}")).await;
+    assert_eq!(h.client.text().await, "{}\u{1e}");
+    h.client.send(rest).await;
+    assert_joined(&h.client.text().await, "1", "/dispatch/west");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_the_broker_fails_says_unavailable_without_the_brokers_words() {
+    let shutdown = Shutdown::new();
+    let (subscriptions, mut requests) = broker::subscriptions(16);
+    let groups = Arc::new(Groups::new(subscriptions));
+    // The memory broker never sees the registry's requests: the test answers them, as a Redis
+    // cluster that moved the slot would.
+    let (_unused, idle_requests) = broker::subscriptions(16);
+    let broker = broker::start_memory(
+        groups.clone(),
+        broker::HistorySettings::defaults(),
+        idle_requests,
+        &shutdown,
+    );
+    tokio::spawn(async move {
+        while let Some(request) = requests.recv().await {
+            if let broker::SubscriptionRequest::Subscribe { ack, .. } = request {
+                let _ = ack.send(Err(broker::BrokerError::Unavailable(
+                    "MOVED 3999 10.0.0.7:6379".to_owned(),
+                )));
+            }
+        }
+    });
+    let (client, server) = UnixStream::pair().unwrap();
+    let connection = Connection {
+        id: groups.next_conn_id(),
+        principal: dispatcher(Duration::from_secs(3600)),
+        groups: groups.clone(),
+        broker,
+        settings: Arc::new(settings()),
+        permit: crate::limits::ConnectionPermit::unlimited(),
+    };
+    let (reader, writer) = server.into_split();
+    tokio::spawn(connection.serve(Socket::new(
+        reader,
+        Arc::new(writer),
+        Bytes::new(),
+        32 * 1024,
+    )));
+    let mut client = Client { stream: client };
+    client.handshake().await;
+    client.send(JOIN_WEST).await;
+    let completion: serde_json::Value =
+        serde_json::from_str(client.text().await.trim_end_matches('\u{1e}')).unwrap();
+    assert_eq!(
+        completion,
+        serde_json::json!({
+            "type": 3,
+            "invocationId": "1",
+            "error": "An unexpected error occurred invoking 'JoinDispatchGroup' on the server. HubException: the group is unavailable; try again"
+        })
+    );
+    assert_eq!(groups.group_count(), 0, "a failed join leaves no member");
 }

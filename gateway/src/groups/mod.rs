@@ -283,6 +283,27 @@ impl Groups {
         }
     }
 
+    /// Removes `conn` from `group` at once, without awaiting: usable from `Drop`, so a
+    /// connection that panics or is cancelled still leaves. When it was the last member, the
+    /// broker is asked to unsubscribe from a short task of its own (the request is one send on
+    /// the bounded control channel; the generation makes it harmless if the group is joined
+    /// again meanwhile). Outside a runtime only the membership is removed.
+    pub fn leave_now(&self, conn: ConnId, group: &Group) {
+        let Some(generation) = self.remove(conn, group, None) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let subscriptions = self.subscriptions.clone();
+            let group = group.clone();
+            runtime.spawn(async move { subscriptions.unsubscribe(group, generation).await });
+        }
+    }
+
+    /// How many connections are registered (open and not yet cleaned up).
+    pub fn connection_count(&self) -> usize {
+        self.connections().queues.len()
+    }
+
     /// How many local members `group` has.
     pub fn member_count(&self, group: &Group) -> usize {
         self.read()
