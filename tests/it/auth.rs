@@ -91,6 +91,25 @@ async fn expired_token_is_refused_with_401() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_not_valid_yet_is_refused_with_401_and_one_whose_nbf_has_passed_is_accepted() {
+    let gateway = start_gateway(&[]).await;
+    let with_nbf = |nbf: u64| {
+        let mut claims = serde_json::to_value(dispatcher("dispatcher-1", &["west"])).unwrap();
+        claims["nbf"] = nbf.into();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    // Well beyond the verifier's clock-skew leeway.
+    let refusal = refused(&gateway, &with_nbf(unix_now() + 600)).await;
+    assert_unauthorized(&refusal, "token not valid yet");
+    accepted(&gateway, &with_nbf(unix_now() - 60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_signed_with_another_secret_is_refused_with_401() {
     let gateway = start_gateway(&[]).await;
     let token = sign(

@@ -6,6 +6,7 @@ mod docs;
 mod handshake;
 mod invocations;
 mod keepalive;
+mod limits;
 mod origin;
 mod protocol_errors;
 mod publish_http;

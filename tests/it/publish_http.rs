@@ -1,7 +1,7 @@
 //! `POST /api/v1/events`: the service key, validation with reasons, and delivery of the
 //! posted bytes unchanged.
 
-use e2e::{StatusCode, contractor, dispatcher, recommendation_ready, start_gateway};
+use e2e::{RedisServer, StatusCode, contractor, dispatcher, recommendation_ready, start_gateway};
 use serde_json::{Value, json};
 
 const CONTRACTOR: &str = "5f0c7a0e-3a4b-4c5d-8e6f-0a1b2c3d4e5f";
@@ -246,5 +246,22 @@ async fn job_assigned_reaches_the_region_and_the_contractor() {
     assert_eq!(
         contractor_client.next_event().await,
         ("JobAssigned".to_owned(), event)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_failure_is_answered_503_unavailable_without_the_brokers_error_text() {
+    let mut redis = RedisServer::start().await;
+    let gateway = start_gateway(&["--redis-url", &redis.url()]).await;
+    gateway.wait_readyz(StatusCode::OK).await;
+    // The broker's error names the Redis connection (and, in a cluster or under memory
+    // pressure, `MOVED host:port` or OOM text): none of a publisher's business.
+    redis.kill();
+    gateway.wait_readyz(StatusCode::SERVICE_UNAVAILABLE).await;
+    let (status, body) = gateway.publish(&recommendation_ready("west", &[])).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"error": "unavailable"})
     );
 }
