@@ -144,8 +144,10 @@ async fn many_clients_joining_at_once_each_get_their_own_groups_events() {
     let gateway = replica(&redis).await;
     let regions: Vec<String> = (0..40).map(|i| format!("burst-{i}")).collect();
     let mut clients = Vec::new();
-    for region in &regions {
-        clients.push(gateway.connect(&dispatcher("d-1", &[region])).await);
+    // One user per client: a single user's connections are limited (--max-connections-per-user).
+    for (i, region) in regions.iter().enumerate() {
+        let user = format!("d-{i}");
+        clients.push(gateway.connect(&dispatcher(&user, &[region])).await);
     }
     // All joins in flight together, so the broker receives them as one burst.
     let joins = clients
