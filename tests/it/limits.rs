@@ -56,8 +56,8 @@ async fn refused_upgrade(
         retry_after: response
             .headers()
             .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned()),
-        body: response.text().await.unwrap(),
+            .map(|v| v.to_str().expect("Retry-After is ASCII").to_owned()),
+        body: response.text().await.expect("the refusal's body"),
     }
 }
 
@@ -68,11 +68,14 @@ async fn upgrade(
     forwarded_for: Option<&str>,
 ) -> Result<WsClient, e2e::Refusal> {
     let token = gateway.token(&dispatcher(user, &["west"]));
-    let mut request = gateway.hub_url(&token).into_client_request().unwrap();
+    let mut request = gateway
+        .hub_url(&token)
+        .into_client_request()
+        .expect("a valid hub URL");
     if let Some(forwarded_for) = forwarded_for {
         request.headers_mut().insert(
             "x-forwarded-for",
-            HeaderValue::from_str(forwarded_for).unwrap(),
+            HeaderValue::from_str(forwarded_for).expect("a valid X-Forwarded-For"),
         );
     }
     WsClient::try_connect(request).await
@@ -118,7 +121,7 @@ fn assert_refused(refused: &Refused, status: StatusCode, limit: &str) {
         .as_deref()
         .unwrap_or_else(|| panic!("no Retry-After: {refused:?}"))
         .parse()
-        .unwrap();
+        .expect("Retry-After in whole seconds");
     assert!(retry_after >= 1, "{refused:?}");
 }
 
@@ -278,13 +281,19 @@ async fn publish(
         .header("content-type", "application/json")
         .body(body.to_owned())
         .send();
-    let response = within(DEADLINE, response, "the publish").await.unwrap();
+    let response = within(DEADLINE, response, "the publish")
+        .await
+        .expect("an HTTP answer to the publish");
     let status = response.status();
     let retry_after = response
         .headers()
         .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_owned());
-    (status, retry_after, response.json().await.unwrap())
+        .map(|v| v.to_str().expect("Retry-After is ASCII").to_owned());
+    (
+        status,
+        retry_after,
+        response.json().await.expect("the publish answers JSON"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
