@@ -38,15 +38,20 @@ impl RawClient {
             &key,
             None,
         )
-        .unwrap();
-        let mut stream = TcpStream::connect(gateway.public_addr()).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
+        .expect("a valid upgrade request");
+        let mut stream = TcpStream::connect(gateway.public_addr())
+            .await
+            .expect("connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send the request");
         let mut buf = Vec::new();
         let head = loop {
-            if let Some(head) = client::upgrade_response(&buf, &key).unwrap() {
+            if let Some(head) = client::upgrade_response(&buf, &key).expect("a 101 answer") {
                 break head;
             }
-            let read = stream.read_buf(&mut buf).await.unwrap();
+            let read = stream.read_buf(&mut buf).await.expect("read");
             assert!(read > 0, "connection closed during the upgrade");
         };
         buf.drain(..head);
@@ -69,13 +74,13 @@ impl RawClient {
     }
 
     async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
+        self.stream.write_all(bytes).await.expect("send");
     }
 
     /// The next server frame; `None` when the stream ends.
     async fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if let Some(frame) = client::next_frame(&self.buf).unwrap() {
+            if let Some(frame) = client::next_frame(&self.buf).expect("a valid server frame") {
                 let taken = (frame.opcode, frame.payload.to_vec());
                 self.buf.drain(..frame.len);
                 return Some(taken);
@@ -195,8 +200,13 @@ async fn upgrade_answer(gateway: &TestGateway, key: Option<&str>, version: &str)
         request.push_str(&format!("Sec-WebSocket-Key: {key}\r\n"));
     }
     request.push_str("\r\n");
-    let mut stream = TcpStream::connect(gateway.public_addr()).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = TcpStream::connect(gateway.public_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
     let reading = async {
         let mut buf = Vec::new();
         loop {
@@ -205,12 +215,14 @@ async fn upgrade_answer(gateway: &TestGateway, key: Option<&str>, version: &str)
                 let body_len = head
                     .split("\r\n")
                     .find_map(|line| line.strip_prefix("content-length:"))
-                    .map_or(0, |len| len.trim().parse::<usize>().unwrap());
+                    .map_or(0, |len| {
+                        len.trim().parse::<usize>().expect("a content length")
+                    });
                 if buf.len() >= end + 4 + body_len {
-                    return String::from_utf8(buf).unwrap();
+                    return String::from_utf8(buf).expect("a UTF-8 answer");
                 }
             }
-            let read = stream.read_buf(&mut buf).await.unwrap();
+            let read = stream.read_buf(&mut buf).await.expect("read");
             assert!(read > 0, "closed before answering");
         }
     };
