@@ -6,6 +6,7 @@
 //! is queued when the socket is ready goes out in one vectored write. The loop is generic over
 //! the byte stream so its edge cases can be driven in memory.
 
+mod rate;
 mod socket;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use publisher_lib::contract::{Group, Position};
 use tokio::io::AsyncRead;
 use tokio::time::{Instant, timeout, timeout_at};
 
+use rate::{Rates, TokenBucket, Verdict};
 use socket::ReadError;
 pub use socket::Socket;
 
@@ -57,6 +59,10 @@ pub struct Settings {
     pub outbound_queue: usize,
     /// Groups one connection may be in.
     pub max_groups: usize,
+    /// Hub invocations one connection may make per second (bursts of one second's worth).
+    pub max_invocations_per_second: u32,
+    /// Joins one connection may make per second, on top of the invocation limit.
+    pub max_joins_per_second: u32,
     /// Whether fan-out may write frames straight to an idle connection's socket. It saves the
     /// connection task a wake-up per frame; with several runtime threads the connection tasks
     /// spread writes over the cores instead, so it is on only for a single-threaded runtime.
@@ -74,6 +80,8 @@ impl Settings {
             max_message_bytes: config.limits.max_message_bytes,
             outbound_queue: config.limits.outbound_queue,
             max_groups: config.limits.max_groups_per_connection,
+            max_invocations_per_second: config.limits.max_invocations_per_second,
+            max_joins_per_second: config.limits.max_joins_per_second,
             direct_writes: config.worker_threads() == 1,
         }
     }
@@ -235,9 +243,11 @@ impl Connection {
         let mut last_sent = Instant::now();
         let mut last_received = Instant::now();
         let token_expires = token_deadline(self.principal.valid_until);
+        // Made at the first invocation: many connections make one or two.
+        let mut rates: Option<Box<Rates>> = None;
         for record in pending {
             if let Err(reason) =
-                Box::pin(self.on_record(socket, inbox, &record, outbound, joined)).await
+                Box::pin(self.on_record(socket, inbox, &record, outbound, joined, &mut rates)).await
             {
                 return reason;
             }
@@ -306,7 +316,7 @@ impl Connection {
                     for record in records {
                         // Boxed: joins and their broker round trip are rare, and an idle
                         // connection should not carry their state.
-                        let handled = Box::pin(self.on_record(socket, inbox, &record, outbound, joined));
+                        let handled = Box::pin(self.on_record(socket, inbox, &record, outbound, joined, &mut rates));
                         if let Err(reason) = handled.await {
                             return reason;
                         }
@@ -324,6 +334,7 @@ impl Connection {
         record: &str,
         outbound: &Outbound,
         joined: &mut Vec<Group>,
+        rates: &mut Option<Box<Rates>>,
     ) -> Result<(), CloseReason>
     where
         S: AsyncRead + Unpin,
@@ -335,6 +346,21 @@ impl Connection {
             Err(e) => return Err(CloseReason::Protocol(e)),
         };
         let action = hub::handle(&self.principal, &invocation);
+        if let Some((limit, reason)) = self.over_limit(rates, &action.outcome)? {
+            metrics::limit_exceeded(limit);
+            tracing::debug!(method = %invocation.target, limit, "invocation refused");
+            let Some(id) = action.invocation_id else {
+                return Ok(());
+            };
+            let error = format!(
+                "An unexpected error occurred invoking '{}' on the server. HubException: {reason}",
+                invocation.target
+            );
+            let completion = codec::encode_completion(&id, Some(&error));
+            return send(socket, inbox, &completion, self.settings.write_timeout)
+                .await
+                .map_err(CloseReason::from);
+        }
         let mut result = None;
         let error = match action.outcome {
             Outcome::Join { group, after } => {
@@ -373,6 +399,46 @@ impl Connection {
         send(socket, inbox, &completion, self.settings.write_timeout)
             .await
             .map_err(CloseReason::from)
+    }
+
+    /// Takes this invocation from the connection's rate limits: `None` within them, the limit's
+    /// label and the client's reason past one.
+    ///
+    /// # Errors
+    /// [`CloseReason::Flooding`] for a client far past a limit, again and again.
+    fn over_limit(
+        &self,
+        rates: &mut Option<Box<Rates>>,
+        outcome: &Outcome,
+    ) -> Result<Option<(&'static str, &'static str)>, CloseReason> {
+        let now = Instant::now();
+        let rates = rates.get_or_insert_with(|| {
+            Box::new(Rates {
+                invocations: TokenBucket::new(self.settings.max_invocations_per_second, now),
+                joins: TokenBucket::new(self.settings.max_joins_per_second, now),
+            })
+        });
+        let mut verdict = (
+            rates.invocations.take(now),
+            "invocations_per_connection",
+            "too many invocations; slow down",
+        );
+        if verdict.0 == Verdict::Allowed && matches!(outcome, Outcome::Join { .. }) {
+            verdict = (
+                rates.joins.take(now),
+                "joins_per_connection",
+                "too many joins; slow down",
+            );
+        }
+        match verdict {
+            (Verdict::Allowed, ..) => Ok(None),
+            (Verdict::Refused, limit, reason) => Ok(Some((limit, reason))),
+            (Verdict::Flooding, limit, _) => {
+                metrics::limit_exceeded(limit);
+                tracing::info!(limit, "closing a client that floods past its rate limit");
+                Err(CloseReason::Flooding)
+            }
+        }
     }
 
     /// Joins `group` held, reads what the client missed after `after` (and the head), releases

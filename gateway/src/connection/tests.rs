@@ -105,6 +105,8 @@ fn settings() -> Settings {
         max_message_bytes: 32 * 1024,
         outbound_queue: 16,
         max_groups: 2,
+        max_invocations_per_second: 5,
+        max_joins_per_second: 3,
         direct_writes: true,
     }
 }
@@ -686,4 +688,151 @@ async fn a_join_the_broker_fails_says_unavailable_without_the_brokers_words() {
         })
     );
     assert_eq!(groups.group_count(), 0, "a failed join leaves no member");
+}
+
+#[test]
+fn a_token_bucket_allows_a_burst_then_its_rate_and_calls_a_sustained_flood_flooding() {
+    let start = tokio::time::Instant::now();
+    let mut bucket = rate::TokenBucket::new(4, start);
+    let verdicts: Vec<_> = (0..6).map(|_| bucket.take(start)).collect();
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Refused,
+            Verdict::Refused
+        ]
+    );
+    // A quarter of a second earns one token.
+    let later = start + Duration::from_millis(250);
+    assert_eq!(bucket.take(later), Verdict::Allowed);
+    assert_eq!(bucket.take(later), Verdict::Refused);
+    // Ten bursts' worth of refusals within a second is a flood (3 refused so far).
+    for _ in 3..40 {
+        assert_eq!(bucket.take(later), Verdict::Refused);
+    }
+    assert_eq!(bucket.take(later), Verdict::Flooding);
+    // A full second later the bucket is full again and the count starts over.
+    let rested = later + Duration::from_secs(1);
+    assert_eq!(bucket.take(rested), Verdict::Allowed);
+}
+
+/// The completion for `id` in `records`, parsed.
+fn completion(record: &str) -> serde_json::Value {
+    serde_json::from_str(record.trim_end_matches('\u{1e}')).unwrap()
+}
+
+fn leave_west(id: usize) -> String {
+    format!(
+        "{{\"type\":1,\"invocationId\":\"{id}\",\"target\":\"LeaveDispatchGroup\",\"arguments\":[\"west\"]}}\u{1e}"
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn invocations_past_the_rate_limit_fail_with_a_reason_until_tokens_come_back() {
+    let recorder = recorder();
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let mut h = start(dispatcher(Duration::from_secs(3600)));
+    h.client.handshake().await;
+    // The limit is 5 per second: five leaves pass, the sixth in the same instant does not.
+    let burst: String = (1..=6).map(leave_west).collect();
+    h.client.send(&burst).await;
+    for id in 1..=5 {
+        let done = completion(&h.client.text().await);
+        assert_eq!(
+            done,
+            serde_json::json!({"type": 3, "invocationId": id.to_string()})
+        );
+    }
+    assert_eq!(
+        completion(&h.client.text().await),
+        serde_json::json!({
+            "type": 3,
+            "invocationId": "6",
+            "error": "An unexpected error occurred invoking 'LeaveDispatchGroup' on the server. HubException: too many invocations; slow down"
+        })
+    );
+    assert_eq!(
+        sample(
+            &recorder,
+            "gateway_limit_exceeded_total{limit=\"invocations_per_connection\"}"
+        ),
+        Some(1.0)
+    );
+    // A fifth of a second earns one more.
+    tokio::time::advance(Duration::from_millis(200)).await;
+    h.client.send(&leave_west(7)).await;
+    assert_eq!(
+        completion(&h.client.text().await),
+        serde_json::json!({"type": 3, "invocationId": "7"})
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn joins_past_their_own_rate_limit_fail_with_a_reason() {
+    let recorder = recorder();
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let mut h = start(dispatcher(Duration::from_secs(3600)));
+    h.client.handshake().await;
+    // Three joins per second: the fourth (still within the invocation limit) is refused.
+    let joins: String = (1..=4)
+        .map(|id| {
+            JOIN_WEST.replace(
+                "\"invocationId\":\"1\"",
+                &format!("\"invocationId\":\"{id}\""),
+            )
+        })
+        .collect();
+    h.client.send(&joins).await;
+    for id in 1..=3 {
+        assert_joined(&h.client.text().await, &id.to_string(), "/dispatch/west");
+    }
+    assert_eq!(
+        completion(&h.client.text().await)["error"],
+        "An unexpected error occurred invoking 'JoinDispatchGroup' on the server. HubException: too many joins; slow down"
+    );
+    assert_eq!(
+        sample(
+            &recorder,
+            "gateway_limit_exceeded_total{limit=\"joins_per_connection\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_flooding_far_past_the_limit_is_closed_without_reconnect() {
+    let recorder = recorder();
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let mut h = start(dispatcher(Duration::from_secs(3600)));
+    h.client.handshake().await;
+    // 5 allowed, then ten bursts (50) refused, and the next one is a flood.
+    let flood: String = (1..=56).map(leave_west).collect();
+    h.client.send(&flood).await;
+    let close = loop {
+        let text = h.client.text().await;
+        if completion(&text)["type"] == 7 {
+            break close_record(&text);
+        }
+    };
+    assert_eq!(
+        close,
+        serde_json::json!({
+            "type": 7,
+            "error": "too many invocations, far past the limit; slow down",
+            "allowReconnect": false
+        })
+    );
+    assert_eq!(h.client.close_code().await, 1008);
+    h.task.await.unwrap();
+    assert_eq!(
+        sample(
+            &recorder,
+            "gateway_connections_closed_total{reason=\"flooding\"}"
+        ),
+        Some(1.0)
+    );
 }

@@ -21,6 +21,8 @@ pub enum CloseReason {
     Handshake(HandshakeError),
     /// The client sent a Close message or closed the socket.
     ClientClosed,
+    /// The client kept invoking far past its rate limit; reconnecting at once would not help.
+    Flooding,
 }
 
 impl CloseReason {
@@ -34,6 +36,7 @@ impl CloseReason {
             Self::Protocol(e) => e.label(),
             Self::Handshake(_) => "handshake",
             Self::ClientClosed => "client_closed",
+            Self::Flooding => "flooding",
         }
     }
 
@@ -58,6 +61,7 @@ impl CloseReason {
             Self::Protocol(e) => e.to_string(),
             Self::Handshake(e) => e.to_string(),
             Self::ClientClosed => "client closed the connection".to_owned(),
+            Self::Flooding => "too many invocations, far past the limit; slow down".to_owned(),
         }
     }
 
@@ -74,7 +78,7 @@ impl CloseReason {
             Self::Protocol(ProtocolError::TooLarge { .. }) => 1009,
             Self::Protocol(ProtocolError::Binary) => 1003,
             Self::Protocol(ProtocolError::BadFrame(e)) => e.close_code(),
-            Self::Protocol(_) | Self::Handshake(_) => 1008,
+            Self::Protocol(_) | Self::Handshake(_) | Self::Flooding => 1008,
             Self::ClientClosed => 1000,
         }
     }
