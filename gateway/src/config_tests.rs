@@ -105,6 +105,80 @@ fn the_defaults_agree_with_the_documented_constants() {
     );
     assert_eq!(config.timeouts.write_timeout, super::DEFAULT_WRITE_TIMEOUT);
     assert_eq!(config.timeouts.drain_timeout, super::DEFAULT_DRAIN_TIMEOUT);
+    assert_eq!(
+        config.timeouts.header_read_timeout,
+        super::DEFAULT_HEADER_READ_TIMEOUT
+    );
+    let l = &config.limits;
+    assert_eq!(
+        l.max_invocations_per_second,
+        super::DEFAULT_MAX_INVOCATIONS_PER_SECOND
+    );
+    assert_eq!(l.max_joins_per_second, super::DEFAULT_MAX_JOINS_PER_SECOND);
+    assert_eq!(l.max_connections, super::DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(
+        l.max_pending_handshakes,
+        super::DEFAULT_MAX_PENDING_HANDSHAKES
+    );
+    assert_eq!(l.max_pending_requests, super::DEFAULT_MAX_PENDING_REQUESTS);
+    assert_eq!(
+        l.max_connections_per_user,
+        super::DEFAULT_MAX_CONNECTIONS_PER_USER
+    );
+    assert_eq!(
+        l.max_publishes_per_second,
+        super::DEFAULT_MAX_PUBLISHES_PER_SECOND
+    );
+    // Per-address limits are off by default: behind a load balancer every client shares its
+    // address, and nothing from X-Forwarded-For is believed until proxies are named.
+    assert_eq!(l.max_connections_per_address, 0);
+    assert_eq!(l.max_connects_per_second_per_address, 0);
+    assert!(l.trusted_proxies.is_empty());
+}
+
+#[test]
+fn admission_limits_must_leave_room_for_one_and_proxies_must_be_addresses() {
+    check(
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--max-connections",
+            "0",
+            "--max-pending-handshakes",
+            "0",
+            "--max-pending-requests",
+            "0",
+            "--header-read-timeout",
+            "0s",
+        ],
+        Err(&[
+            "--header-read-timeout must be more than zero",
+            "--max-connections must be at least 1",
+            "--max-pending-handshakes must be at least 1",
+            "--max-pending-requests must be at least 1",
+        ]),
+    );
+    let config = parse(&[
+        "--jwt-secret",
+        SECRET,
+        "--trusted-proxies",
+        "10.0.0.0/8,fd00::/8,127.0.0.1",
+    ]);
+    assert_eq!(config.limits.trusted_proxies.len(), 3);
+    assert!(
+        config
+            .limits
+            .admission()
+            .trusted_proxies
+            .contains("10.1.2.3".parse().unwrap())
+    );
+    let error = parse_error(&["--jwt-secret", SECRET, "--trusted-proxies", "nginx"]);
+    assert!(
+        error
+            .to_string()
+            .contains("`nginx` is not an IP address or network"),
+        "{error}"
+    );
 }
 
 #[test]
