@@ -352,6 +352,18 @@ async fn a_client_that_sends_half_a_request_head_is_closed_after_the_header_read
     let mut silent = TcpStream::connect(gateway.public_addr()).await.unwrap();
     until_closed(&mut silent, "the silent connection to be closed").await;
 
+    // A kept-alive connection is answered, then closed when no next request head follows.
+    let mut idle = TcpStream::connect(gateway.public_addr()).await.unwrap();
+    idle.write_all(b"GET /hub/v1 HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = until_closed(&mut idle, "the idle kept-alive connection to be closed").await;
+    assert!(
+        answered.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answered)
+    );
+
     // A complete request is still answered.
     let (status, _) = gateway.publish(&recommendation_ready("west", &[])).await;
     assert_eq!(status, StatusCode::ACCEPTED);
