@@ -130,6 +130,11 @@ struct State {
     capacity: usize,
     /// Frames of a resume backlog queued beyond `capacity`; shrinks as frames are taken.
     backlog: usize,
+    /// Most frames the connection may hold in all (queued live frames, resume backlogs and
+    /// frames held for it during a join); a backlog that does not fit is refused.
+    budget: usize,
+    /// Frames taken by the connection task so far, to tell when a backlog has gone out.
+    taken: u64,
     closing: Option<Closing>,
     receiver_gone: bool,
     waker: Option<Waker>,
@@ -158,12 +163,24 @@ pub enum Rejected {
     Closed,
 }
 
-/// A queue holding up to `capacity` frames.
+/// A resume backlog was not queued: with it the connection would hold more than its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget;
+
+/// A queue holding up to `capacity` live frames, with no budget for resume backlogs.
 pub fn channel(capacity: usize) -> (Outbound, Inbox) {
+    channel_within(capacity, usize::MAX)
+}
+
+/// A queue holding up to `capacity` live frames and at most `budget` frames in all, resume
+/// backlogs and held frames included.
+pub fn channel_within(capacity: usize, budget: usize) -> (Outbound, Inbox) {
     let shared = Arc::new(Mutex::new(State {
         frames: VecDeque::new(),
         capacity,
         backlog: 0,
+        budget,
+        taken: 0,
         closing: None,
         receiver_gone: false,
         waker: None,
@@ -224,20 +241,40 @@ impl Outbound {
     }
 
     /// Queues a resume backlog (the events a joining client missed) in order, beyond the
-    /// capacity: it is bounded by the history size, and a client must be able to catch up from
-    /// further back than its live queue holds. Live frames then get the usual capacity on top.
-    pub fn push_backlog(&self, frames: impl IntoIterator<Item = Frame>) {
+    /// capacity: a client must be able to catch up from further back than its live queue
+    /// holds. Live frames then get the usual capacity on top. Returns the count of frames taken
+    /// (see [`Outbound::taken`]) at which the whole backlog has been taken.
+    ///
+    /// # Errors
+    /// [`OverBudget`] when the queue would then hold more than the budget; nothing is queued.
+    pub fn push_backlog(&self, frames: Vec<Frame>) -> Result<u64, OverBudget> {
         let mut state = lock(&self.shared);
         if state.closing.is_some() || state.receiver_gone {
-            return;
+            return Ok(state.taken);
         }
         let before = state.frames.len();
+        if before.saturating_add(frames.len()) > state.budget {
+            return Err(OverBudget);
+        }
+        let added = frames.len();
         state.frames.extend(frames);
-        let added = state.frames.len() - before;
         state.backlog += added;
+        let through = state.taken + state.frames.len() as u64;
         if before == 0 && added > 0 {
             wake(state);
         }
+        Ok(through)
+    }
+
+    /// Whether `held` more frames, on top of what is queued, stay within the budget.
+    pub fn fits(&self, held: usize) -> bool {
+        let state = lock(&self.shared);
+        state.frames.len().saturating_add(held) <= state.budget
+    }
+
+    /// How many frames the connection task has taken so far.
+    pub fn taken(&self) -> u64 {
+        lock(&self.shared).taken
     }
 
     /// Tells the connection to close; the first reason given wins.
@@ -265,6 +302,7 @@ impl Inbox {
             match state.frames.pop_front() {
                 Some(frame) => {
                     state.backlog = state.backlog.saturating_sub(1);
+                    state.taken += 1;
                     state.writing = true;
                     Poll::Ready(Delivery::Frame(frame))
                 }
@@ -292,6 +330,7 @@ impl Inbox {
         let frame = state.frames.pop_front();
         if frame.is_some() {
             state.backlog = state.backlog.saturating_sub(1);
+            state.taken += 1;
         }
         if frame.is_none() && state.frames.capacity() > RETAINED_CAPACITY {
             state.frames.shrink_to(RETAINED_CAPACITY);

@@ -39,6 +39,9 @@ const MAX_BATCH: usize = 64;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// What a client is told when its join fails for the broker (the detail is logged).
 const GROUP_UNAVAILABLE: &str = "the group is unavailable; try again";
+/// What a client is told when it resumes a group again before the last resume went out.
+const RESUME_PENDING: &str =
+    "a resume of this group is still being delivered; wait for its events before resuming again";
 /// The close metric's reason for a task that panicked or was dropped before it could close.
 const ABORTED: &str = "aborted";
 
@@ -59,6 +62,10 @@ pub struct Settings {
     pub outbound_queue: usize,
     /// Groups one connection may be in.
     pub max_groups: usize,
+    /// Frames one connection may hold in all: its queue, resume backlogs and frames held
+    /// during a join. One resume of the whole history fits on top of a full queue; a resume
+    /// that does not fit is answered `recovered: false`.
+    pub queue_budget: usize,
     /// Hub invocations one connection may make per second (bursts of one second's worth).
     pub max_invocations_per_second: u32,
     /// Joins one connection may make per second, on top of the invocation limit.
@@ -80,6 +87,10 @@ impl Settings {
             max_message_bytes: config.limits.max_message_bytes,
             outbound_queue: config.limits.outbound_queue,
             max_groups: config.limits.max_groups_per_connection,
+            queue_budget: config
+                .limits
+                .outbound_queue
+                .saturating_add(config.history.size as usize),
             max_invocations_per_second: config.limits.max_invocations_per_second,
             max_joins_per_second: config.limits.max_joins_per_second,
             direct_writes: config.worker_threads() == 1,
@@ -119,7 +130,8 @@ impl Connection {
         S: AsyncRead + Unpin,
     {
         metrics::connection_opened();
-        let (outbound, mut inbox) = outbound::channel(self.settings.outbound_queue);
+        let (outbound, mut inbox) =
+            outbound::channel_within(self.settings.outbound_queue, self.settings.queue_budget);
         self.groups.register(self.id, &outbound);
         // From here on every exit path (the end below, a panic, the future being dropped)
         // leaves the groups, unregisters and records the close.
@@ -232,7 +244,7 @@ impl Connection {
         socket: &mut Socket<S>,
         outbound: &Outbound,
         inbox: &mut Inbox,
-        joined: &mut Vec<Group>,
+        joined: &mut Vec<Membership>,
         pending: Vec<String>,
         mut buffer: RecordBuffer,
     ) -> CloseReason
@@ -333,7 +345,7 @@ impl Connection {
         inbox: &Inbox,
         record: &str,
         outbound: &Outbound,
-        joined: &mut Vec<Group>,
+        joined: &mut Vec<Membership>,
         rates: &mut Option<Box<Rates>>,
     ) -> Result<(), CloseReason>
     where
@@ -376,7 +388,7 @@ impl Connection {
                 }
             }
             Outcome::Leave(group) => {
-                if let Some(at) = joined.iter().position(|g| *g == group) {
+                if let Some(at) = joined.iter().position(|m| m.group == group) {
                     joined.swap_remove(at);
                     self.groups.leave_now(self.id, &group);
                     tracing::debug!(%group, "left");
@@ -449,9 +461,21 @@ impl Connection {
         group: Group,
         after: Option<Position>,
         outbound: &Outbound,
-        joined: &mut Vec<Group>,
+        joined: &mut Vec<Membership>,
     ) -> Result<serde_json::Value, String> {
-        let already = joined.contains(&group);
+        let member = joined.iter().position(|m| m.group == group);
+        let already = member.is_some();
+        // One resume per group at a time: reading the history again for a client that has not
+        // taken the last one would let a single message make the server hold it many times.
+        if let Some(at) = member
+            && after.is_some()
+            && outbound.taken() < joined[at].resumed_through
+        {
+            metrics::join("resume_pending");
+            return Err(format!(
+                "An unexpected error occurred invoking '{method}' on the server. HubException: {RESUME_PENDING}"
+            ));
+        }
         if !already && joined.len() >= self.settings.max_groups {
             metrics::join("too_many_groups");
             return Err(format!(
@@ -461,7 +485,10 @@ impl Connection {
         }
         if !already {
             // Listed before the first await, so a task cut short mid-join still leaves it.
-            joined.push(group.clone());
+            joined.push(Membership {
+                group: group.clone(),
+                resumed_through: 0,
+            });
         }
         let joining = async {
             self.groups
@@ -479,9 +506,24 @@ impl Connection {
             history
         };
         match joining.await {
-            Ok(history) => {
-                self.groups
+            Ok(mut history) => {
+                let released = self
+                    .groups
                     .release(self.id, &group, &history.missed, &history.head);
+                match released {
+                    Some(through) => {
+                        if let Some(m) = joined.iter_mut().find(|m| m.group == group) {
+                            m.resumed_through = through;
+                        }
+                    }
+                    // The missed events did not fit the connection's budget: the client
+                    // refetches instead, as when the history no longer reaches back.
+                    None if !history.missed.is_empty() => {
+                        metrics::limit_exceeded("backlog_per_connection");
+                        history.recovered = Some(false);
+                    }
+                    None => {}
+                }
                 let outcome = match history.recovered {
                     None => "joined",
                     Some(true) => "recovered",
@@ -501,7 +543,7 @@ impl Connection {
             }
             Err(e) => {
                 if !already {
-                    joined.retain(|g| *g != group);
+                    joined.retain(|m| m.group != group);
                     self.groups.leave_now(self.id, &group);
                 }
                 metrics::join("broker_unavailable");
@@ -516,6 +558,14 @@ impl Connection {
     }
 }
 
+/// A group the connection is in.
+#[derive(Debug)]
+struct Membership {
+    group: Group,
+    /// The queue's count of frames taken at which the group's last resume is all written.
+    resumed_through: u64,
+}
+
 /// Undoes what a connection registered, on every exit path: the end of `serve`, a panic
 /// inside the task, or the task's future being dropped (cancellation). It removes the
 /// connection from its groups without awaiting, forgets its queue and records the close metric,
@@ -524,15 +574,15 @@ struct Registration<'a> {
     id: ConnId,
     groups: &'a Groups,
     /// The groups the connection is in (or joining).
-    joined: Vec<Group>,
+    joined: Vec<Membership>,
     /// Why it ended, once `serve` knows; `None` when it was cut short.
     reason: Option<&'static str>,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        for group in self.joined.drain(..) {
-            self.groups.leave_now(self.id, &group);
+        for membership in self.joined.drain(..) {
+            self.groups.leave_now(self.id, &membership.group);
         }
         self.groups.unregister(self.id);
         let reason = self.reason.unwrap_or_else(|| {

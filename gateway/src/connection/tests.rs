@@ -105,6 +105,7 @@ fn settings() -> Settings {
         max_message_bytes: 32 * 1024,
         outbound_queue: 16,
         max_groups: 2,
+        queue_budget: 16 + 1000,
         max_invocations_per_second: 5,
         max_joins_per_second: 3,
         direct_writes: true,

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
-use crate::outbound::{Closing, Frame, Outbound, Rejected, WriteMode};
+use crate::outbound::{Closing, Frame, Outbound, OverBudget, Rejected, WriteMode};
 use crate::protocol::codec;
 
 /// Largest group whose publications are written straight to idle members' sockets.
@@ -201,39 +201,58 @@ impl Groups {
 
     /// Puts `missed` (the history after the member's position), then the live publications held
     /// since it joined that come after `head`, into a held member's queue, and makes it live.
-    pub fn release(&self, conn: ConnId, group: &Group, missed: &[Publication], head: &Position) {
+    ///
+    /// Returns the queue's count of frames taken at which they are all written, or `None` when
+    /// the missed publications did not fit the connection's budget and were dropped (only the
+    /// live ones are queued, and the client is told it did not recover).
+    pub fn release(
+        &self,
+        conn: ConnId,
+        group: &Group,
+        missed: &[Publication],
+        head: &Position,
+    ) -> Option<u64> {
         let mut groups = self.write();
-        let Some(members) = groups.get_mut(group) else {
-            return;
-        };
-        let Some(held) = members.held.remove(&conn) else {
-            return;
-        };
+        let members = groups.get_mut(group)?;
+        let held = members.held.remove(&conn)?;
         let frames = held
             .frames
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner)
             .unwrap_or_default();
         let mut last = head.clone();
-        let mut backlog: Vec<Frame> = missed.iter().map(event_frame).collect();
+        let mut live = Vec::new();
         for (position, frame) in frames {
             let seen = position
                 .as_ref()
                 .is_some_and(|p| p.epoch == head.epoch && p.seq <= head.seq);
             if !seen {
-                backlog.push(frame);
+                live.push(frame);
                 if let Some(position) = position {
                     last = position;
                 }
             }
         }
-        held.outbound.push_backlog(backlog);
+        let mut backlog: Vec<Frame> = Vec::with_capacity(missed.len() + live.len());
+        backlog.extend(missed.iter().map(event_frame));
+        backlog.extend(live.iter().cloned());
+        let through = match held.outbound.push_backlog(backlog) {
+            Ok(through) => Some(through),
+            Err(OverBudget) => {
+                if held.outbound.push_backlog(live).is_err() {
+                    held.outbound.close(Closing::SlowConsumer);
+                    metrics::slow_consumers_closed(1);
+                }
+                None
+            }
+        };
         members.queues.insert(conn, held.outbound);
         members
             .floors
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(conn, last);
+        through
     }
 
     /// Waits until the group's subscription is live (asking the broker when `first`).
@@ -403,7 +422,9 @@ impl Fanout for Groups {
             for held in members.held.values() {
                 let mut frames = held.frames.lock().unwrap_or_else(PoisonError::into_inner);
                 match frames.as_mut() {
-                    Some(kept) if kept.len() < MAX_HELD_FRAMES => {
+                    Some(kept)
+                        if kept.len() < MAX_HELD_FRAMES && held.outbound.fits(kept.len() + 1) =>
+                    {
                         kept.push((publication.position.clone(), frame.clone()));
                     }
                     Some(_) => {

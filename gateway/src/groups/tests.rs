@@ -753,3 +753,74 @@ async fn the_memory_broker_delivers_a_publication_to_joined_members() {
     groups.leave(conn, &west()).await;
     shutdown.stop_background(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn a_resume_that_does_not_fit_the_budget_is_dropped_and_only_the_live_frames_are_queued() {
+    let mut replica = Replica::new();
+    // A queue of 2 live frames and a budget of 6 frames in all.
+    let (outbound, mut inbox) = outbound::channel_within(2, 6);
+    let conn = replica.groups.next_conn_id();
+    replica
+        .join_as(conn, &west(), &outbound, Admission::Held)
+        .await
+        .unwrap();
+    replica.groups.fan_out(&positioned(&west(), 11));
+    let missed: Vec<Publication> = (1..=10).map(|seq| positioned(&west(), seq)).collect();
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: 10,
+    };
+    assert_eq!(
+        replica.groups.release(conn, &west(), &missed, &head),
+        None,
+        "ten missed frames do not fit a budget of six"
+    );
+    assert_eq!(seqs(&mut inbox), vec![11], "the live frame still goes out");
+}
+
+#[tokio::test]
+async fn a_resume_that_fits_says_when_it_has_all_been_taken() {
+    let mut replica = Replica::new();
+    let (outbound, mut inbox) = outbound::channel_within(2, 6);
+    let conn = replica.groups.next_conn_id();
+    replica
+        .join_as(conn, &west(), &outbound, Admission::Held)
+        .await
+        .unwrap();
+    let missed: Vec<Publication> = (1..=4).map(|seq| positioned(&west(), seq)).collect();
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: 4,
+    };
+    let through = replica.groups.release(conn, &west(), &missed, &head);
+    assert_eq!(through, Some(4));
+    assert_eq!(outbound.taken(), 0);
+    assert_eq!(seqs(&mut inbox), vec![1, 2, 3, 4]);
+    assert_eq!(outbound.taken(), 4, "the resume is all written");
+}
+
+#[tokio::test]
+async fn frames_held_during_a_join_count_against_the_budget() {
+    let mut replica = Replica::new();
+    let (outbound, _inbox) = outbound::channel_within(2, 6);
+    let conn = replica.groups.next_conn_id();
+    replica
+        .join_as(conn, &west(), &outbound, Admission::Held)
+        .await
+        .unwrap();
+    for seq in 1..=6 {
+        replica.groups.fan_out(&positioned(&west(), seq));
+    }
+    assert!(
+        outbound
+            .try_push(&Frame::new(Bytes::new()), crate::outbound::WriteMode::Queue)
+            .is_ok(),
+        "six held frames fit"
+    );
+    replica.groups.fan_out(&positioned(&west(), 7));
+    assert_eq!(
+        outbound.try_push(&Frame::new(Bytes::new()), crate::outbound::WriteMode::Queue),
+        Err(Rejected::Closed),
+        "the seventh (with one frame queued) closed it as a slow consumer"
+    );
+}
