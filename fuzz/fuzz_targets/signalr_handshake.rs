@@ -9,6 +9,8 @@ use gateway::protocol::RECORD_SEPARATOR;
 use gateway::protocol::handshake::{self, MAX_VERSION};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(record) = std::str::from_utf8(data) else {
@@ -16,10 +18,14 @@ fuzz_target!(|data: &[u8]| {
     };
     match handshake::accept(record) {
         Ok(()) => {
-            let request: Value = serde_json::from_str(record).expect("accepted means JSON");
-            assert_eq!(request["protocol"], "json");
-            let version = request["version"]
-                .as_u64()
+            // Raw values: other fields may hold numbers (`1e999`) that `Value` cannot.
+            let request: HashMap<String, Box<RawValue>> =
+                serde_json::from_str(record).expect("accepted means a JSON object");
+            let field = |name: &str| request.get(name).map(|raw| raw.get());
+            let protocol: String = serde_json::from_str(field("protocol").unwrap_or_default())
+                .expect("accepted means a protocol");
+            assert_eq!(protocol, "json");
+            let version: u64 = serde_json::from_str(field("version").unwrap_or_default())
                 .expect("accepted means a version");
             assert!(version <= MAX_VERSION);
         }
