@@ -28,8 +28,10 @@ const MAX_DWELL_MS: u64 = 2000;
 /// says whether the server bounds them.
 const HALF_HOLD: Duration = Duration::from_secs(20);
 
-/// WebSocket pings the `ping-flood` kind sends without reading anything.
-const FLOOD_PINGS: usize = 2000;
+/// WebSocket pings the `ping-flood` kind sends without reading anything: 2.5 MB of pings, and
+/// as much in pongs, more than loopback socket buffers hold, so the server's pong writes block
+/// unless it bounds them.
+const FLOOD_PINGS: usize = 20_000;
 
 /// Receive buffer of a `ping-flood` connection, so the server's pongs back up quickly.
 const FLOOD_RECV_BUFFER: u32 = 4096;
