@@ -4,6 +4,7 @@ mod auth;
 mod contract_doc;
 mod docs;
 mod handshake;
+mod hostile;
 mod invocations;
 mod keepalive;
 mod limits;
