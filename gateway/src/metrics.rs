@@ -11,9 +11,9 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-const CONNECTIONS_ACTIVE: &str = "gateway_connections_active";
+pub(crate) const CONNECTIONS_ACTIVE: &str = "gateway_connections_active";
 const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
-const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
+pub(crate) const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
 const HANDSHAKE_FAILURES: &str = "gateway_handshake_failures_total";
 const AUTH_FAILURES: &str = "gateway_auth_failures_total";
 const ORIGIN_REFUSALS: &str = "gateway_origin_refusals_total";
@@ -35,7 +35,7 @@ const BROKER_GAPS_UNRECOVERED: &str = "gateway_broker_gaps_unrecovered_total";
 const EVENTS_RECEIVED: &str = "gateway_events_received_total";
 const ENVELOPES_REJECTED: &str = "gateway_envelopes_rejected_total";
 const RUNTIME_TASKS_ALIVE: &str = "gateway_runtime_tasks_alive";
-const LIMIT_EXCEEDED: &str = "gateway_limit_exceeded_total";
+pub(crate) const LIMIT_EXCEEDED: &str = "gateway_limit_exceeded_total";
 
 /// Latency buckets, in seconds: sub-millisecond fan-out up to multi-second stalls.
 const LATENCY_BUCKETS: [f64; 14] = [

@@ -366,6 +366,19 @@ fn sample(recorder: &metrics_exporter_prometheus::PrometheusRecorder, series: &s
     })
 }
 
+/// The close counter's series for `reason`.
+fn closed(reason: &str) -> String {
+    format!(
+        "{}{{reason=\"{reason}\"}}",
+        crate::metrics::CONNECTIONS_CLOSED
+    )
+}
+
+/// The limit counter's series for `limit`.
+fn limit_exceeded(limit: &str) -> String {
+    format!("{}{{limit=\"{limit}\"}}", crate::metrics::LIMIT_EXCEEDED)
+}
+
 /// Asserts the connection left nothing behind: no registry entry, no group, gauge at zero,
 /// and one close recorded for `reason`.
 fn assert_cleaned_up(
@@ -380,17 +393,11 @@ fn assert_cleaned_up(
     );
     assert_eq!(groups.group_count(), 0, "the connection left its group");
     assert_eq!(
-        sample(recorder, "gateway_connections_active"),
+        sample(recorder, crate::metrics::CONNECTIONS_ACTIVE),
         Some(0.0),
         "the gauge is back to zero"
     );
-    assert_eq!(
-        sample(
-            recorder,
-            &format!("gateway_connections_closed_total{{reason=\"{reason}\"}}")
-        ),
-        Some(1.0)
-    );
+    assert_eq!(sample(recorder, &closed(reason)), Some(1.0));
 }
 
 /// Handshakes and joins `/dispatch/west`, checking the registry sees the member.
@@ -412,7 +419,10 @@ async fn a_connection_task_dropped_mid_way_leaves_its_groups_unregisters_and_cou
     let _local = ::metrics::set_default_local_recorder(&recorder);
     let mut h = start(dispatcher(Duration::from_secs(3600)));
     handshake_and_join_west(&mut h).await;
-    assert_eq!(sample(&recorder, "gateway_connections_active"), Some(1.0));
+    assert_eq!(
+        sample(&recorder, crate::metrics::CONNECTIONS_ACTIVE),
+        Some(1.0)
+    );
 
     // Dropping the serve future (what abort does) is the cancellation path.
     h.task.abort();
@@ -576,13 +586,7 @@ async fn a_client_that_pings_and_never_reads_is_closed_as_a_slow_consumer_after_
     assert!(ended.is_ok(), "the connection task is stuck writing a pong");
     // The write timeout (10 s), then the best-effort close (1 s).
     assert_eq!(started.elapsed(), Duration::from_secs(11));
-    assert_eq!(
-        sample(
-            &recorder,
-            "gateway_connections_closed_total{reason=\"slow_consumer\"}"
-        ),
-        Some(1.0)
-    );
+    assert_eq!(sample(&recorder, &closed("slow_consumer")), Some(1.0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -757,10 +761,7 @@ async fn invocations_past_the_rate_limit_fail_with_a_reason_until_tokens_come_ba
         })
     );
     assert_eq!(
-        sample(
-            &recorder,
-            "gateway_limit_exceeded_total{limit=\"invocations_per_connection\"}"
-        ),
+        sample(&recorder, &limit_exceeded("invocations_per_connection")),
         Some(1.0)
     );
     // A fifth of a second earns one more.
@@ -796,10 +797,7 @@ async fn joins_past_their_own_rate_limit_fail_with_a_reason() {
         "An unexpected error occurred invoking 'JoinDispatchGroup' on the server. HubException: too many joins; slow down"
     );
     assert_eq!(
-        sample(
-            &recorder,
-            "gateway_limit_exceeded_total{limit=\"joins_per_connection\"}"
-        ),
+        sample(&recorder, &limit_exceeded("joins_per_connection")),
         Some(1.0)
     );
 }
@@ -829,11 +827,5 @@ async fn a_client_flooding_far_past_the_limit_is_closed_without_reconnect() {
     );
     assert_eq!(h.client.close_code().await, 1008);
     h.task.await.unwrap();
-    assert_eq!(
-        sample(
-            &recorder,
-            "gateway_connections_closed_total{reason=\"flooding\"}"
-        ),
-        Some(1.0)
-    );
+    assert_eq!(sample(&recorder, &closed("flooding")), Some(1.0));
 }
