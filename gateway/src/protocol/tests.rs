@@ -679,6 +679,15 @@ mod close {
     }
 
     #[test]
+    fn a_flooding_client_is_closed_as_a_policy_violation_without_reconnect() {
+        check(CloseReason::Flooding, (false, 1008, "flooding"));
+        assert_eq!(
+            CloseReason::Flooding.message(),
+            "too many invocations, far past the limit; slow down"
+        );
+    }
+
+    #[test]
     fn the_record_says_why_in_words_the_client_shows() {
         let cases = [
             (
