@@ -829,3 +829,47 @@ async fn a_client_flooding_far_past_the_limit_is_closed_without_reconnect() {
     h.task.await.unwrap();
     assert_eq!(sample(&recorder, &closed("flooding")), Some(1.0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_task_dropped_while_its_join_waits_for_the_broker_is_not_left_in_the_group() {
+    let shutdown = Shutdown::new();
+    // The registry's subscription requests go nowhere: the first join waits for its ack.
+    let (subscriptions, _unanswered) = broker::subscriptions(16);
+    let groups = Arc::new(Groups::new(subscriptions));
+    let (_unused, idle_requests) = broker::subscriptions(16);
+    let broker = broker::start_memory(
+        groups.clone(),
+        broker::HistorySettings::defaults(),
+        idle_requests,
+        &shutdown,
+    );
+    let (client, server) = UnixStream::pair().unwrap();
+    let connection = Connection {
+        id: groups.next_conn_id(),
+        principal: dispatcher(Duration::from_secs(3600)),
+        groups: groups.clone(),
+        broker,
+        settings: Arc::new(settings()),
+        permit: crate::limits::ConnectionPermit::unlimited(),
+    };
+    let (reader, writer) = server.into_split();
+    let task = tokio::spawn(connection.serve(Socket::new(
+        reader,
+        Arc::new(writer),
+        Bytes::new(),
+        32 * 1024,
+    )));
+    let mut client = Client { stream: client };
+    client.handshake().await;
+    client.send(JOIN_WEST).await;
+    let west = publisher_lib::contract::Group::try_dispatch("west").unwrap();
+    // Paused time: the clock only moves once the task is parked on the broker's answer.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(groups.member_count(&west), 1, "held while the join waits");
+
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert_eq!(groups.member_count(&west), 0);
+    assert_eq!(groups.group_count(), 0);
+    assert_eq!(groups.connection_count(), 0);
+}
