@@ -28,10 +28,13 @@ const MAX_DWELL_MS: u64 = 2000;
 /// says whether the server bounds them.
 const HALF_HOLD: Duration = Duration::from_secs(20);
 
-/// WebSocket pings the `ping-flood` kind sends without reading anything: 2.5 MB of pings, and
-/// as much in pongs, more than loopback socket buffers hold, so the server's pong writes block
-/// unless it bounds them.
-const FLOOD_PINGS: usize = 20_000;
+/// WebSocket pings the `ping-flood` kind sends without reading anything: 5 MB of pings, whose
+/// 5 MB of pongs are more than the server's send buffer holds (4 MiB at most with this
+/// machine's `tcp_wmem`), so the server's pong writes block unless it bounds them.
+const FLOOD_PINGS: usize = 40_000;
+
+/// Pings written per `write_all` in the flood.
+const FLOOD_BATCH: usize = 1000;
 
 /// Receive buffer of a `ping-flood` connection, so the server's pongs back up quickly.
 const FLOOD_RECV_BUFFER: u32 = 4096;
@@ -39,7 +42,11 @@ const FLOOD_RECV_BUFFER: u32 = 4096;
 /// How long `ping-flood` keeps sending and not reading before it resets the connection:
 /// longer than the gateway's default write timeout (10 s), so the outcome says whether the
 /// server closed it.
-const FLOOD_HOLD: Duration = Duration::from_secs(15);
+const FLOOD_HOLD: Duration = Duration::from_secs(20);
+
+/// After the hold, how long `ping-flood` reads what is left to see whether the server has
+/// closed the connection (EOF or reset after the buffered pongs) or not.
+const FLOOD_DRAIN: Duration = Duration::from_secs(5);
 
 /// After the burst, `ping-flood` sends one more ping this often (a failed send shows that the
 /// server closed the connection).
@@ -327,8 +334,12 @@ async fn churn_one(plan: &Plan, n: usize, kind: Kind, seed: u64) -> Result<Strin
                 Conn::open_with(plan, target, n, &token, Some(FLOOD_RECV_BUFFER)).await?;
             conn.join(group, None, "1").await?;
             let outcome = match timeout(FLOOD_HOLD, flood_pings(&mut conn)).await {
-                Err(_) => "held until the client reset it".to_owned(),
                 Ok(e) => format!("server closed (send failed: {:?})", e.kind()),
+                // Read what is buffered: the server's close shows after its last pongs.
+                Err(_) => match timeout(FLOOD_DRAIN, drain(&mut conn.stream)).await {
+                    Ok(end) => format!("server closed ({end} after the buffered pongs)"),
+                    Err(_) => "still open after 20 s".to_owned(),
+                },
             };
             conn.stream.set_zero_linger().map_err(io("linger"))?;
             Ok(outcome)
@@ -341,8 +352,9 @@ async fn churn_one(plan: &Plan, n: usize, kind: Kind, seed: u64) -> Result<Strin
 /// the error that ended the sending (only the caller's timeout ends it otherwise).
 async fn flood_pings(conn: &mut Conn) -> std::io::Error {
     let payload = [b'p'; 125];
-    for _ in 0..FLOOD_PINGS {
-        if let Err(e) = conn.send(ws::OPCODE_PING, &payload).await {
+    let batch = ws::client_frame(ws::OPCODE_PING, &payload, conn.mask).repeat(FLOOD_BATCH);
+    for _ in 0..FLOOD_PINGS / FLOOD_BATCH {
+        if let Err(e) = conn.stream.write_all(&batch).await {
             return e;
         }
     }
@@ -350,6 +362,18 @@ async fn flood_pings(conn: &mut Conn) -> std::io::Error {
         sleep(FLOOD_TRICKLE).await;
         if let Err(e) = conn.send(ws::OPCODE_PING, &payload).await {
             return e;
+        }
+    }
+}
+
+/// Reads until the end of the stream; says how it ended (`eof`, or the error kind).
+async fn drain(stream: &mut TcpStream) -> String {
+    let mut buf = vec![0_u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => return "eof".to_owned(),
+            Ok(_) => {}
+            Err(e) => return format!("{:?}", e.kind()),
         }
     }
 }
