@@ -19,6 +19,7 @@ const AUTH_FAILURES: &str = "gateway_auth_failures_total";
 const ORIGIN_REFUSALS: &str = "gateway_origin_refusals_total";
 const JOINS: &str = "gateway_joins_total";
 const GROUPS_ACTIVE: &str = "gateway_groups_active";
+const GROUP_MEMBERS: &str = "gateway_group_members";
 const EVENTS_PUBLISHED: &str = "gateway_events_published_total";
 const EVENTS_REJECTED: &str = "gateway_events_rejected_total";
 const FRAMES_DELIVERED: &str = "gateway_frames_delivered_total";
@@ -96,6 +97,10 @@ fn describe() {
     describe_gauge!(
         GROUPS_ACTIVE,
         "groups with at least one member on this replica"
+    );
+    describe_gauge!(
+        GROUP_MEMBERS,
+        "group memberships on this replica, summed over its groups"
     );
     describe_counter!(
         EVENTS_PUBLISHED,
@@ -198,6 +203,11 @@ pub fn join(outcome: &'static str) {
 /// The number of groups with local members changed.
 pub fn groups_active(count: usize) {
     gauge!(GROUPS_ACTIVE).set(count as f64);
+}
+
+/// The number of memberships on this replica changed.
+pub fn group_members(count: usize) {
+    gauge!(GROUP_MEMBERS).set(count as f64);
 }
 
 /// An event was accepted from `source` (`http`, `redis`).

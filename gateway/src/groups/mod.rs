@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
@@ -38,6 +38,8 @@ pub struct Groups {
     subscriptions: Subscriptions,
     next_conn: AtomicU64,
     next_generation: AtomicU64,
+    /// Memberships summed over every group (live and held); changed under the `groups` lock.
+    memberships: AtomicUsize,
 }
 
 /// Every open connection's queue, so the gateway can tell them all to close.
@@ -100,6 +102,7 @@ impl Groups {
             subscriptions,
             next_conn: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
+            memberships: AtomicUsize::new(0),
         }
     }
 
@@ -174,6 +177,7 @@ impl Groups {
                 }
             };
             let first = members.queues.is_empty() && members.held.is_empty();
+            let known = members.queues.contains_key(&conn) || members.held.contains_key(&conn);
             match admission {
                 Admission::Live if !members.held.contains_key(&conn) => {
                     members.queues.insert(conn, outbound.clone());
@@ -187,6 +191,9 @@ impl Groups {
                         frames: Mutex::new(Some(Vec::new())),
                     });
                 }
+            }
+            if !known {
+                self.count_memberships(1, 0);
             }
             (first, members.generation, members.subscription.subscribe())
         };
@@ -335,6 +342,19 @@ impl Groups {
         self.read().len()
     }
 
+    /// How many memberships this replica holds, summed over every group.
+    pub fn membership_count(&self) -> usize {
+        self.memberships.load(Ordering::Relaxed)
+    }
+
+    /// Adds `joined` and takes `left` from the membership count, and publishes it. Called with
+    /// the `groups` write lock held, so the gauge follows the map.
+    fn count_memberships(&self, joined: usize, left: usize) {
+        let count = self.memberships.load(Ordering::Relaxed) + joined - left;
+        self.memberships.store(count, Ordering::Relaxed);
+        metrics::group_members(count);
+    }
+
     /// Removes a member; returns the generation to unsubscribe when the group became empty.
     /// With `only_generation`, a newer life of the group is left alone.
     fn remove(&self, conn: ConnId, group: &Group, only_generation: Option<u64>) -> Option<u64> {
@@ -343,8 +363,11 @@ impl Groups {
         if only_generation.is_some_and(|g| g != members.generation) {
             return None;
         }
-        members.queues.remove(&conn);
-        members.held.remove(&conn);
+        let was_live = members.queues.remove(&conn).is_some();
+        let was_held = members.held.remove(&conn).is_some();
+        if was_live || was_held {
+            self.count_memberships(0, 1);
+        }
         members
             .floors
             .lock()

@@ -824,3 +824,50 @@ async fn frames_held_during_a_join_count_against_the_budget() {
         "the seventh (with one frame queued) closed it as a slow consumer"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_membership_count_follows_joins_repeats_releases_and_leaves() {
+    let mut replica = Replica::new();
+    let (a, out_a, _inbox_a) = replica.connect(8);
+    let (b, out_b, _inbox_b) = replica.connect(8);
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.join(a, &west(), &out_a).await.unwrap();
+    replica.join(a, &east(), &out_a).await.unwrap();
+    replica
+        .join_as(b, &west(), &out_b, Admission::Held)
+        .await
+        .unwrap();
+    replica
+        .join_as(b, &west(), &out_b, Admission::Held)
+        .await
+        .unwrap();
+    assert_eq!(replica.groups.membership_count(), 3);
+
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: 0,
+    };
+    replica.groups.release(b, &west(), &[], &head);
+    assert_eq!(replica.groups.membership_count(), 3);
+
+    replica.leave(b, &east()).await;
+    assert_eq!(replica.groups.membership_count(), 3);
+    replica.leave(a, &west()).await;
+    replica.leave(a, &west()).await;
+    assert_eq!(replica.groups.membership_count(), 2);
+    replica.groups.leave_now(b, &west());
+    replica.leave(a, &east()).await;
+    assert_eq!(replica.groups.membership_count(), 0);
+    assert_eq!(replica.groups.group_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_subscribe_is_not_counted_as_a_membership() {
+    let mut replica = Replica::unavailable();
+    let (a, out_a, _inbox_a) = replica.connect(8);
+    assert!(matches!(
+        replica.join(a, &west(), &out_a).await,
+        Err(BrokerError::Unavailable(_))
+    ));
+    assert_eq!(replica.groups.membership_count(), 0);
+}
