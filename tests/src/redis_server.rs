@@ -1,0 +1,274 @@
+//! `redis-server` processes for one test each: plain, replica, Sentinel and TLS, on free
+//! loopback ports (never the server on 6379), killed when dropped.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{DEADLINE, within};
+
+/// A `redis-server` started for one test on a free loopback port, killed when dropped. Never the
+/// server on 6379.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    child: Option<std::process::Child>,
+    /// With TLS: the directory holding `ca.pem`, `server.pem` and `server.key`.
+    tls: Option<PathBuf>,
+    /// Arguments after the common ones (e.g. `--replicaof`).
+    extra: Vec<String>,
+    /// For a Sentinel: its configuration file (Sentinel rewrites it, so it is the test's own).
+    sentinel_config: Option<PathBuf>,
+}
+
+impl RedisServer {
+    /// Starts a server without persistence on a free port and waits until it answers.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server without persistence with `extra` arguments, e.g. `--replicaof`.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            tls: None,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+            sentinel_config: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Starts a Sentinel that monitors the master at `master_port` as `primary` (quorum 1,
+    /// down after 1 s), its configuration file in `dir`.
+    pub async fn start_sentinel(dir: &std::path::Path, master_port: u16) -> Self {
+        let port = free_port();
+        let config = dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\n\
+                 sentinel monitor primary 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds primary 1000\n\
+                 sentinel failover-timeout primary 5000\n"
+            ),
+        )
+        .expect("write the sentinel configuration");
+        let mut server = Self {
+            port,
+            child: None,
+            tls: None,
+            extra: Vec::new(),
+            sentinel_config: Some(config),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Runs `redis-cli` against this server and returns its standard output.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Starts a server that speaks only TLS, with a certificate for 127.0.0.1 signed by a test
+    /// authority generated in `dir` (`ca.pem` is what clients must trust).
+    pub async fn start_tls(dir: &std::path::Path) -> Self {
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl runs");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("write san.ext");
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=e2e-test-ca",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            tls: Some(dir.to_owned()),
+            extra: Vec::new(),
+            sentinel_config: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A stopped process still dies of SIGKILL; CONT first keeps `wait` prompt.
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the server process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Starts the server again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// Starts the server again on the same port after it was killed.
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
+    async fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let mut command = std::process::Command::new("redis-server");
+        if let Some(config) = &self.sentinel_config {
+            command.arg(config).arg("--sentinel");
+        } else {
+            command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+            // A replica's full sync writes an RDB file: keep it out of the working tree.
+            command
+                .arg("--dir")
+                .arg(std::env::temp_dir())
+                .args(["--dbfilename", &format!("e2e-redis-{port}.rdb")]);
+        }
+        command.args(&self.extra);
+        match &self.tls {
+            None if self.sentinel_config.is_some() => &mut command,
+            None => command.args(["--port", &port]),
+            Some(dir) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem")),
+        };
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        self.child = Some(child);
+        let tls = self.tls.clone();
+        within(
+            DEADLINE,
+            async move {
+                loop {
+                    if answers_ping(&port, tls.as_deref()).await {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            "redis-server to answer PING",
+        )
+        .await;
+    }
+}
+
+/// A port that was free a moment ago on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Whether a redis-server on `port` answers PING (through redis-cli, which speaks TLS too).
+async fn answers_ping(port: &str, tls: Option<&std::path::Path>) -> bool {
+    let mut command = tokio::process::Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", port]);
+    if let Some(dir) = tls {
+        command.arg("--tls").arg("--cacert").arg(dir.join("ca.pem"));
+    }
+    command
+        .arg("PING")
+        .output()
+        .await
+        .is_ok_and(|output| output.stdout.starts_with(b"PONG"))
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
