@@ -70,6 +70,9 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         )?
         .install_recorder()?;
     describe();
+    // Gauges a scrape should see before anything joins.
+    groups_active(0);
+    group_members(0);
     *installed = Some(handle.clone());
     Ok(handle)
 }

@@ -16,7 +16,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const REPO = path.resolve(here, "../../..");
 export const CONSOLE_DIST = path.resolve(here, "../dist");
 export const GATEWAY_BIN = path.resolve(REPO, process.env.GATEWAY_BIN ?? "target/debug/gateway");
-export const DEMO_BACKEND_BIN = path.resolve(REPO, process.env.DEMO_BACKEND_BIN ?? "target/debug/examples/demo_backend");
+export const DEMO_BACKEND_BIN = path.resolve(REPO, process.env.DEMO_BACKEND_BIN ?? "target/debug/demo-backend");
 export const CHROMIUM_BIN = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
 const DEPLOY = path.join(REPO, "deploy/local");
 const PUBLISH_LUA = path.join(REPO, "publisher-lib/src/history/publish.lua");
@@ -28,7 +28,7 @@ const SERVICE_KEY = "console-browser-test-service-key-0123456789";
 export function checkPrerequisites() {
   const missing = [];
   if (!existsSync(GATEWAY_BIN)) missing.push(`${GATEWAY_BIN} (cargo build -p gateway --bin gateway)`);
-  if (!existsSync(DEMO_BACKEND_BIN)) missing.push(`${DEMO_BACKEND_BIN} (cargo build -p publisher-lib --examples)`);
+  if (!existsSync(DEMO_BACKEND_BIN)) missing.push(`${DEMO_BACKEND_BIN} (cargo build -p demo-backend)`);
   if (!existsSync(path.join(CONSOLE_DIST, "index.html"))) missing.push(`${CONSOLE_DIST}/index.html (npm run build --workspaces at frontend/)`);
   if (!existsSync(CHROMIUM_BIN)) missing.push(`${CHROMIUM_BIN} (apt-get install chromium, or set CHROMIUM_BIN)`);
   if (missing.length) throw new Error(`browser tests: missing prerequisites:\n  ${missing.join("\n  ")}`);
