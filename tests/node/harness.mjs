@@ -11,7 +11,7 @@
 // Each gateway's stdout/stderr goes to artifacts/<name>-<n>.log next to this file.
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
 import http from "node:http";
@@ -57,6 +57,55 @@ export function deferred() {
 /** Resolves after `ms`; used only as a polling interval, never as synchronisation. */
 function pause(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stopping what a test file started, however it ends
+
+const stops = new Set();
+
+/**
+ * Registers `stop`, a synchronous function that stops something this process started, to run if
+ * the process exits or is told to stop (SIGINT, SIGTERM, SIGHUP) before the returned `forget()`
+ * is called. A test's own cleanup (`t.after`, `after`) stops things in the ordinary way; this is
+ * for an interrupted run, or a test file that crashed, so nothing it started outlives it.
+ */
+export function stopOnExit(stop) {
+  stops.add(stop);
+  return () => stops.delete(stop);
+}
+
+function stopEverything() {
+  for (const stop of [...stops]) {
+    stops.delete(stop);
+    try {
+      stop();
+    } catch (error) {
+      process.stderr.write(`stopping on exit failed: ${error}\n`);
+    }
+  }
+}
+
+process.once("exit", stopEverything);
+for (const [signal, number] of [["SIGINT", 2], ["SIGTERM", 15], ["SIGHUP", 1]]) {
+  process.once(signal, () => {
+    process.stderr.write(`${signal}: stopping the gateways and topologies this test file started\n`);
+    stopEverything();
+    process.exit(128 + number);
+  });
+}
+
+const DEPLOY_DOWN = path.resolve(here, "../../deploy/local/down");
+
+/**
+ * Registers deploy/local/down for the topology whose environment (STATE_DIR, ...) is `env`, to
+ * run if this process exits or is interrupted before `forget()`. Register it before deploy/local/up
+ * runs, so a half-started topology is stopped too.
+ */
+export function downOnExit(env) {
+  return stopOnExit(() => {
+    execFileSync(DEPLOY_DOWN, [], { env: { ...env, STOP_TIMEOUT: "5" }, timeout: 30_000, stdio: "ignore" });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,6 +180,7 @@ async function startGatewayOnce(options) {
   ];
   const child = spawn(GATEWAY_BIN, argv, { env, stdio: ["ignore", logFd, logFd] });
   closeSync(logFd);
+  const forget = stopOnExit(() => child.kill("SIGKILL"));
 
   const exited = new Promise((resolve) => {
     child.once("exit", (code, signal) => resolve({ code, signal }));
@@ -139,6 +189,7 @@ async function startGatewayOnce(options) {
   let exitInfo = null;
   exited.then((info) => {
     exitInfo = info;
+    forget();
   });
 
   const baseUrl = `http://127.0.0.1:${port}`;

@@ -30,6 +30,7 @@ import {
   delivered,
   dispatchGroup,
   dispatcherToken,
+  downOnExit,
   freePort,
   hubConnection,
   inbox,
@@ -119,9 +120,12 @@ before(async () => {
       CONNECTION_TOKEN_SECRET: `lb-connection-token-secret-${randomUUID()}`,
       READY_TIMEOUT: "30",
     };
+    // Whatever up starts is stopped if this process is interrupted or exits first.
+    const forget = downOnExit(env);
     try {
       await runScript("up", env, 60_000);
     } catch (error) {
+      forget();
       if (attempt === 3 || !/already in use|Address in use|AddrInUse/i.test(error.message)) throw error;
       continue;
     }

@@ -5,7 +5,7 @@
 // for bursts faster than any HTTP round trip. Ideas taken from tests/node/chaos/topology.mjs, kept
 // self-contained so the front-end workspace needs nothing from tests/node.
 
-import { execFile, spawn } from "node:child_process";
+import { execFile, execFileSync, spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -23,6 +23,28 @@ const PUBLISH_LUA = path.join(REPO, "publisher-lib/src/history/publish.lua");
 
 export const JWT_SECRET = "console-browser-test-jwt-secret-0123456789abcdef0123456789";
 const SERVICE_KEY = "console-browser-test-service-key-0123456789";
+
+// What must be stopped if this process exits or is told to stop before a test's own cleanup
+// ran: an interrupted run leaves no topology or demo backend behind.
+const stops = new Set();
+function stopEverything() {
+  for (const stop of [...stops]) {
+    stops.delete(stop);
+    try {
+      stop();
+    } catch (error) {
+      process.stderr.write(`stopping on exit failed: ${error}\n`);
+    }
+  }
+}
+process.once("exit", stopEverything);
+for (const [signal, number] of [["SIGINT", 2], ["SIGTERM", 15], ["SIGHUP", 1]]) {
+  process.once(signal, () => {
+    process.stderr.write(`${signal}: stopping the topology and demo backend this test file started\n`);
+    stopEverything();
+    process.exit(128 + number);
+  });
+}
 
 /** Throws a message naming the command that builds whatever is missing. */
 export function checkPrerequisites() {
@@ -120,6 +142,8 @@ export async function startEnvironment(stateDir) {
       CORS_ORIGINS: `http://127.0.0.1:${consolePort}`,
       READY_TIMEOUT: "30",
     };
+    const downEnv = env;
+    stops.add(() => execFileSync(path.join(DEPLOY, "down"), [], { env: { ...downEnv, STOP_TIMEOUT: "5" }, timeout: 30_000, stdio: "ignore" }));
     try {
       await runScript("up", env, 60_000);
       break;
@@ -152,6 +176,9 @@ export async function startEnvironment(stateDir) {
     { stdio: ["ignore", backendLog, backendLog] },
   );
   closeSync(backendLog);
+  const killBackend = () => backend.kill("SIGKILL");
+  stops.add(killBackend);
+  backend.once("exit", () => stops.delete(killBackend));
   const consoleUrl = `http://127.0.0.1:${consolePort}/`;
 
   const environment = {
@@ -165,6 +192,7 @@ export async function startEnvironment(stateDir) {
         await until("the demo backend to exit", 10_000, () => !alive(backend.pid)).catch(() => backend.kill("SIGKILL"));
       }
       await runScript("down", env, 90_000);
+      stops.clear();
     },
     logTails() {
       try {

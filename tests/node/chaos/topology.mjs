@@ -8,7 +8,7 @@ import { closeSync, mkdirSync, openSync, readFileSync, readdirSync, writeFileSyn
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { GATEWAY_BIN, JWT_SECRET, SERVICE_KEY, deferred, freePort } from "../harness.mjs";
+import { GATEWAY_BIN, JWT_SECRET, SERVICE_KEY, deferred, downOnExit, freePort, stopOnExit } from "../harness.mjs";
 import { redisReady } from "./redis.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -69,9 +69,12 @@ export async function startTopology(stateDir, replicaArgs = "") {
       READY_TIMEOUT: "30",
       REPLICA_ARGS: replicaArgs,
     };
+    // Whatever up starts is stopped if this process is interrupted or exits first.
+    const forgetDown = downOnExit(env);
     try {
       await runScript("up", env, 60_000);
     } catch (error) {
+      forgetDown();
       if (attempt === 3 || !/already in use|Address in use|AddrInUse/i.test(error.message)) throw error;
       continue;
     }
@@ -92,7 +95,7 @@ export async function startTopology(stateDir, replicaArgs = "") {
         pidFile: path.join(stateDir, "pids", `gateway-${i + 1}.pid`),
       })),
       redisPidFile: path.join(stateDir, "pids", "redis.pid"),
-      stop: () => runScript("down", env, 90_000),
+      stop: () => runScript("down", env, 90_000).finally(forgetDown),
       logTails() {
         try {
           const logs = path.join(stateDir, "logs");
@@ -202,6 +205,8 @@ export async function metric(replica, name) {
 export function publishStream({ redisUrl, regions, rate, secs, extra = [] }) {
   const args = ["publish-stream", "--redis-url", redisUrl, "--groups", regions.join(","), "--rate", String(rate), "--secs", String(secs), ...extra];
   const child = spawn(LOADGEN_BIN, args, { stdio: ["ignore", "pipe", "pipe"] });
+  const forget = stopOnExit(() => child.kill("SIGKILL"));
+  child.once("exit", forget);
   let stdout = "";
   let stderrTail = "";
   let partial = "";
