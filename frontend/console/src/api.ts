@@ -1,4 +1,4 @@
-// The demo backend's HTTP API (publisher-lib/examples/demo_backend.rs), same origin as the page.
+// The demo backend's HTTP API (tools/demo-backend), same origin as the page.
 
 export type JobStatus = "open" | "assigned";
 

@@ -2,7 +2,7 @@
 // downloaded) against the deploy/local topology (redis-server, three gateway replicas, nginx) and
 // the demo backend serving dist/, all on free loopback ports (see topology.mjs).
 //
-// Prerequisites: `cargo build -p gateway --bin gateway`, `cargo build -p publisher-lib --examples`,
+// Prerequisites: `cargo build -p gateway --bin gateway`, `cargo build -p demo-backend`,
 // the front-end build (`npm run build --workspaces` at frontend/), redis-server, nginx and
 // /usr/bin/chromium (CHROMIUM_BIN overrides). Screenshots and latency.json go to test/artifacts/;
 // UPDATE_SCREENSHOTS=1 also writes docs/screenshots/{dispatcher,contractor}.png.

@@ -27,7 +27,7 @@
 //! Needs a Redis (the one the gateway replicas use) and the gateway's JWT secret. Run it with:
 //!
 //! ```text
-//! cargo run -p publisher-lib --example demo_backend -- --listen 127.0.0.1:8090 \
+//! cargo run -p demo-backend -- --listen 127.0.0.1:8090 \
 //!   --redis-url redis://127.0.0.1:6390 --jwt-secret "$JWT_SECRET" \
 //!   --hub-url http://127.0.0.1:8080/hub/v1 --console-dir frontend/console/dist
 //! ```
@@ -99,7 +99,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     eprintln!(
-        "demo_backend: listening on http://{} (redis {}, hub {})",
+        "demo-backend: listening on http://{} (redis {}, hub {})",
         listener.local_addr()?,
         cli.redis_url,
         app.hub_url
