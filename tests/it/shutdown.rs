@@ -124,44 +124,36 @@ async fn during_the_shutdown_delay_the_gateway_is_not_ready_but_still_serves_new
     gateway.wait().await;
 }
 
+/// Many clients of a draining gateway are each told to reconnect elsewhere, and the gateway then
+/// stops. How the closes are spread over the first half of the drain timeout is the drain
+/// schedule's behaviour, tested with paused time next to it (`gateway/src/shutdown_tests.rs`):
+/// here only what happens is checked, not how fast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_are_closed_spread_over_half_the_drain_timeout() {
+async fn every_client_of_a_draining_gateway_is_told_to_reconnect_then_it_stops() {
     const CLIENTS: usize = 40;
     let gateway = start_gateway(&["--drain-timeout", "2s"]).await;
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        clients.push(
-            gateway
-                .connect(&dispatcher(&format!("d-{i}"), &["west"]))
-                .await,
-        );
+        let mut client = gateway
+            .connect(&dispatcher(&format!("d-{i}"), &["west"]))
+            .await;
+        client.join_dispatch("1", "west").await;
+        clients.push(client);
     }
-    let started = tokio::time::Instant::now();
     gateway.shutdown();
     let closes = clients.into_iter().map(|mut client| async move {
-        client.expect_close().await;
-        started.elapsed()
+        let closed = client.expect_close().await;
+        (closed.code(), closed.close_record().clone())
     });
-    let mut at: Vec<Duration> = futures_util::future::join_all(closes).await;
-    at.sort();
-    let (first, last) = (at[0], at[CLIENTS - 1]);
-    // About 1 s (half the drain timeout) between the first and the last close: a steady
-    // trickle of reconnects for the other replicas, not a burst.
-    assert!(
-        last - first >= Duration::from_millis(700),
-        "closes between {first:?} and {last:?}"
-    );
-    assert!(
-        last <= Duration::from_millis(1800),
-        "the last close came at {last:?}"
-    );
-    let in_first_quarter = at
-        .iter()
-        .filter(|t| **t < first + Duration::from_millis(250))
-        .count();
-    assert!(
-        in_first_quarter <= CLIENTS / 2,
-        "{in_first_quarter} of {CLIENTS} closed in the first 250 ms"
-    );
+    let closed = futures_util::future::join_all(closes).await;
+    let told_to_reconnect = serde_json::json!({
+        "type": 7,
+        "error": "server is shutting down; reconnect",
+        "allowReconnect": true
+    });
+    for (i, (code, record)) in closed.iter().enumerate() {
+        assert_eq!(*code, 1001, "client {i}");
+        assert_eq!(*record, told_to_reconnect, "client {i}");
+    }
     gateway.wait().await;
 }
