@@ -1,13 +1,19 @@
 //! The configuration tree: flags and `GATEWAY_*` environment variables, defaults, validation.
 //!
-//! Pure: parses and checks, reads no files (key files are read by [`crate::start`]). Every
-//! problem is reported at once, so an operator fixes a bad deployment in one round.
+//! Pure: parses and checks. It reads no files (key files are read by [`crate::keys`]) and no
+//! process state besides clap's lookup of the `GATEWAY_*` variables; the binary resolves
+//! `--worker-threads 0` into a count of CPUs. Defaults shared with every publisher (history, idempotency
+//! window, channel prefix) come from [`publisher_lib::contract`]. Every problem is reported at
+//! once, so an operator fixes a bad deployment in one round.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use publisher_lib::contract::{
+    self, DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, DEFAULT_IDEMPOTENCY_WINDOW, DEFAULT_PREFIX,
+};
 
 use crate::auth::Algorithm;
 use crate::auth::dev;
@@ -167,7 +173,7 @@ pub struct RedisConfig {
     #[arg(
         long = "redis-prefix",
         env = "GATEWAY_REDIS_PREFIX",
-        default_value = "rt:"
+        default_value = DEFAULT_PREFIX
     )]
     pub prefix: String,
     /// Redis messages held between the subscriber connection and fan-out; when fan-out falls
@@ -189,17 +195,17 @@ pub struct HistoryConfig {
     #[arg(
         long = "history-size",
         env = "GATEWAY_HISTORY_SIZE",
-        default_value_t = 1000,
+        default_value_t = DEFAULT_HISTORY_SIZE as u32,
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub size: u32,
     /// A group's history is forgotten this long after its last publish (a new epoch follows).
-    #[arg(long = "history-ttl", env = "GATEWAY_HISTORY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub ttl: Duration,
+    #[arg(long = "history-ttl", env = "GATEWAY_HISTORY_TTL", default_value_t = DEFAULT_HISTORY_TTL.into())]
+    pub ttl: humantime::Duration,
     /// A publish whose idempotency key was seen within this window is acknowledged without
     /// being delivered again.
-    #[arg(long = "idempotency-window", env = "GATEWAY_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub idempotency_window: Duration,
+    #[arg(long = "idempotency-window", env = "GATEWAY_IDEMPOTENCY_WINDOW", default_value_t = DEFAULT_IDEMPOTENCY_WINDOW.into())]
+    pub idempotency_window: humantime::Duration,
 }
 
 impl HistoryConfig {
@@ -207,8 +213,8 @@ impl HistoryConfig {
     pub fn settings(&self) -> crate::broker::HistorySettings {
         crate::broker::HistorySettings {
             size: self.size as usize,
-            ttl: self.ttl,
-            idempotency_window: self.idempotency_window,
+            ttl: self.ttl.into(),
+            idempotency_window: self.idempotency_window.into(),
         }
     }
 }
@@ -477,12 +483,11 @@ impl Config {
         }
     }
 
-    /// The runtime threads in force: `--worker-threads`, or one per CPU this process may use.
+    /// The runtime threads asked for: `--worker-threads`, where 0 means one per CPU. The binary
+    /// replaces 0 with the count before the runtime starts; a configuration that still says 0
+    /// (a test's) is taken as several threads.
     pub fn worker_threads(&self) -> usize {
-        match self.worker_threads {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        }
+        self.worker_threads
     }
 
     /// Checks the configuration and reports every problem.
@@ -595,10 +600,8 @@ impl Config {
                 problems.push(format!("{name} must be at least 1"));
             }
         }
-        if self.redis.prefix.contains(['{', '}']) {
-            problems.push(
-                "--redis-prefix must not contain '{' or '}' (they delimit the hash tag)".to_owned(),
-            );
+        if let Err(rule) = contract::check_prefix(&self.redis.prefix) {
+            problems.push(format!("--redis-prefix {rule}"));
         }
         if let Some(url) = &self.redis.url
             && ![

@@ -137,6 +137,40 @@ fn the_defaults_agree_with_the_documented_constants() {
 }
 
 #[test]
+fn history_and_prefix_defaults_are_the_contracts_and_help_shows_them() {
+    use publisher_lib::contract;
+    let history = parse(&["--jwt-secret", SECRET]).history.settings();
+    assert_eq!(history.size, contract::DEFAULT_HISTORY_SIZE);
+    assert_eq!(history.ttl, contract::DEFAULT_HISTORY_TTL);
+    assert_eq!(
+        history.idempotency_window,
+        contract::DEFAULT_IDEMPOTENCY_WINDOW
+    );
+    let config = parse(&["--jwt-secret", SECRET]);
+    assert_eq!(config.redis.prefix, contract::DEFAULT_PREFIX);
+
+    let help = <Cli as clap::CommandFactory>::command()
+        .render_long_help()
+        .to_string();
+    for shown in [
+        "[default: 1000]",
+        "[default: 10m]",
+        "[default: 5m]",
+        "[default: rt:]",
+    ] {
+        assert!(help.contains(shown), "--help shows {shown}");
+    }
+}
+
+#[test]
+fn a_prefix_with_hash_tag_braces_is_refused() {
+    check(
+        &["--jwt-secret", SECRET, "--redis-prefix", "rt{x}:"],
+        Err(&["--redis-prefix must not contain '{' or '}' (they delimit the hash tag)"]),
+    );
+}
+
+#[test]
 fn admission_limits_must_leave_room_for_one_and_proxies_must_be_addresses() {
     check(
         &[

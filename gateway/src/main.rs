@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use gateway::auth::dev::{self, TokenClaims};
 use gateway::config::{Cli, Command, Config, ConfigError, DevCredentials, TokenArgs, TokenRole};
+use gateway::keys;
 
 /// Exit code for a bad configuration (sysexits' EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -33,6 +34,9 @@ fn serve(mut config: Config) -> ExitCode {
     // single-threaded scheduler answered a publish to a group of 5,000 only after running the
     // 5,000 connection tasks it woke (p99 75-110 ms, capping broadcast near 100k deliveries/s);
     // with this one the publisher is answered in 3-40 ms and broadcast reaches 400k/s.
+    if config.worker_threads == 0 {
+        config.worker_threads = std::thread::available_parallelism().map_or(1, usize::from);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(config.worker_threads());
     let runtime = match builder.enable_all().build() {
@@ -148,22 +152,21 @@ publish an event:
 /// `gateway token`: prints one HS256 token signed with the configured secret.
 #[allow(clippy::print_stdout)] // The token is this command's output.
 fn token(config: &Config, args: &TokenArgs) -> ExitCode {
-    let secret = match (&config.auth.jwt_secret, &config.auth.jwt_secret_file) {
-        (Some(secret), _) => secret.expose().to_owned(),
-        (None, Some(path)) => match std::fs::read_to_string(path) {
-            Ok(text) => text.trim_end_matches(['\n', '\r']).to_owned(),
-            Err(e) => {
-                eprintln!("gateway token: cannot read {}: {e}", path.display());
-                return ExitCode::from(EXIT_USAGE);
-            }
-        },
-        (None, None) => {
+    let auth = &config.auth;
+    let secret = match keys::secret(auth.jwt_secret.as_ref(), auth.jwt_secret_file.as_deref()) {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
             eprintln!(
                 "gateway token: set GATEWAY_JWT_SECRET or GATEWAY_JWT_SECRET_FILE to the gateway's HS256 secret"
             );
             return ExitCode::from(EXIT_USAGE);
         }
+        Err(e) => {
+            eprintln!("gateway token: cannot read {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
     };
+    let secret = secret.expose();
     if secret.len() < gateway::auth::token::MIN_SECRET_BYTES {
         eprintln!(
             "gateway token: the HS256 secret must be at least {} bytes",

@@ -14,8 +14,9 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::contract::check_idempotency_key;
 use crate::contract::{Event, ValidationError};
-use crate::publisher::{Publisher, check_key};
+use crate::publisher::Publisher;
 
 /// Default queue capacity, in events.
 pub const DEFAULT_CAPACITY: usize = 1024;
@@ -141,7 +142,7 @@ impl BackgroundPublisher {
         key: impl Into<String>,
     ) -> Result<String, Dropped> {
         let key = key.into();
-        let result = match event.to_json().and_then(|_| check_key(&key)) {
+        let result = match event.to_json().and_then(|_| check_idempotency_key(&key)) {
             Err(e) => Err(Dropped::Invalid(e)),
             Ok(()) => self
                 .queue

@@ -2,7 +2,8 @@
 //!
 //! [`contract`] is the wire contract shared by every backend and by the gateway: the two events
 //! (`RecommendationReady`, `JobAssigned`), their validation, the groups they are routed to, the
-//! Redis envelope and the SignalR target names.
+//! Redis envelope, the SignalR target names, and the defaults and key rules (channel prefix,
+//! history bounds, idempotency window and keys) that every publisher and replica share.
 //!
 //! With the `redis` feature (on by default), `Publisher` publishes an event to each of its
 //! groups with one atomic script per group: the event gets a [`contract::Position`] (epoch and
@@ -62,12 +63,16 @@ pub use background::{
     BackgroundConfig, BackgroundPublisher, DEFAULT_CAPACITY, DEFAULT_INITIAL_BACKOFF,
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, Dropped,
 };
+// Defined in the contract, which the gateway shares; also here, where backends first found them.
+pub use contract::{
+    DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, DEFAULT_IDEMPOTENCY_WINDOW, DEFAULT_PREFIX,
+    MAX_IDEMPOTENCY_KEY_LEN,
+};
 #[cfg(feature = "redis")]
 pub use history::{HistoryRead, PUBLISH_SCRIPT, READ_SCRIPT};
 #[cfg(feature = "redis")]
 pub use publisher::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, DEFAULT_IDEMPOTENCY_WINDOW,
-    DEFAULT_MAX_RECONNECT_DELAY, DEFAULT_PREFIX, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT,
-    GroupDelivery, MAX_IDEMPOTENCY_KEY_LEN, PublishError, PublishReceipt, Publisher,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_RECONNECT_DELAY, DEFAULT_PUBLISH_TIMEOUT,
+    DEFAULT_RESPONSE_TIMEOUT, GroupDelivery, PublishError, PublishReceipt, Publisher,
     PublisherConfig,
 };

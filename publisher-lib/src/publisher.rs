@@ -30,12 +30,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use uuid::Uuid;
 
-use crate::contract::{Envelope, Event, EventKind, Group, Position, ValidationError};
+use crate::contract::{
+    DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, DEFAULT_IDEMPOTENCY_WINDOW, DEFAULT_PREFIX,
+    Envelope, Event, EventKind, Group, Position, ValidationError, check_idempotency_key,
+};
 use crate::history::{self, HistoryRead, Limits};
 use crate::target::RedisTarget;
 
-/// The channel prefix the gateway subscribes under unless configured otherwise.
-pub const DEFAULT_PREFIX: &str = "rt:";
 /// Default bound on one whole publish call, reconnection included.
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default bound on opening one TCP connection to Redis.
@@ -44,14 +45,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default longest pause between two reconnection attempts.
 pub const DEFAULT_MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
-/// Default number of events each group's history keeps.
-pub const DEFAULT_HISTORY_SIZE: usize = 1000;
-/// Default time without publishes after which a group's history (and position) expires.
-pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(600);
-/// Default time within which a second publish under the same idempotency key is a duplicate.
-pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
-/// Longest idempotency key, in bytes; keys are printable ASCII.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 
 /// How a [`Publisher`] reaches Redis. Build it with [`PublisherConfig::new`] and adjust fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,7 +324,8 @@ impl Publisher {
     ///
     /// # Errors
     /// As [`Publisher::publish`]; also [`PublishError::Invalid`] when `key` is empty, longer
-    /// than [`MAX_IDEMPOTENCY_KEY_LEN`] bytes or not printable ASCII.
+    /// than [`MAX_IDEMPOTENCY_KEY_LEN`](crate::contract::MAX_IDEMPOTENCY_KEY_LEN) bytes or not
+    /// printable ASCII without spaces ([`check_idempotency_key`]).
     ///
     /// # Cancel safety
     /// As [`Publisher::publish`].
@@ -364,7 +358,7 @@ impl Publisher {
         groups: Vec<Group>,
         key: &str,
     ) -> Result<PublishReceipt, PublishError> {
-        check_key(key).map_err(PublishError::Invalid)?;
+        check_idempotency_key(key).map_err(PublishError::Invalid)?;
         let id = Uuid::new_v4();
         let envelope = Envelope::encode(id, kind, now_micros(), json);
         let limits = self.limits;
@@ -495,26 +489,6 @@ impl fmt::Debug for Publisher {
             .field("target", &self.connection.target)
             .finish_non_exhaustive()
     }
-}
-
-/// Refuses an idempotency key that is empty, too long or not printable ASCII.
-pub(crate) fn check_key(key: &str) -> Result<(), ValidationError> {
-    let reason = if key.is_empty() {
-        "is empty".to_owned()
-    } else if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        format!(
-            "is {} bytes; at most {MAX_IDEMPOTENCY_KEY_LEN} are allowed",
-            key.len()
-        )
-    } else if !key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
-        "must be printable ASCII".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(ValidationError::Field {
-        field: "idempotencyKey".to_owned(),
-        reason: format!("the idempotency key {reason}"),
-    })
 }
 
 fn now_micros() -> u64 {

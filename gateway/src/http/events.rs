@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use publisher_lib::contract::{Event, ValidationError};
+use publisher_lib::contract::{self, Event, ValidationError};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
@@ -65,12 +65,15 @@ pub async fn publish(
     };
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => event.unique_id(),
-        Some(Ok(key)) if valid_key(key) => key.to_owned(),
+        Some(Ok(key)) if contract::check_idempotency_key(key).is_ok() => key.to_owned(),
         Some(_) => {
             metrics::event_rejected("bad_idempotency_key");
             return error(
                 StatusCode::BAD_REQUEST,
-                "Idempotency-Key must be 1 to 200 printable ASCII characters without spaces",
+                &format!(
+                    "Idempotency-Key must be 1 to {} printable ASCII characters without spaces",
+                    contract::MAX_IDEMPOTENCY_KEY_LEN
+                ),
             );
         }
     };
@@ -105,11 +108,6 @@ pub async fn publish(
         })),
     )
         .into_response()
-}
-
-/// An idempotency key the Redis contract accepts: 1 to 200 printable ASCII characters.
-fn valid_key(key: &str) -> bool {
-    (1..=200).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// 429 with `Retry-After`, in the endpoint's JSON shape, naming the limit.

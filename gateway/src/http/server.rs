@@ -1,5 +1,6 @@
-//! The public listener's accept loop: hyper with a timer, so slow and idle HTTP clients are
-//! closed, and a cap on connections that have not sent a request head yet.
+//! The listeners' servers. The public listener's accept loop is hyper with a timer, so slow and
+//! idle HTTP clients are closed, and a cap on connections that have not sent a request head yet;
+//! the admin listener ([`serve_admin`]) is axum's own server.
 //!
 //! axum's own `serve` sets no timer, which leaves hyper's header-read timeout off: a client
 //! could hold thousands of half-sent requests. Here every connection must send a full request
@@ -136,6 +137,22 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// Serves the admin router on `listener` until `stop` is cancelled, then lets the requests in
+/// progress finish. axum's own server is enough here: the admin listener is loopback unless
+/// configured otherwise and answers three cheap routes to probes and Prometheus.
+///
+/// # Errors
+/// When serving fails.
+pub async fn serve_admin(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
 }
 
 /// Accept errors that concern one connection only (it was reset before we took it).

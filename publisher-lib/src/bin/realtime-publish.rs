@@ -50,7 +50,7 @@ struct Cli {
     redis_ca_file: Option<std::path::PathBuf>,
 
     /// Channel prefix the gateways subscribe under (with --redis-url).
-    #[arg(long, default_value = DEFAULT_PREFIX, requires = "redis_url")]
+    #[arg(long, default_value = DEFAULT_PREFIX, requires = "redis_url", value_parser = prefix)]
     prefix: String,
 
     /// Publish through this gateway's POST /api/v1/events, e.g. http://127.0.0.1:8080.
@@ -260,4 +260,11 @@ fn chain(error: &dyn std::error::Error) -> String {
 fn fail(code: u8, message: &str) -> ExitCode {
     eprintln!("realtime-publish: {message}");
     ExitCode::from(code)
+}
+
+/// A channel prefix the contract accepts ([`publisher_lib::contract::check_prefix`]).
+fn prefix(text: &str) -> Result<String, String> {
+    publisher_lib::contract::check_prefix(text)
+        .map(|()| text.to_owned())
+        .map_err(|rule| format!("the prefix {rule}"))
 }

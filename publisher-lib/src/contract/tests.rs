@@ -335,3 +335,44 @@ fn a_groups_channel_is_a_cluster_hash_tag_and_reads_back() {
     assert_eq!(Group::from_channel("rt:", "other:{/dispatch/west}"), None);
     assert_eq!(Group::from_channel("rt:", "rt:{/admin/x}"), None);
 }
+
+#[test]
+fn idempotency_keys_are_short_printable_ascii_without_spaces() {
+    let longest = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN);
+    let too_long = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1);
+    for (key, expected) in [
+        ("order-42:assigned", Ok(())),
+        ("~!#$%", Ok(())),
+        (longest.as_str(), Ok(())),
+        ("", Err("the idempotency key is empty")),
+        (
+            too_long.as_str(),
+            Err("the idempotency key is 201 bytes; at most 200 are allowed"),
+        ),
+        (
+            "has space",
+            Err("the idempotency key must be printable ASCII without spaces"),
+        ),
+        (
+            "tab\there",
+            Err("the idempotency key must be printable ASCII without spaces"),
+        ),
+        (
+            "é",
+            Err("the idempotency key must be printable ASCII without spaces"),
+        ),
+    ] {
+        let got = check_idempotency_key(key).map_err(|e| e.to_string());
+        let expected = expected.map_err(|reason| format!("field `idempotencyKey`: {reason}"));
+        assert_eq!(got, expected, "for {key:?}");
+    }
+}
+
+#[test]
+fn a_prefix_may_not_contain_hash_tag_braces() {
+    assert_eq!(check_prefix(DEFAULT_PREFIX), Ok(()));
+    assert_eq!(check_prefix("staging:rt:"), Ok(()));
+    for prefix in ["rt{", "}rt:", "{x}:"] {
+        assert!(check_prefix(prefix).is_err(), "for {prefix:?}");
+    }
+}

@@ -270,11 +270,11 @@ async fn the_same_key_twice_is_appended_and_delivered_once() {
     let event = recommendation("west");
 
     let first = publisher
-        .publish_with_key(&event, "retry me")
+        .publish_with_key(&event, "retry-me")
         .await
         .unwrap();
     let second = publisher
-        .publish_with_key(&event, "retry me")
+        .publish_with_key(&event, "retry-me")
         .await
         .unwrap();
 
