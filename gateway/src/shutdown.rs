@@ -191,8 +191,3 @@ async fn close_spread(queues: Vec<Outbound>, over: Duration) {
             queue.close(Closing::Shutdown);
         }
     }
-}
-
-#[cfg(test)]
-#[path = "shutdown_tests.rs"]
-mod tests;
