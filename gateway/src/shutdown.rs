@@ -191,3 +191,4 @@ async fn close_spread(queues: Vec<Outbound>, over: Duration) {
             queue.close(Closing::Shutdown);
         }
     }
+}
