@@ -1,5 +1,7 @@
 //! Architecture rules checked on the source text: the pure core names no runtime, web
-//! framework or broker, and metric names live in one file.
+//! framework or broker, metric names live in one file, only `http/` names axum, only the binary
+//! reads process state, only `keys` reads files, and the tasks spawned outside a tracker are the
+//! known short ones.
 
 use std::path::{Path, PathBuf};
 
@@ -99,4 +101,75 @@ fn metric_names_appear_only_in_metrics_rs() {
         "metric names belong in gateway/src/metrics.rs only:\n{}",
         offences.join("\n")
     );
+}
+
+/// The gateway's non-test source files, relative to `gateway/src`, with their text.
+fn gateway_sources() -> Vec<(String, String)> {
+    let src = workspace_root().join("gateway/src");
+    let sources: Vec<_> = rust_files(&src)
+        .into_iter()
+        .map(|file| {
+            let name = file.strip_prefix(&src).unwrap().display().to_string();
+            (name, read(&file))
+        })
+        .filter(|(name, _)| !name.ends_with("tests.rs") && !name.contains("/tests/"))
+        .collect();
+    assert!(
+        sources.iter().any(|(name, _)| name == "lib.rs"),
+        "gateway/src/lib.rs not found"
+    );
+    sources
+}
+
+/// Fails, naming `rule` and each offending line, when a code line of the gateway outside the
+/// files `allowed` accepts contains any of `patterns`.
+fn assert_named_only_where_allowed(patterns: &[&str], allowed: impl Fn(&str) -> bool, rule: &str) {
+    let mut offences = Vec::new();
+    for (name, text) in gateway_sources().iter().filter(|(name, _)| !allowed(name)) {
+        for (number, line) in code_lines(text) {
+            if let Some(pattern) = patterns.iter().find(|p| line.contains(*p)) {
+                offences.push(format!(
+                    "gateway/src/{name}:{number}: `{pattern}` in `{}`",
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(offences.is_empty(), "{rule}:\n{}", offences.join("\n"));
+}
+
+/// Where the gateway may name what: (patterns, the files allowed to, the rule).
+type Boundary = (&'static [&'static str], fn(&str) -> bool, &'static str);
+
+const BOUNDARIES: &[Boundary] = &[
+    (
+        &["axum::", "use axum"],
+        |name| name.starts_with("http/"),
+        "axum belongs in gateway/src/http/ only",
+    ),
+    (
+        &["std::env", "env::var", "available_parallelism"],
+        |name| name == "main.rs",
+        "the environment and the machine are read by main.rs only (config reads GATEWAY_* through clap)",
+    ),
+    (
+        &["std::fs", "tokio::fs", "File::open"],
+        |name| name == "keys.rs",
+        "key files are read in gateway/src/keys.rs only",
+    ),
+    // lib.rs holds the servers' and the drain's handles and awaits them; groups/mod.rs
+    // (`leave_now`'s unsubscribe request) and broker/redis.rs (readiness probe, gap-repair
+    // reads) spawn short tasks that end on their own (gateway/src/shutdown.rs lists them).
+    (
+        &["tokio::spawn", "runtime.spawn", "task::spawn"],
+        |name| matches!(name, "lib.rs" | "groups/mod.rs" | "broker/redis.rs"),
+        "spawn through a tracker (`Shutdown::connections`/`background`), or list the task in gateway/src/shutdown.rs and here",
+    ),
+];
+
+#[test]
+fn axum_process_state_files_and_untracked_tasks_stay_where_they_belong() {
+    for (patterns, allowed, rule) in BOUNDARIES {
+        assert_named_only_where_allowed(patterns, allowed, rule);
+    }
 }
