@@ -192,3 +192,7 @@ async fn close_spread(queues: Vec<Outbound>, over: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "shutdown_tests.rs"]
+mod tests;
