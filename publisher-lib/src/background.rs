@@ -11,9 +11,9 @@
 
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backoff::Backoff;
 use crate::contract::check_idempotency_key;
 use crate::contract::{Event, ValidationError};
 use crate::publisher::Publisher;
@@ -233,14 +233,13 @@ async fn publish_with_retries(
     key: &str,
 ) {
     let max_attempts = config.max_attempts.max(1);
-    let mut backoff = config.initial_backoff;
+    let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
     for attempt in 1..=max_attempts {
         match publisher.publish_with_key(event, key).await {
             Ok(_) => return,
             Err(error) if error.is_transient() && attempt < max_attempts => {
                 tracing::debug!(%key, attempt, error = %error, "publish failed; retrying");
-                tokio::time::sleep(jittered(backoff)).await;
-                backoff = backoff.saturating_mul(2).min(config.max_backoff);
+                backoff.wait().await;
             }
             Err(error) => {
                 count_drop("gave_up");
@@ -249,14 +248,6 @@ async fn publish_with_retries(
             }
         }
     }
-}
-
-/// Equal jitter: half the delay fixed, the other half random, so retries of many publishers
-/// spread out without ever retrying at once.
-fn jittered(delay: Duration) -> Duration {
-    let half = delay / 2;
-    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-    half + Duration::from_nanos(rand::rng().random_range(0..=nanos))
 }
 
 fn count_drop(reason: &'static str) {

@@ -50,6 +50,8 @@
 
 #[cfg(feature = "redis")]
 mod background;
+#[cfg(feature = "redis")]
+pub mod backoff;
 pub mod contract;
 #[cfg(feature = "redis")]
 mod history;

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
+use publisher_lib::backoff::Backoff;
 use publisher_lib::contract::{Envelope, EventKind, Group, Position};
 use publisher_lib::target::RedisTarget;
 use publisher_lib::{PublishError, Publisher, PublisherConfig};
@@ -53,9 +54,9 @@ const RESUBSCRIBE_BATCH: usize = 1000;
 /// (growing to five units): about 40 s in all, longer than a Redis restart with a loaded AOF.
 const REPAIR_ATTEMPTS: u32 = 40;
 const REPAIR_RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// First and longest pause between reconnection attempts.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// First and longest pause between reconnection attempts (each drawn from its second half).
+const BACKOFF_MIN: Duration = Duration::from_millis(150);
+const BACKOFF_MAX: Duration = Duration::from_millis(750);
 
 /// Where the Redis broker connects and how.
 #[derive(Debug, Clone)]
@@ -263,7 +264,7 @@ impl Supervisor {
         mut requests: SubscriptionRequests,
         mut repairs: mpsc::UnboundedReceiver<Repair>,
     ) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut down_since: Option<Instant> = None;
         loop {
             match self
@@ -271,7 +272,7 @@ impl Supervisor {
                 .await
             {
                 Session::Stopped => return,
-                Session::Lost => backoff = BACKOFF_MIN,
+                Session::Lost => backoff.reset(),
                 Session::Failed => {}
             }
             self.set_healthy(false);
@@ -279,7 +280,7 @@ impl Supervisor {
             metrics::broker_reconnect_attempt();
             // Wait before retrying, answering joins meanwhile: they fail at once so the client
             // hears about it, and the group is subscribed with the others on reconnect.
-            let wait = tokio::time::sleep(jitter(backoff));
+            let wait = backoff.wait();
             tokio::pin!(wait);
             loop {
                 tokio::select! {
@@ -298,7 +299,6 @@ impl Supervisor {
                 down_ms = since.elapsed().as_millis() as u64,
                 "redis unavailable; reconnecting"
             );
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -667,11 +667,6 @@ enum Session {
     Lost,
     /// It could not connect or subscribe: back off further.
     Failed,
-}
-
-/// `base` plus up to half of it again, so replicas do not reconnect in step.
-fn jitter(base: Duration) -> Duration {
-    base + base.mul_f64(rand::random::<f64>() * 0.5)
 }
 
 /// SUBSCRIBEs `channels`, bounded in time.
