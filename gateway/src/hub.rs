@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::auth::Principal;
 use crate::auth::policy::{self, JoinRefused};
 use crate::protocol::codec::Invocation;
+use crate::protocol::frames;
 
 /// What a connection must do for one invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,9 +93,7 @@ pub enum HubError {
         got: usize,
     },
     /// The join rules refused the call.
-    #[error(
-        "An unexpected error occurred invoking '{method}' on the server. HubException: {reason}"
-    )]
+    #[error("{}", frames::hub_exception(method, reason))]
     Refused {
         /// The method's canonical name.
         method: &'static str,

@@ -10,7 +10,7 @@
 //! queue goes from empty to non-empty, and the lock is held for a push or a pop, never across an
 //! await.
 //!
-//! Direct writes: once the connection has attached its socket's write side ([`Wire`]), a push
+//! Direct writes: once the connection has attached a writer handle ([`Wire`]), a push
 //! that finds nothing queued and the connection task not writing writes the frame to the socket
 //! at once, without waking the task. Only what the socket does not take (it would block, or took
 //! part) is queued for the task. The decision is made under the queue's lock, so frames never
@@ -27,17 +27,18 @@ use bytes::Bytes;
 /// Queue capacity kept after a burst drains; larger buffers are released.
 const RETAINED_CAPACITY: usize = 16;
 
-/// One encoded SignalR record, shared by every recipient of a publication.
+/// Bytes ready for the socket (a whole WebSocket frame, or what is left of one), shared by
+/// every recipient of a publication. The queue never looks inside.
 #[derive(Debug, Clone)]
 pub struct Frame(Arc<Bytes>);
 
 impl Frame {
-    /// Wraps encoded record bytes.
+    /// Wraps bytes to write as they are.
     pub fn new(bytes: Bytes) -> Self {
         Self(Arc::new(bytes))
     }
 
-    /// The record bytes (a cheap reference-counted clone).
+    /// The bytes (a cheap reference-counted clone).
     pub fn bytes(&self) -> Bytes {
         Bytes::clone(&self.0)
     }
@@ -48,7 +49,9 @@ impl Frame {
     }
 }
 
-/// The write side of a connection's socket, usable from any task without waiting.
+/// A writer handle the connection injects so fan-out can write to its socket without waiting
+/// (the direct-write path); the queue knows no socket type. `connection::socket` implements it
+/// for TCP and Unix streams, tests for scripted writers.
 pub trait Wire: Send + Sync + std::fmt::Debug + 'static {
     /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
     ///
@@ -64,34 +67,6 @@ pub trait Wire: Send + Sync + std::fmt::Debug + 'static {
 
     /// Ready once the socket may take more bytes.
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-}
-
-impl Wire for tokio::net::tcp::OwnedWriteHalf {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
-    }
-
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        tokio::net::tcp::OwnedWriteHalf::try_write_vectored(self, bufs)
-    }
-
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.as_ref().poll_write_ready(cx)
-    }
-}
-
-impl Wire for tokio::net::unix::OwnedWriteHalf {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        tokio::net::unix::OwnedWriteHalf::try_write(self, buf)
-    }
-
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        tokio::net::unix::OwnedWriteHalf::try_write_vectored(self, bufs)
-    }
-
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.as_ref().poll_write_ready(cx)
-    }
 }
 
 /// Why the gateway wants a connection closed.

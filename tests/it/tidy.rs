@@ -173,3 +173,29 @@ fn axum_process_state_files_and_untracked_tasks_stay_where_they_belong() {
         assert_named_only_where_allowed(patterns, allowed, rule);
     }
 }
+
+/// Who may frame, encode and spell what clients read.
+const WIRE_BOUNDARIES: &[Boundary] = &[
+    (
+        &["ws_frame", "websocket::", "codec", "tokio::net"],
+        |name| !(name.starts_with("groups/") || name.starts_with("broker/") || name == "outbound.rs"),
+        "groups, broker and outbound hand on frames that protocol built: they neither frame nor encode, and the queue names no socket",
+    ),
+    (
+        &["json!"],
+        |name| name.starts_with("protocol/") || name.starts_with("http/"),
+        "what clients read is written by gateway/src/protocol (and HTTP answers by http/)",
+    ),
+    (
+        &["An unexpected error occurred invoking"],
+        |name| name.starts_with("protocol/"),
+        "ASP.NET Core's wording of a refused invocation is protocol::frames::hub_exception",
+    ),
+];
+
+#[test]
+fn protocol_alone_frames_encodes_and_words_what_clients_read() {
+    for (patterns, allowed, rule) in WIRE_BOUNDARIES {
+        assert_named_only_where_allowed(patterns, allowed, rule);
+    }
+}

@@ -29,6 +29,7 @@ use crate::hub::{self, Outcome};
 use crate::metrics;
 use crate::outbound::{self, Closing, Delivery, Frame, Inbox, Outbound};
 use crate::protocol::codec::{self, Message};
+use crate::protocol::frames;
 use crate::protocol::handshake::{self, HandshakeError};
 use crate::protocol::{CloseReason, ProtocolError, RecordBuffer};
 use ws_frame::server::Incoming;
@@ -364,11 +365,8 @@ impl Connection {
             let Some(id) = action.invocation_id else {
                 return Ok(());
             };
-            let error = format!(
-                "An unexpected error occurred invoking '{}' on the server. HubException: {reason}",
-                invocation.target
-            );
-            let completion = codec::encode_completion(&id, Some(&error));
+            let error = frames::hub_exception(&invocation.target, reason);
+            let completion = frames::error_completion(&id, &error);
             return send(socket, inbox, &completion, self.settings.write_timeout)
                 .await
                 .map_err(CloseReason::from);
@@ -404,9 +402,12 @@ impl Connection {
         let Some(id) = action.invocation_id else {
             return Ok(());
         };
-        let completion = match result {
-            Some(result) => codec::encode_completion_result(&id, &result),
-            None => codec::encode_completion(&id, error.as_deref()),
+        let completion = match (result, error) {
+            (Some(joined), _) => {
+                frames::join_completion(&id, &joined.group, &joined.head, joined.recovered)
+            }
+            (None, Some(error)) => frames::error_completion(&id, &error),
+            (None, None) => frames::ok_completion(&id),
         };
         send(socket, inbox, &completion, self.settings.write_timeout)
             .await
@@ -462,7 +463,7 @@ impl Connection {
         after: Option<Position>,
         outbound: &Outbound,
         joined: &mut Vec<Membership>,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<Joined, String> {
         let member = joined.iter().position(|m| m.group == group);
         let already = member.is_some();
         // One resume per group at a time: reading the history again for a client that has not
@@ -472,16 +473,15 @@ impl Connection {
             && outbound.taken() < joined[at].resumed_through
         {
             metrics::join("resume_pending");
-            return Err(format!(
-                "An unexpected error occurred invoking '{method}' on the server. HubException: {RESUME_PENDING}"
-            ));
+            return Err(frames::hub_exception(method, RESUME_PENDING));
         }
         if !already && joined.len() >= self.settings.max_groups {
             metrics::join("too_many_groups");
-            return Err(format!(
-                "An unexpected error occurred invoking '{method}' on the server. HubException: this connection is already in {} groups, the limit",
+            let reason = format!(
+                "this connection is already in {} groups, the limit",
                 joined.len()
-            ));
+            );
+            return Err(frames::hub_exception(method, reason));
         }
         if !already {
             // Listed before the first await, so a task cut short mid-join still leaves it.
@@ -531,15 +531,11 @@ impl Connection {
                 };
                 metrics::join(outcome);
                 tracing::debug!(%group, missed = history.missed.len(), outcome, "joined");
-                let mut result = serde_json::json!({
-                    "group": group.name(),
-                    "epoch": history.head.epoch,
-                    "seq": history.head.seq,
-                });
-                if let Some(recovered) = history.recovered {
-                    result["recovered"] = serde_json::Value::Bool(recovered);
-                }
-                Ok(result)
+                Ok(Joined {
+                    group,
+                    head: history.head,
+                    recovered: history.recovered,
+                })
             }
             Err(e) => {
                 if !already {
@@ -550,12 +546,18 @@ impl Connection {
                 // The broker's text can name Redis hosts or carry its error replies: it is for
                 // the log, and the client only learns that it may try again.
                 tracing::warn!(%group, error = %e, "join failed: broker unavailable");
-                Err(format!(
-                    "An unexpected error occurred invoking '{method}' on the server. HubException: {GROUP_UNAVAILABLE}"
-                ))
+                Err(frames::hub_exception(method, GROUP_UNAVAILABLE))
             }
         }
     }
+}
+
+/// A join that succeeded: what its completion tells the client.
+#[derive(Debug)]
+struct Joined {
+    group: Group,
+    head: Position,
+    recovered: Option<bool>,
 }
 
 /// A group the connection is in.

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
 use crate::outbound::{Closing, Frame, Outbound, OverBudget, Rejected, WriteMode};
-use crate::protocol::codec;
+use crate::protocol::frames;
 
 /// Largest group whose publications are written straight to idle members' sockets.
 pub const MAX_DIRECT_WRITE_MEMBERS: usize = 256;
@@ -472,19 +472,12 @@ impl Fanout for Groups {
 
 /// A publication's WebSocket frame: the event untouched, then its position when it has one.
 fn event_frame(publication: &Publication) -> Frame {
-    let position = publication.position.as_ref().map(|p| {
-        serde_json::to_vec(&serde_json::json!({
-            "group": publication.group.name(),
-            "epoch": p.epoch,
-            "seq": p.seq,
-        }))
-        .unwrap_or_default()
-    });
-    Frame::new(ws_frame::server::text_frame(&codec::encode_invocation(
-        publication.kind.name(),
+    Frame::new(frames::event_frame(
+        &publication.group,
+        publication.kind,
         &publication.payload,
-        position.as_deref(),
-    )))
+        publication.position.as_ref(),
+    ))
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use super::{AppState, bearer};
 use crate::limits::Refusal;
 use crate::metrics;
+use crate::protocol::frames;
 
 /// What a publisher is told when the broker fails; the detail is logged, never sent.
 pub const UNAVAILABLE: &str = "unavailable";
@@ -96,7 +97,7 @@ pub async fn publish(
     let names: Vec<&str> = groups.iter().map(|g| g.name()).collect();
     let positions: Vec<_> = published
         .iter()
-        .map(|p| json!({"group": p.group.name(), "epoch": p.position.epoch, "seq": p.position.seq}))
+        .map(|p| frames::position_value(&p.group, &p.position))
         .collect();
     (
         StatusCode::ACCEPTED,

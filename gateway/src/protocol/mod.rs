@@ -7,10 +7,12 @@
 
 pub mod close;
 pub mod codec;
+pub mod frames;
 pub mod handshake;
 
 pub use close::CloseReason;
 pub use codec::{Message, ProtocolError, RecordBuffer};
+pub use frames::{GroupPosition, JoinResult};
 
 /// The byte that ends every record of the JSON hub protocol.
 pub const RECORD_SEPARATOR: char = '\u{1e}';

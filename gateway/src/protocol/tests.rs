@@ -490,6 +490,94 @@ mod encode {
     }
 }
 
+mod frames {
+    use publisher_lib::contract::{EventKind, Group, Position};
+    use serde_json::json;
+
+    use super::parse_record;
+    use crate::protocol::frames::{
+        error_completion, event_frame, hub_exception, join_completion, ok_completion,
+        position_value,
+    };
+
+    fn west() -> Group {
+        Group::try_dispatch("west").unwrap()
+    }
+
+    fn at(seq: u64) -> Position {
+        Position {
+            epoch: "e1".to_owned(),
+            seq,
+        }
+    }
+
+    /// The text of a server text frame (unmasked, so the payload follows a short header).
+    fn frame_text(frame: &[u8]) -> &str {
+        assert_eq!(frame[0], 0x81, "a final text frame");
+        let (len, start) = match frame[1] {
+            126 => (usize::from(u16::from_be_bytes([frame[2], frame[3]])), 4),
+            127 => panic!("no test frame is that long"),
+            n => (usize::from(n), 2),
+        };
+        assert_eq!(frame.len(), start + len);
+        std::str::from_utf8(&frame[start..]).unwrap()
+    }
+
+    #[test]
+    fn an_event_frame_carries_the_payload_untouched_and_its_position_second() {
+        let frame = event_frame(
+            &west(),
+            EventKind::JobAssigned,
+            b"{ \"a\" :1}",
+            Some(&at(42)),
+        );
+        assert_eq!(
+            frame_text(&frame),
+            "{\"type\":1,\"target\":\"JobAssigned\",\"arguments\":[{ \"a\" :1},{\"epoch\":\"e1\",\"group\":\"/dispatch/west\",\"seq\":42}]}\u{1e}"
+        );
+        let unpositioned = event_frame(&west(), EventKind::JobAssigned, b"{}", None);
+        assert_eq!(
+            frame_text(&unpositioned),
+            "{\"type\":1,\"target\":\"JobAssigned\",\"arguments\":[{}]}\u{1e}"
+        );
+    }
+
+    #[test]
+    fn a_join_completes_with_the_head_and_recovered_only_for_a_resume() {
+        assert_eq!(
+            parse_record(&join_completion("7", &west(), &at(3), None)),
+            json!({"type": 3, "invocationId": "7",
+                   "result": {"group": "/dispatch/west", "epoch": "e1", "seq": 3}})
+        );
+        assert_eq!(
+            parse_record(&join_completion("8", &west(), &at(0), Some(false))),
+            json!({"type": 3, "invocationId": "8",
+                   "result": {"group": "/dispatch/west", "epoch": "e1", "seq": 0, "recovered": false}})
+        );
+    }
+
+    #[test]
+    fn positions_errors_and_plain_completions_have_one_spelling() {
+        assert_eq!(
+            position_value(&west(), &at(9)),
+            json!({"group": "/dispatch/west", "epoch": "e1", "seq": 9})
+        );
+        let error = hub_exception("JoinDispatchGroup", "too many joins; slow down");
+        assert_eq!(
+            error,
+            "An unexpected error occurred invoking 'JoinDispatchGroup' on the server. HubException: too many joins; slow down"
+        );
+        assert_eq!(
+            parse_record(&error_completion("1", &error)),
+            json!({"type": 3, "invocationId": "1", "error": error})
+        );
+        assert_eq!(
+            parse_record(&ok_completion("2")),
+            json!({"type": 3, "invocationId": "2"})
+        );
+    }
+}
+
 mod handshake {
     use serde_json::json;
 
