@@ -11,6 +11,7 @@
 pub mod history;
 pub mod memory;
 pub mod redis;
+mod repair;
 mod sequencer;
 
 use std::sync::Arc;

@@ -10,8 +10,11 @@
 //! a real round trip: every probe interval the broker PUBLISHes to its health channel and expects
 //! to receive it back. Publishing (HTTP events, probes) goes through `publisher_lib::Publisher`,
 //! the same code every backend uses. Messages are envelopes (`publisher_lib::contract::Envelope`);
-//! the event bytes inside reach fan-out untouched. Events published while the subscriber was away
-//! are lost here (counted as reconnects and outage time); the recovery work adds sequence numbers.
+//! the event bytes inside reach fan-out untouched. Each group's order is kept by
+//! [`super::repair::Cursors`]: a message that reveals a gap (or a reconnect: events published
+//! while the subscriber was away are in the history) is held while the history after the
+//! replica's cursor is read, so fan-out still gets each event once and in order. This file
+//! keeps only the connection: subscribing, reconnecting, probing, decoding.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,8 +31,9 @@ use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::sequencer::Sequencer;
+use super::repair::{CursorReader, Cursors, Reading, RepairResults};
 use super::{
     BrokerError, Fanout, History, HistorySettings, Publication, Published, SubscriptionRequest,
     SubscriptionRequests,
@@ -50,10 +54,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const SUBSCRIBE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 1000;
-/// How often a failed history read for a gap is tried again, and the pause unit between tries
-/// (growing to five units): about 40 s in all, longer than a Redis restart with a loaded AOF.
-const REPAIR_ATTEMPTS: u32 = 40;
-const REPAIR_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// First and longest pause between reconnection attempts (each drawn from its second half).
 const BACKOFF_MIN: Duration = Duration::from_millis(150);
 const BACKOFF_MAX: Duration = Duration::from_millis(750);
@@ -125,21 +125,20 @@ impl RedisBroker {
             prefix: Arc::from(settings.prefix.as_str()),
             healthy: Arc::new(AtomicBool::new(false)),
         };
-        let (repairs_tx, repairs_rx) = mpsc::unbounded_channel();
+        let (cursors, repairs) = Cursors::new(fanout, Arc::new(broker.clone()), shutdown);
         let supervisor = Supervisor {
             broker: broker.clone(),
-            fanout,
             health_channel: format!("{}health:{}", settings.prefix, uuid::Uuid::new_v4()),
             desired: HashMap::new(),
-            cursors: HashMap::new(),
-            repairs: repairs_tx,
+            cursors,
+            tasks: shutdown.background().clone(),
             buffer: settings.subscriber_buffer.max(1),
             dropped: Arc::new(AtomicU64::new(0)),
             stop: shutdown.background_token().clone(),
         };
         shutdown
             .background()
-            .spawn(supervisor.run(requests, repairs_rx));
+            .spawn(supervisor.run(requests, repairs));
         Ok(broker)
     }
 
@@ -208,6 +207,13 @@ impl RedisBroker {
     }
 }
 
+impl CursorReader for RedisBroker {
+    fn read_after_cursor(&self, group: Group, cursor: Position) -> Reading {
+        let broker = self.clone();
+        Box::pin(async move { broker.read_history_after_cursor(&group, &cursor).await })
+    }
+}
+
 /// A history read from Redis as the broker hands it on: envelopes decoded (a malformed one is
 /// counted and skipped), errors described.
 fn history(
@@ -243,14 +249,13 @@ fn describe(error: &PublishError) -> String {
 /// The task that owns the subscriber connection.
 struct Supervisor {
     broker: RedisBroker,
-    fanout: Arc<dyn Fanout>,
     health_channel: String,
     /// Every group this replica wants, with the generation that asked for it.
     desired: HashMap<Group, u64>,
     /// Where each subscribed group's delivery stands, and what waits behind a repair.
-    cursors: HashMap<Group, Sequencer>,
-    /// Where repair tasks send the history they read.
-    repairs: mpsc::UnboundedSender<Repair>,
+    cursors: Cursors,
+    /// Tracks the probes it sends.
+    tasks: TaskTracker,
     /// Capacity of the message buffer between the connection and fan-out.
     buffer: usize,
     /// Messages dropped because the buffer was full, since start.
@@ -259,11 +264,7 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn run(
-        mut self,
-        mut requests: SubscriptionRequests,
-        mut repairs: mpsc::UnboundedReceiver<Repair>,
-    ) {
+    async fn run(mut self, mut requests: SubscriptionRequests, mut repairs: RepairResults) {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut down_since: Option<Instant> = None;
         loop {
@@ -339,7 +340,7 @@ impl Supervisor {
     async fn session(
         &mut self,
         requests: &mut SubscriptionRequests,
-        repairs: &mut mpsc::UnboundedReceiver<Repair>,
+        repairs: &mut RepairResults,
         down_since: &mut Option<Instant>,
     ) -> Session {
         let (mut connection, mut messages) = tokio::select! {
@@ -372,14 +373,7 @@ impl Supervisor {
             );
             // What was published meanwhile is in the history: fill every group's gap before
             // delivering further.
-            let behind: Vec<(Group, Position)> = self
-                .cursors
-                .iter_mut()
-                .filter_map(|(group, sequencer)| Some((group.clone(), sequencer.reconnected()?)))
-                .collect();
-            for (group, after) in behind {
-                self.read_for_repair(group, after, 0);
-            }
+            self.cursors.reconnected();
         }
         let mut probe = tokio::time::interval(PROBE_INTERVAL_UNHEALTHY);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -406,7 +400,7 @@ impl Supervisor {
                         self.deliver(channel, payload);
                     }
                 }
-                Some(repair) = repairs.recv() => self.finish_repair(repair),
+                Some(repair) = repairs.recv() => self.cursors.finish(repair),
                 request = requests.recv() => {
                     let Some(request) = request else {
                         return Session::Stopped;
@@ -471,7 +465,7 @@ impl Supervisor {
                     flush_subscribes(connection, &mut channels, &mut acks).await?;
                     if self.desired.get(&group) == Some(&generation) {
                         self.desired.remove(&group);
-                        self.cursors.remove(&group);
+                        self.cursors.forget(&group);
                         let channel = group.channel(&self.broker.prefix);
                         let _ = timeout(SUBSCRIBE_COMMAND_TIMEOUT, connection.unsubscribe(channel))
                             .await;
@@ -496,7 +490,7 @@ impl Supervisor {
             SubscriptionRequest::Unsubscribe { group, generation } => {
                 if self.desired.get(&group) == Some(&generation) {
                     self.desired.remove(&group);
-                    self.cursors.remove(&group);
+                    self.cursors.forget(&group);
                 }
             }
         }
@@ -507,8 +501,12 @@ impl Supervisor {
         let publisher = self.broker.publisher.clone();
         let channel = self.health_channel.clone();
         // A probe that cannot be sent simply never comes back, which is what readiness measures.
-        tokio::spawn(async move {
-            let _ = publisher.publish_raw(&channel, b"probe").await;
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = publisher.publish_raw(&channel, b"probe") => {}
+            }
         });
     }
 
@@ -533,91 +531,10 @@ impl Supervisor {
         }
     }
 
-    /// Delivers a group's publications in order, once, through its [`Sequencer`]: a repeat is
-    /// dropped, a gap is filled from the history before anything after it is delivered.
+    /// Hands a publication of a wanted group to its group's order (see [`Cursors::live`]).
     fn sequence(&mut self, publication: Publication) {
-        if !self.desired.contains_key(&publication.group) {
-            return;
-        }
-        // Looked up before inserting: no clone of the group on the per-message path.
-        if !self.cursors.contains_key(&publication.group) {
-            self.cursors
-                .insert(publication.group.clone(), Sequencer::default());
-        }
-        let Some(sequencer) = self.cursors.get_mut(&publication.group) else {
-            return;
-        };
-        let fanout = &self.fanout;
-        let Some(after) = sequencer.live(publication, &mut |p| fanout.fan_out(p)) else {
-            return;
-        };
-        // A gap: the publication now waits in the sequencer, which names its group (cloned
-        // only here, not per message).
-        if let Some(group) = sequencer.held_group().cloned() {
-            self.read_for_repair(group, after, 0);
-        }
-    }
-
-    /// Reads `group`'s history after `after` in the background (after a pause when retrying).
-    fn read_for_repair(&self, group: Group, after: Position, attempt: u32) {
-        let broker = self.broker.clone();
-        let repairs = self.repairs.clone();
-        tokio::spawn(async move {
-            if attempt > 0 {
-                tokio::time::sleep(REPAIR_RETRY_PAUSE * attempt.min(5)).await;
-            }
-            let history = broker.read_history_after_cursor(&group, &after).await;
-            let _ = repairs.send(Repair {
-                group,
-                after,
-                attempt,
-                history,
-            });
-        });
-    }
-
-    /// Hands the history a repair read to the group's sequencer, which delivers what it filled
-    /// and what waited. A read that failed is tried again (Redis may be restarting or loading).
-    fn finish_repair(&mut self, repair: Repair) {
-        let Some(sequencer) = self.cursors.get_mut(&repair.group) else {
-            return;
-        };
-        let fanout = &self.fanout;
-        let mut deliver = |p: &Publication| fanout.fan_out(p);
-        let next = match repair.history {
-            Err(e) if repair.attempt < REPAIR_ATTEMPTS => {
-                tracing::debug!(group = %repair.group, error = %e, "history read failed; retrying");
-                self.read_for_repair(repair.group, repair.after, repair.attempt + 1);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    group = %repair.group,
-                    error = %e,
-                    "a gap in a group's events could not be filled from the history"
-                );
-                sequencer.read_failed(&mut deliver)
-            }
-            Ok(history) => {
-                if history.head.epoch != repair.after.epoch {
-                    tracing::warn!(group = %repair.group, "the group's history restarted under a new epoch");
-                } else if history.recovered == Some(true) {
-                    tracing::info!(
-                        group = %repair.group,
-                        missed = history.missed.len(),
-                        "filled a gap from the history"
-                    );
-                } else {
-                    tracing::warn!(
-                        group = %repair.group,
-                        "a gap in a group's events could not be filled from the history"
-                    );
-                }
-                sequencer.history(&repair.after, history, &mut deliver)
-            }
-        };
-        if let Some(after) = next {
-            self.read_for_repair(repair.group, after, 0);
+        if self.desired.contains_key(&publication.group) {
+            self.cursors.live(publication);
         }
     }
 
@@ -631,17 +548,6 @@ impl Supervisor {
             }
         }
     }
-}
-
-/// The history a repair read for a group.
-#[derive(Debug)]
-struct Repair {
-    group: Group,
-    /// The position it read after.
-    after: Position,
-    /// 0 for the first read, then one more per retry.
-    attempt: u32,
-    history: Result<History, BrokerError>,
 }
 
 /// Decodes a (positioned) envelope received for `group`.
