@@ -24,7 +24,7 @@ pub use socket::Socket;
 use crate::auth::Principal;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::groups::{Admission, ConnId, Groups};
+use crate::groups::{ConnId, Groups};
 use crate::hub::{self, Outcome};
 use crate::metrics;
 use crate::outbound::{self, Closing, Delivery, Frame, Inbox, Outbound};
@@ -454,8 +454,9 @@ impl Connection {
         }
     }
 
-    /// Joins `group` held, reads what the client missed after `after` (and the head), releases
-    /// the missed events before the live ones, and returns the completion's result.
+    /// Joins `group`, resuming after `after` ([`Groups::join_resuming`]), within the
+    /// connection's limits (groups per connection, one resume per group at a time), and
+    /// returns what the completion tells the client.
     async fn join(
         &self,
         method: &str,
@@ -490,57 +491,33 @@ impl Connection {
                 resumed_through: 0,
             });
         }
-        let joining = async {
+        let resuming =
             self.groups
-                .join(self.id, &group, outbound, Admission::Held)
-                .await?;
-            let history = self.broker.read_history(&group, after.as_ref()).await;
-            // Still a member: live again, with whatever was held (no head to cut at).
-            if history.is_err() && already {
-                let nowhere = Position {
-                    epoch: String::new(),
-                    seq: 0,
-                };
-                self.groups.release(self.id, &group, &[], &nowhere);
-            }
-            history
-        };
-        match joining.await {
-            Ok(mut history) => {
-                let released = self
-                    .groups
-                    .release(self.id, &group, &history.missed, &history.head);
-                match released {
-                    Some(through) => {
-                        if let Some(m) = joined.iter_mut().find(|m| m.group == group) {
-                            m.resumed_through = through;
-                        }
-                    }
-                    // The missed events did not fit the connection's budget: the client
-                    // refetches instead, as when the history no longer reaches back.
-                    None if !history.missed.is_empty() => {
-                        metrics::limit_exceeded("backlog_per_connection");
-                        history.recovered = Some(false);
-                    }
-                    None => {}
+                .join_resuming(self.id, &group, outbound, after.as_ref(), &self.broker);
+        match resuming.await {
+            Ok(resumed) => {
+                if let Some(through) = resumed.through
+                    && let Some(m) = joined.iter_mut().find(|m| m.group == group)
+                {
+                    m.resumed_through = through;
                 }
-                let outcome = match history.recovered {
+                let outcome = match resumed.recovered {
                     None => "joined",
                     Some(true) => "recovered",
                     Some(false) => "not_recovered",
                 };
                 metrics::join(outcome);
-                tracing::debug!(%group, missed = history.missed.len(), outcome, "joined");
+                tracing::debug!(%group, missed = resumed.missed, outcome, "joined");
                 Ok(Joined {
                     group,
-                    head: history.head,
-                    recovered: history.recovered,
+                    head: resumed.head,
+                    recovered: resumed.recovered,
                 })
             }
             Err(e) => {
+                // The registry already took a new member out again; an old one stays in.
                 if !already {
                     joined.retain(|m| m.group != group);
-                    self.groups.leave_now(self.id, &group);
                 }
                 metrics::join("broker_unavailable");
                 // The broker's text can name Redis hosts or carry its error replies: it is for

@@ -8,7 +8,7 @@ use tokio::net::UnixStream;
 
 use super::*;
 use crate::auth::Role;
-use crate::broker::{self, Fanout};
+use crate::broker::{self, Fanout, SubscriptionRequests};
 use crate::shutdown::Shutdown;
 
 /// The client's end of an in-memory WebSocket: masks what it sends, reads server frames.
@@ -134,9 +134,36 @@ fn start_with(
     settings: Settings,
     wire: impl FnOnce(tokio::net::unix::OwnedWriteHalf) -> Arc<dyn crate::outbound::Wire>,
 ) -> Harness {
-    let shutdown = Shutdown::new();
     let (subscriptions, requests) = broker::subscriptions(16);
+    spawn_connection(principal, settings, wire, subscriptions, Some(requests))
+}
+
+/// Starts a connection task whose registry's subscription requests the test answers: they
+/// are returned, and the memory broker (which serves the history) never sees them.
+fn start_answering_subscriptions(principal: Principal) -> (Harness, SubscriptionRequests) {
+    let (subscriptions, requests) = broker::subscriptions(16);
+    let harness = spawn_connection(
+        principal,
+        settings(),
+        |writer| Arc::new(writer),
+        subscriptions,
+        None,
+    );
+    (harness, requests)
+}
+
+/// A registry asking `subscriptions`, a memory broker answering `requests` (or nothing), and a
+/// connection task on one end of a socket pair.
+fn spawn_connection(
+    principal: Principal,
+    settings: Settings,
+    wire: impl FnOnce(tokio::net::unix::OwnedWriteHalf) -> Arc<dyn crate::outbound::Wire>,
+    subscriptions: broker::Subscriptions,
+    requests: Option<SubscriptionRequests>,
+) -> Harness {
+    let shutdown = Shutdown::new();
     let groups = Arc::new(Groups::new(subscriptions));
+    let requests = requests.unwrap_or_else(|| broker::subscriptions(16).1);
     let broker = broker::start_memory(
         groups.clone(),
         broker::HistorySettings::defaults(),
@@ -642,18 +669,9 @@ async fn a_record_begun_in_the_handshake_message_is_completed_by_the_next_messag
 
 #[tokio::test(start_paused = true)]
 async fn a_join_the_broker_fails_says_unavailable_without_the_brokers_words() {
-    let shutdown = Shutdown::new();
-    let (subscriptions, mut requests) = broker::subscriptions(16);
-    let groups = Arc::new(Groups::new(subscriptions));
-    // The memory broker never sees the registry's requests: the test answers them, as a Redis
-    // cluster that moved the slot would.
-    let (_unused, idle_requests) = broker::subscriptions(16);
-    let broker = broker::start_memory(
-        groups.clone(),
-        broker::HistorySettings::defaults(),
-        idle_requests,
-        &shutdown,
-    );
+    // The test answers the registry's requests, as a Redis cluster that moved the slot would.
+    let (mut h, mut requests) =
+        start_answering_subscriptions(dispatcher(Duration::from_secs(3600)));
     tokio::spawn(async move {
         while let Some(request) = requests.recv().await {
             if let broker::SubscriptionRequest::Subscribe { ack, .. } = request {
@@ -663,27 +681,10 @@ async fn a_join_the_broker_fails_says_unavailable_without_the_brokers_words() {
             }
         }
     });
-    let (client, server) = UnixStream::pair().unwrap();
-    let connection = Connection {
-        id: groups.next_conn_id(),
-        principal: dispatcher(Duration::from_secs(3600)),
-        groups: groups.clone(),
-        broker,
-        settings: Arc::new(settings()),
-        permit: crate::limits::ConnectionPermit::unlimited(),
-    };
-    let (reader, writer) = server.into_split();
-    tokio::spawn(connection.serve(Socket::new(
-        reader,
-        Arc::new(writer),
-        Bytes::new(),
-        32 * 1024,
-    )));
-    let mut client = Client { stream: client };
-    client.handshake().await;
-    client.send(JOIN_WEST).await;
+    h.client.handshake().await;
+    h.client.send(JOIN_WEST).await;
     let completion: serde_json::Value =
-        serde_json::from_str(client.text().await.trim_end_matches('\u{1e}')).unwrap();
+        serde_json::from_str(h.client.text().await.trim_end_matches('\u{1e}')).unwrap();
     assert_eq!(
         completion,
         serde_json::json!({
@@ -692,7 +693,7 @@ async fn a_join_the_broker_fails_says_unavailable_without_the_brokers_words() {
             "error": "An unexpected error occurred invoking 'JoinDispatchGroup' on the server. HubException: the group is unavailable; try again"
         })
     );
-    assert_eq!(groups.group_count(), 0, "a failed join leaves no member");
+    assert_eq!(h.groups.group_count(), 0, "a failed join leaves no member");
 }
 
 #[test]
@@ -832,43 +833,18 @@ async fn a_client_flooding_far_past_the_limit_is_closed_without_reconnect() {
 
 #[tokio::test(start_paused = true)]
 async fn a_connection_task_dropped_while_its_join_waits_for_the_broker_is_not_left_in_the_group() {
-    let shutdown = Shutdown::new();
-    // The registry's subscription requests go nowhere: the first join waits for its ack.
-    let (subscriptions, _unanswered) = broker::subscriptions(16);
-    let groups = Arc::new(Groups::new(subscriptions));
-    let (_unused, idle_requests) = broker::subscriptions(16);
-    let broker = broker::start_memory(
-        groups.clone(),
-        broker::HistorySettings::defaults(),
-        idle_requests,
-        &shutdown,
-    );
-    let (client, server) = UnixStream::pair().unwrap();
-    let connection = Connection {
-        id: groups.next_conn_id(),
-        principal: dispatcher(Duration::from_secs(3600)),
-        groups: groups.clone(),
-        broker,
-        settings: Arc::new(settings()),
-        permit: crate::limits::ConnectionPermit::unlimited(),
-    };
-    let (reader, writer) = server.into_split();
-    let task = tokio::spawn(connection.serve(Socket::new(
-        reader,
-        Arc::new(writer),
-        Bytes::new(),
-        32 * 1024,
-    )));
-    let mut client = Client { stream: client };
-    client.handshake().await;
-    client.send(JOIN_WEST).await;
+    // The registry's subscription requests go unanswered: the first join waits for its ack.
+    let (mut h, _unanswered) = start_answering_subscriptions(dispatcher(Duration::from_secs(3600)));
+    let groups = h.groups.clone();
+    h.client.handshake().await;
+    h.client.send(JOIN_WEST).await;
     let west = publisher_lib::contract::Group::try_dispatch("west").unwrap();
     // Paused time: the clock only moves once the task is parked on the broker's answer.
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(groups.member_count(&west), 1, "held while the join waits");
 
-    task.abort();
-    assert!(task.await.unwrap_err().is_cancelled());
+    h.task.abort();
+    assert!(h.task.await.unwrap_err().is_cancelled());
     assert_eq!(groups.member_count(&west), 0);
     assert_eq!(groups.group_count(), 0);
     assert_eq!(groups.connection_count(), 0);

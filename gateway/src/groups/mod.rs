@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use publisher_lib::contract::{Group, Position};
 use tokio::sync::watch;
 
-use crate::broker::{BrokerError, Fanout, Publication, Subscriptions};
+use crate::broker::{Broker, BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
 use crate::outbound::{Closing, Frame, Outbound, OverBudget, Rejected, WriteMode};
 use crate::protocol::frames;
@@ -76,6 +76,21 @@ struct Held {
 
 /// A live frame kept for a held member, with its position to cut at the head.
 type HeldFrame = (Option<Position>, Frame);
+
+/// What a join tells its client, from [`Groups::join_resuming`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumed {
+    /// The head of the group's history when the join read it.
+    pub head: Position,
+    /// `None` without a position; `Some(false)` when the client must refetch (the history no
+    /// longer reaches back, another epoch, or the missed events did not fit its budget).
+    pub recovered: Option<bool>,
+    /// How many missed events the history returned.
+    pub missed: usize,
+    /// The queue's count of frames taken at which the resume is all written; `None` when no
+    /// backlog was queued for it.
+    pub through: Option<u64>,
+}
 
 /// How a joining member starts receiving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,8 +221,54 @@ impl Groups {
         outcome
     }
 
+    /// Joins `conn` to `group` and resumes it after `after` (a position the client sent, or
+    /// none): the member is held while `history` reads the head and what it missed, then the
+    /// missed events are queued before the live ones held meanwhile, cut at that head, so the
+    /// client gets each event once and in order. The whole join, in one call.
+    ///
+    /// # Errors
+    /// [`BrokerError`] when the broker could not subscribe or the history could not be read. A
+    /// connection that was not a member is then not one; one that was a member stays live.
+    pub async fn join_resuming(
+        &self,
+        conn: ConnId,
+        group: &Group,
+        outbound: &Outbound,
+        after: Option<&Position>,
+        history: &Broker,
+    ) -> Result<Resumed, BrokerError> {
+        let already = self.is_member(conn, group);
+        self.join(conn, group, outbound, Admission::Held).await?;
+        let mut history = match history.read_history(group, after).await {
+            Ok(history) => history,
+            Err(e) => {
+                if already {
+                    // Still a member: live again, with whatever was held (no head to cut at).
+                    self.release(conn, group, &[], None);
+                } else {
+                    self.leave(conn, group).await;
+                }
+                return Err(e);
+            }
+        };
+        let through = self.release(conn, group, &history.missed, Some(&history.head));
+        if through.is_none() && !history.missed.is_empty() {
+            // The missed events did not fit the connection's budget: the client refetches
+            // instead, as when the history no longer reaches back.
+            metrics::limit_exceeded("backlog_per_connection");
+            history.recovered = Some(false);
+        }
+        Ok(Resumed {
+            head: history.head,
+            recovered: history.recovered,
+            missed: history.missed.len(),
+            through,
+        })
+    }
+
     /// Puts `missed` (the history after the member's position), then the live publications held
-    /// since it joined that come after `head`, into a held member's queue, and makes it live.
+    /// since it joined that come after `head` (all of them without a head), into a held
+    /// member's queue, and makes it live.
     ///
     /// Returns the queue's count of frames taken at which they are all written, or `None` when
     /// the missed publications did not fit the connection's budget and were dropped (only the
@@ -217,7 +278,7 @@ impl Groups {
         conn: ConnId,
         group: &Group,
         missed: &[Publication],
-        head: &Position,
+        head: Option<&Position>,
     ) -> Option<u64> {
         let mut groups = self.write();
         let members = groups.get_mut(group)?;
@@ -227,16 +288,17 @@ impl Groups {
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner)
             .unwrap_or_default();
-        let mut last = head.clone();
+        let mut last = head.cloned();
         let mut live = Vec::new();
         for (position, frame) in frames {
-            let seen = position
-                .as_ref()
-                .is_some_and(|p| p.epoch == head.epoch && p.seq <= head.seq);
+            let seen = match (head, &position) {
+                (Some(head), Some(p)) => p.epoch == head.epoch && p.seq <= head.seq,
+                _ => false,
+            };
             if !seen {
                 live.push(frame);
                 if let Some(position) = position {
-                    last = position;
+                    last = Some(position);
                 }
             }
         }
@@ -254,11 +316,13 @@ impl Groups {
             }
         };
         members.queues.insert(conn, held.outbound);
-        members
-            .floors
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(conn, last);
+        if let Some(last) = last {
+            members
+                .floors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(conn, last);
+        }
         through
     }
 
@@ -323,6 +387,13 @@ impl Groups {
             let group = group.clone();
             runtime.spawn(async move { subscriptions.unsubscribe(group, generation).await });
         }
+    }
+
+    /// Whether `conn` is a member of `group` (live or held).
+    pub fn is_member(&self, conn: ConnId, group: &Group) -> bool {
+        self.read()
+            .get(group)
+            .is_some_and(|m| m.queues.contains_key(&conn) || m.held.contains_key(&conn))
     }
 
     /// How many connections are registered (open and not yet cleaned up).

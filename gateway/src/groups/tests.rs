@@ -134,6 +134,28 @@ fn respond(request: SubscriptionRequest, answer: &Result<(), BrokerError>, asked
     }
 }
 
+/// Drives two joins of one group until the first asks the broker to subscribe, checks that the
+/// second waits for that subscription too, and returns the request's acknowledgement.
+async fn first_subscribe_while_the_second_waits(
+    requests: &mut SubscriptionRequests,
+    join_a: &mut (impl Future<Output = Result<(), BrokerError>> + Unpin),
+    join_b: &mut (impl Future<Output = Result<(), BrokerError>> + Unpin),
+) -> tokio::sync::oneshot::Sender<Result<(), BrokerError>> {
+    let request = tokio::select! {
+        request = requests.recv() => request.unwrap(),
+        outcome = &mut *join_a => panic!("first join ended early: {outcome:?}"),
+    };
+    assert!(
+        timeout(Duration::from_secs(60), &mut *join_b)
+            .await
+            .is_err()
+    );
+    let SubscriptionRequest::Subscribe { ack, .. } = request else {
+        panic!("expected a subscribe, got {request:?}");
+    };
+    ack
+}
+
 /// Group names in `Asked` are compared with literals; the few leaked bytes end with the test.
 fn leak(name: &str) -> &'static str {
     Box::leak(name.to_owned().into_boxed_str())
@@ -194,7 +216,7 @@ async fn a_held_member_gets_the_missed_events_then_the_live_ones_after_the_head_
         epoch: "e1".to_owned(),
         seq: 5,
     };
-    replica.groups.release(conn, &west(), &missed, &head);
+    replica.groups.release(conn, &west(), &missed, Some(&head));
     assert_eq!(seqs(&mut inbox), vec![3, 4, 5, 6]);
     // A late delivery of something the join already sent is not sent again; newer ones are.
     replica.groups.fan_out(&positioned(&west(), 6));
@@ -215,7 +237,7 @@ async fn a_resume_backlog_longer_than_the_queue_is_delivered_and_live_frames_get
         epoch: "e1".to_owned(),
         seq: 10,
     };
-    replica.groups.release(conn, &west(), &missed, &head);
+    replica.groups.release(conn, &west(), &missed, Some(&head));
     // Room for two live frames on top of the backlog; a third is an overflow.
     replica.groups.fan_out(&positioned(&west(), 11));
     replica.groups.fan_out(&positioned(&west(), 12));
@@ -250,7 +272,7 @@ async fn a_held_member_past_the_hold_limit_is_closed_once_and_its_release_sends_
         epoch: "e1".to_owned(),
         seq: 0,
     };
-    replica.groups.release(conn, &west(), &[], &head);
+    replica.groups.release(conn, &west(), &[], Some(&head));
     assert_eq!(seqs(&mut inbox), Vec::<u64>::new());
 }
 
@@ -271,7 +293,7 @@ async fn a_held_member_that_leaves_is_forgotten_and_a_release_for_it_does_nothin
     };
     replica
         .groups
-        .release(conn, &west(), &[positioned(&west(), 1)], &head);
+        .release(conn, &west(), &[positioned(&west(), 1)], Some(&head));
     assert_eq!(seqs(&mut inbox), Vec::<u64>::new());
 }
 
@@ -383,19 +405,11 @@ async fn a_second_member_waits_for_the_pending_subscription_of_the_first() {
     let (out_a, _inbox_a) = outbound::channel(8);
     let (out_b, _inbox_b) = outbound::channel(8);
     let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
-
     let group = west();
     let join_a = groups.join(a, &group, &out_a, Admission::Live);
     let join_b = groups.join(b, &group, &out_b, Admission::Live);
     tokio::pin!(join_a, join_b);
-    let request = tokio::select! {
-        request = requests.recv() => request.unwrap(),
-        outcome = &mut join_a => panic!("first join ended early: {outcome:?}"),
-    };
-    assert!(timeout(Duration::from_secs(60), &mut join_b).await.is_err());
-    let SubscriptionRequest::Subscribe { ack, .. } = request else {
-        panic!("expected a subscribe, got {request:?}");
-    };
+    let ack = first_subscribe_while_the_second_waits(&mut requests, &mut join_a, &mut join_b).await;
     ack.send(Ok(())).unwrap();
 
     assert_eq!(tokio::join!(join_a, join_b), (Ok(()), Ok(())));
@@ -545,19 +559,11 @@ async fn members_waiting_on_a_failed_subscribe_all_fail() {
     let (out_a, _inbox_a) = outbound::channel(8);
     let (out_b, _inbox_b) = outbound::channel(8);
     let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
-
     let group = west();
     let join_a = groups.join(a, &group, &out_a, Admission::Live);
     let join_b = groups.join(b, &group, &out_b, Admission::Live);
     tokio::pin!(join_a, join_b);
-    let request = tokio::select! {
-        request = requests.recv() => request.unwrap(),
-        outcome = &mut join_a => panic!("first join ended early: {outcome:?}"),
-    };
-    assert!(timeout(Duration::from_secs(60), &mut join_b).await.is_err());
-    let SubscriptionRequest::Subscribe { ack, .. } = request else {
-        panic!("expected a subscribe, got {request:?}");
-    };
+    let ack = first_subscribe_while_the_second_waits(&mut requests, &mut join_a, &mut join_b).await;
     let refusal = BrokerError::Unavailable("redis is down".to_owned());
     ack.send(Err(refusal.clone())).unwrap();
 
@@ -771,7 +777,7 @@ async fn a_resume_that_does_not_fit_the_budget_is_dropped_and_only_the_live_fram
         seq: 10,
     };
     assert_eq!(
-        replica.groups.release(conn, &west(), &missed, &head),
+        replica.groups.release(conn, &west(), &missed, Some(&head)),
         None,
         "ten missed frames do not fit a budget of six"
     );
@@ -792,7 +798,7 @@ async fn a_resume_that_fits_says_when_it_has_all_been_taken() {
         epoch: "e1".to_owned(),
         seq: 4,
     };
-    let through = replica.groups.release(conn, &west(), &missed, &head);
+    let through = replica.groups.release(conn, &west(), &missed, Some(&head));
     assert_eq!(through, Some(4));
     assert_eq!(outbound.taken(), 0);
     assert_eq!(seqs(&mut inbox), vec![1, 2, 3, 4]);
@@ -847,7 +853,7 @@ async fn the_membership_count_follows_joins_repeats_releases_and_leaves() {
         epoch: "e1".to_owned(),
         seq: 0,
     };
-    replica.groups.release(b, &west(), &[], &head);
+    replica.groups.release(b, &west(), &[], Some(&head));
     assert_eq!(replica.groups.membership_count(), 3);
 
     replica.leave(b, &east()).await;
@@ -870,4 +876,175 @@ async fn a_failed_subscribe_is_not_counted_as_a_membership() {
         Err(BrokerError::Unavailable(_))
     ));
     assert_eq!(replica.groups.membership_count(), 0);
+}
+
+/// [`Groups::join_resuming`] over the memory broker, with joins, publishes, repeated keys and
+/// reconnects interleaved in any order: the client gets each event once and in order.
+mod resume_properties {
+    use proptest::prelude::*;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::broker::Broker;
+    use crate::groups::Resumed;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A new event (a new idempotency key).
+        Publish,
+        /// The last event again, with its key: a publisher's retry.
+        Republish,
+        /// Lets the join task (and the broker's task) run a little.
+        Yield,
+        /// The broker confirms the subscriptions asked for: a join that waited on one reads
+        /// the history next. Until then the member is held.
+        Confirm,
+        /// The client drops and joins again with the last position it saw.
+        Reconnect,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => Just(Step::Publish),
+            1 => Just(Step::Republish),
+            3 => Just(Step::Yield),
+            1 => Just(Step::Confirm),
+            1 => Just(Step::Reconnect),
+        ]
+    }
+
+    /// The position of each event frame queued in `inbox`, in order.
+    fn received(inbox: &mut Inbox) -> Vec<Position> {
+        let mut got = Vec::new();
+        while let Some(frame) = inbox.try_recv() {
+            let record = record_of(&frame.bytes());
+            let message: serde_json::Value =
+                serde_json::from_str(record.trim_end_matches('\u{1e}')).unwrap();
+            let position = &message["arguments"][1];
+            got.push(Position {
+                epoch: position["epoch"].as_str().unwrap().to_owned(),
+                seq: position["seq"].as_u64().unwrap(),
+            });
+        }
+        got
+    }
+
+    fn spawn_join(
+        groups: &Arc<Groups>,
+        broker: &Broker,
+        conn: ConnId,
+        outbound: &Outbound,
+        after: Option<Position>,
+    ) -> JoinHandle<Result<Resumed, BrokerError>> {
+        let (groups, broker, outbound) = (groups.clone(), broker.clone(), outbound.clone());
+        tokio::spawn(async move {
+            groups
+                .join_resuming(conn, &west(), &outbound, after.as_ref(), &broker)
+                .await
+        })
+    }
+
+    async fn publish(broker: &Broker, key: u64) {
+        broker
+            .publish(
+                EventKind::JobAssigned,
+                Bytes::from_static(b"{}"),
+                &[west()],
+                &format!("key-{key}"),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Confirms every subscription asked for so far.
+    fn confirm(requests: &mut SubscriptionRequests) {
+        while let Some(request) = requests.try_recv() {
+            if let SubscriptionRequest::Subscribe { ack, .. } = request {
+                let _ = ack.send(Ok(()));
+            }
+        }
+    }
+
+    /// Waits for a join, confirming its subscription.
+    async fn finish(
+        join: JoinHandle<Result<Resumed, BrokerError>>,
+        requests: &mut SubscriptionRequests,
+    ) -> Resumed {
+        while !join.is_finished() {
+            confirm(requests);
+            tokio::task::yield_now().await;
+        }
+        join.await.unwrap().unwrap()
+    }
+
+    async fn run(steps: Vec<Step>) {
+        let shutdown = Shutdown::new();
+        // The test confirms subscriptions (so a join can be held while events arrive); the
+        // memory broker keeps the history and delivers.
+        let (subscriptions, mut requests) = broker::subscriptions(64);
+        let (_idle, idle_requests) = broker::subscriptions(8);
+        let groups = Arc::new(Groups::new(subscriptions));
+        let broker = broker::start_memory(
+            groups.clone(),
+            broker::HistorySettings::defaults(),
+            idle_requests,
+            &shutdown,
+        );
+        let (outbound, mut inbox) = outbound::channel_within(64, 64 + 1000);
+        let conn = groups.next_conn_id();
+        let mut seen: Vec<Position> = Vec::new();
+        let mut join = spawn_join(&groups, &broker, conn, &outbound, None);
+        let mut resumed_with_position = false;
+        let mut keys = 0;
+        for step in steps {
+            match step {
+                Step::Publish => {
+                    keys += 1;
+                    publish(&broker, keys).await;
+                }
+                Step::Republish if keys > 0 => publish(&broker, keys).await,
+                Step::Republish | Step::Yield => tokio::task::yield_now().await,
+                Step::Confirm => confirm(&mut requests),
+                Step::Reconnect => {
+                    let resumed = finish(join, &mut requests).await;
+                    if resumed_with_position {
+                        assert_eq!(resumed.recovered, Some(true), "the history reaches back");
+                    }
+                    seen.extend(received(&mut inbox));
+                    groups.leave(conn, &west()).await;
+                    resumed_with_position = !seen.is_empty();
+                    join = spawn_join(&groups, &broker, conn, &outbound, seen.last().cloned());
+                }
+            }
+            seen.extend(received(&mut inbox));
+        }
+        finish(join, &mut requests).await;
+        seen.extend(received(&mut inbox));
+
+        let seqs: Vec<u64> = seen.iter().map(|p| p.seq).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "each event once and in order: {seqs:?}"
+        );
+        let head = broker.read_history(&west(), None).await.unwrap().head;
+        if let Some(last) = seen.last() {
+            assert_eq!(last, &head, "a client that saw events ends at the head");
+        }
+        shutdown.stop_background(Duration::from_secs(1)).await;
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_resuming_client_gets_each_event_once_and_in_order(
+            steps in proptest::collection::vec(step(), 0..80),
+        ) {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+                .block_on(run(steps));
+        }
+    }
 }
