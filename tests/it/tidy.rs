@@ -109,7 +109,11 @@ fn gateway_sources() -> Vec<(String, String)> {
     let sources: Vec<_> = rust_files(&src)
         .into_iter()
         .map(|file| {
-            let name = file.strip_prefix(&src).unwrap().display().to_string();
+            let name = file
+                .strip_prefix(&src)
+                .expect("a file under gateway/src")
+                .display()
+                .to_string();
             (name, read(&file))
         })
         .filter(|(name, _)| !name.ends_with("tests.rs") && !name.contains("/tests/"))
