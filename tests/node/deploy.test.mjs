@@ -190,11 +190,11 @@ const NOT_SETTINGS = new Set(["GATEWAY_BIN"]);
 // like `--flag` must be one of the gateway's.
 const OTHER_PROGRAMS_FLAGS = {
   cargo: ["--release", "--locked", "--bins"],
-  docker: ["--mount", "--from", "--interval", "--timeout", "--start-period", "--retries", "--build"],
+  docker: ["--mount", "--from", "--interval", "--timeout", "--start-period", "--retries", "--build", "--build-arg", "--scale", "--no-build"],
   "apt-get / useradd": ["--no-install-recommends", "--system", "--gid", "--uid", "--no-create-home", "--home-dir", "--shell"],
   curl: ["--max-time"],
   "redis-server": ["--appendonly", "--appendfsync", "--aof-use-rdb-preamble", "--bind", "--port", "--save", "--dir", "--daemonize", "--protected-mode"],
-  prometheus: ["--config.file", "--storage.tsdb.retention.time"],
+  prometheus: ["--config.file", "--storage.tsdb.path", "--storage.tsdb.retention.time", "--web.listen-address"],
 };
 
 test("every GATEWAY_* variable and gateway flag named in a deploy file exists in `gateway --help`", async () => {
@@ -250,8 +250,13 @@ test("the Dockerfile builds with CI's cargo command and runs non-root with a hea
 
   // The toolchain image matches the workspace's rust-version.
   const rustVersion = read("Cargo.toml").match(/rust-version = "([\d.]+)"/)[1];
-  assert.match(dockerfile, new RegExp(`^FROM rust:${rustVersion.replace(".", "\\.")}-bookworm AS builder$`, "m"));
-  assert.match(dockerfile, /^FROM debian:bookworm-slim$/m);
+  // Base images are build arguments (a registry mirror, or local images) defaulting to the public ones.
+  assert.match(dockerfile, new RegExp(`^ARG RUST_IMAGE=rust:${rustVersion.replace(".", "\\.")}-bookworm$`, "m"));
+  assert.match(dockerfile, /^ARG RUNTIME_IMAGE=debian:bookworm-slim$/m);
+  assert.match(dockerfile, /^FROM \$\{RUST_IMAGE\} AS builder$/m);
+  assert.match(dockerfile, /^FROM \$\{RUNTIME_IMAGE\}$/m);
+  // A `# syntax=` line would make BuildKit pull a frontend image before building anything.
+  assert.doesNotMatch(dockerfile, /^#\s*syntax=/m, "no syntax directive: it needs a registry");
   assert.match(dockerfile, /apt-get install[^\n]*ca-certificates[^\n]*curl/);
   assert.match(dockerfile, /target\/release\/gateway target\/release\/realtime-publish/);
 
@@ -276,88 +281,99 @@ test("the Dockerfile builds with CI's cargo command and runs non-root with a hea
 // ---------------------------------------------------------------------------------------------
 // docker-compose.yml
 
-test("docker-compose.yml: Redis with AOF, three replicas wired alike, an LB checking /readyz, Prometheus, and a grace period that fits the drain", async () => {
+test("docker-compose.yml: Redis with AOF, one scalable gateway service, an LB and Prometheus that find its replicas by DNS, and a grace period that fits the drain", async () => {
   const help = await gatewayHelp();
   const compose = yamlDocument("docker-compose.yml");
   const services = compose.services;
-  const gateways = Object.keys(services).filter((name) => /^gateway-\d+$/.test(name)).sort();
-  assert.deepEqual(gateways, ["gateway-1", "gateway-2", "gateway-3"]);
+  // One gateway service, scaled with `--scale gateway=N`: nothing in it may pin one container.
+  assert.deepEqual(Object.keys(services).filter((name) => name.startsWith("gateway")), ["gateway"]);
+  const service = services.gateway;
+  for (const key of ["hostname", "container_name", "ports"]) assert.equal(service[key], undefined, `gateway: ${key} would stop --scale`);
+  assert.ok(service.deploy.replicas >= 2, "several replicas by default");
+  assert.equal(compose.name, undefined, "no top-level name: Debian 12's Compose v1 refuses it");
 
   const redis = services.redis;
   assert.match(String(redis.image), /^redis:[7-9]/, "Redis 6 or later");
   assert.match(redis.command.join(" "), /--appendonly yes/);
 
   const dockerfileAdmin = portOf(read("deploy/Dockerfile").match(/GATEWAY_ADMIN_LISTEN=(\S+)/)[1]);
-  const environments = [];
-  for (const name of gateways) {
-    const service = services[name];
-    assert.equal(service.build.dockerfile, "deploy/Dockerfile");
-    const env = service.environment;
-    assert.ok(env && !Array.isArray(env), `${name}: environment as a map`);
-    for (const variable of Object.keys(env)) assert.ok(help.variables.has(variable), `${name}: ${variable} is not a gateway setting`);
-    for (const variable of ["GATEWAY_REDIS_URL", "GATEWAY_JWT_SECRET", "GATEWAY_SERVICE_KEY", "GATEWAY_CONNECTION_TOKEN_SECRET"]) {
-      assert.ok(env[variable], `${name}: ${variable}`);
-    }
-    assert.match(env.GATEWAY_REDIS_URL, /^redis:\/\/redis:6379/);
-    assert.equal(portOf(env.GATEWAY_LISTEN), 8080);
-    assert.equal(portOf(env.GATEWAY_ADMIN_LISTEN), 9090);
-    assert.equal(portOf(env.GATEWAY_ADMIN_LISTEN), dockerfileAdmin);
-    assert.deepEqual(service.expose.map(String).sort(), ["8080", "9090"]);
-    assert.match(service.healthcheck.test.join(" "), /127\.0\.0\.1:9090\/healthz/);
-    assert.equal(service.depends_on.redis.condition, "service_healthy");
-
-    const delay = seconds(env.GATEWAY_SHUTDOWN_DELAY ?? help.defaults.GATEWAY_SHUTDOWN_DELAY);
-    const drain = seconds(env.GATEWAY_DRAIN_TIMEOUT ?? help.defaults.GATEWAY_DRAIN_TIMEOUT);
-    assert.ok(delay > 0, `${name}: a shutdown delay, so the LB stops sending new clients before any is closed`);
-    const grace = seconds(service.stop_grace_period);
-    assert.ok(grace > delay + drain, `${name}: stop_grace_period ${grace}s must exceed shutdown delay ${delay}s + drain timeout ${drain}s`);
-    environments.push(env);
+  assert.equal(service.build.dockerfile, "deploy/Dockerfile");
+  const env = service.environment;
+  assert.ok(env && !Array.isArray(env), "gateway: environment as a map");
+  for (const variable of Object.keys(env)) assert.ok(help.variables.has(variable), `gateway: ${variable} is not a gateway setting`);
+  // Every replica gets the same Redis, secrets and connection-token secret: they are the service's.
+  for (const variable of ["GATEWAY_REDIS_URL", "GATEWAY_JWT_SECRET", "GATEWAY_SERVICE_KEY", "GATEWAY_CONNECTION_TOKEN_SECRET"]) {
+    assert.ok(env[variable], `gateway: ${variable}`);
   }
-  // One connection-token secret, one Redis, one JWT secret and service key for all replicas.
-  for (const variable of ["GATEWAY_CONNECTION_TOKEN_SECRET", "GATEWAY_REDIS_URL", "GATEWAY_JWT_SECRET", "GATEWAY_SERVICE_KEY"]) {
-    assert.equal(new Set(environments.map((env) => env[variable])).size, 1, `${variable} differs between replicas`);
-  }
+  assert.match(env.GATEWAY_REDIS_URL, /^redis:\/\/redis:6379/);
+  assert.equal(portOf(env.GATEWAY_LISTEN), 8080);
+  assert.equal(portOf(env.GATEWAY_ADMIN_LISTEN), 9090);
+  assert.equal(portOf(env.GATEWAY_ADMIN_LISTEN), dockerfileAdmin);
+  assert.deepEqual(service.expose.map(String).sort(), ["8080", "9090"]);
+  assert.match(service.healthcheck.test.join(" "), /127\.0\.0\.1:9090\/healthz/);
+  assert.equal(service.depends_on.redis.condition, "service_healthy");
 
-  // The load balancer: every replica, active checks of /readyz on the admin port, long tunnels.
+  const delay = seconds(env.GATEWAY_SHUTDOWN_DELAY ?? help.defaults.GATEWAY_SHUTDOWN_DELAY);
+  const drain = seconds(env.GATEWAY_DRAIN_TIMEOUT ?? help.defaults.GATEWAY_DRAIN_TIMEOUT);
+  assert.ok(delay > 0, "gateway: a shutdown delay, so the LB stops sending new clients before any is closed");
+  const grace = seconds(service.stop_grace_period);
+  assert.ok(grace > delay + drain, `gateway: stop_grace_period ${grace}s must exceed shutdown delay ${delay}s + drain timeout ${drain}s`);
+
+  // The load balancer: the replicas from the engine's DNS (server-template + resolvers), active
+  // checks of /readyz on the admin port, long tunnels.
   const lb = services.lb;
   assert.ok(lb.ports.some((port) => String(port).endsWith(":8080")));
+  assert.deepEqual(lb.depends_on, ["gateway"]);
   const mounted = lb.volumes.find((volume) => volume.includes("haproxy.cfg")).split(":")[0];
   const haproxy = read(mounted);
-  for (const name of gateways) assert.match(haproxy, new RegExp(`^\\s*server ${name} ${name}:8080\\b`, "m"));
+  assert.doesNotMatch(haproxy, /^\s*server\s/m, "no fixed server lines: the replicas come from DNS");
+  const template = haproxy.match(/^\s*server-template (\S+) (\d+) gateway:8080 (.*)$/m);
+  assert.ok(template, "a server-template for the gateway service on 8080");
+  assert.ok(Number(template[2]) >= service.deploy.replicas, "slots for at least the default replicas");
+  const resolver = template[3].match(/\bresolvers (\S+)/)?.[1];
+  assert.ok(resolver, "the server-template resolves through a resolvers section");
+  const section = haproxy.match(new RegExp(`^resolvers ${resolver}\n((?:[ \\t]+.*\n|\\s*\n)*)`, "m"));
+  assert.ok(section, `resolvers ${resolver} section`);
+  assert.match(section[1], /nameserver \S+ 127\.0\.0\.11:53/, "Docker's embedded DNS");
+  assert.match(template[3], /\binit-addr none\b/, "HAProxy starts before any replica resolves");
   assert.match(haproxy, /http-check send meth GET uri \/readyz/);
   assert.match(haproxy, /default-server check port 9090 /);
   const inter = seconds(haproxy.match(/ inter (\S+)/)[1]);
   const fall = Number(haproxy.match(/ fall (\d+)/)[1]);
-  const delay = seconds(environments[0].GATEWAY_SHUTDOWN_DELAY);
   assert.ok(inter * fall < delay, `HAProxy takes a draining replica out after ${inter * fall}s, within the ${delay}s shutdown delay`);
   assert.ok(seconds(haproxy.match(/timeout tunnel (\S+)/)[1]) >= 3600, "WebSocket tunnels may live an hour");
 
-  // Prometheus mounts the scrape config and the rules, and scrapes every replica's admin port.
+  // Prometheus mounts the scrape config and the rules, and finds every replica's admin port by DNS.
   const prometheus = services.prometheus;
   for (const file of ["deploy/prometheus/prometheus.yml", "deploy/prometheus/alerts.yml"]) {
     assert.ok(prometheus.volumes.some((volume) => volume.startsWith(`./${file}:`)), `prometheus mounts ${file}`);
   }
   const scrape = yamlDocument("deploy/prometheus/prometheus.yml");
   const job = scrape.scrape_configs.find((config) => config.job_name === "gateway");
-  const targets = job.static_configs.flatMap((config) => config.targets).sort();
-  assert.deepEqual(targets, gateways.map((name) => `${name}:9090`));
+  assert.equal(job.static_configs, undefined, "no fixed targets: the replicas come from DNS");
+  assert.deepEqual(job.dns_sd_configs, [{ names: ["gateway"], type: "A", port: dockerfileAdmin, refresh_interval: job.dns_sd_configs[0].refresh_interval }]);
   assert.deepEqual(scrape.rule_files, ["alerts.yml"]);
 
-  for (const [name, service] of Object.entries(services)) {
-    for (const volume of service.volumes ?? []) {
+  for (const [name, entry] of Object.entries(services)) {
+    for (const volume of entry.volumes ?? []) {
       const source = volume.split(":")[0];
       if (source.startsWith("./")) assert.ok(existsSync(at(source)), `${name} mounts missing ${source}`);
     }
   }
 });
 
-test("docker compose config accepts docker-compose.yml", { skip: !have("docker") && "docker is not installed" }, async (t) => {
-  const version = await runTool("docker", ["compose", "version"]);
-  if (version.code !== 0) {
-    t.skip("the docker compose plugin is not installed");
-    return;
+test("docker compose config accepts docker-compose.yml", { skip: !have("docker") && !have("docker-compose") && "neither docker nor docker-compose is installed" }, async (t) => {
+  // The compose plugin (Compose v2), or Debian 12's docker-compose (v1.29), which the container
+  // test (tests/container/run) runs the file with.
+  let command = ["docker", "compose"];
+  if (!have("docker") || (await runTool("docker", ["compose", "version"])).code !== 0) {
+    if (!have("docker-compose")) {
+      t.skip("neither the docker compose plugin nor docker-compose is installed");
+      return;
+    }
+    command = ["docker-compose"];
   }
-  const result = await runTool("docker", ["compose", "-f", "docker-compose.yml", "config", "--quiet"]);
+  const result = await runTool(command[0], [...command.slice(1), "-f", "docker-compose.yml", "config", "--quiet"]);
   assert.equal(result.code, 0, result.stderr);
 });
 
