@@ -4,18 +4,11 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use e2e::{
-    GatewayBuilder, Refusal, StatusCode, TEST_SECRET, TestGateway, WsClient, dispatcher, fixture,
-    sign, start_gateway, unix_now,
+    GatewayBuilder, StatusCode, TEST_SECRET, TestGateway, WsClient, dispatcher, fixture, sign,
+    start_gateway, unix_now,
 };
+use gateway::auth::dev::TokenClaims;
 use jsonwebtoken::{Algorithm, EncodingKey};
-
-/// Tries to upgrade with `token` and expects a refusal.
-async fn refused(gateway: &TestGateway, token: &str) -> Refusal {
-    match WsClient::try_connect(gateway.hub_url(token)).await {
-        Ok(_) => panic!("the upgrade with token {token} was accepted"),
-        Err(refusal) => refusal,
-    }
-}
 
 /// Upgrades with `token` and completes the handshake.
 async fn accepted(gateway: &TestGateway, token: &str) {
@@ -23,9 +16,22 @@ async fn accepted(gateway: &TestGateway, token: &str) {
     client.handshake().await;
 }
 
-fn assert_unauthorized(refusal: &Refusal, reason: &str) {
-    assert_eq!(refusal.status, StatusCode::UNAUTHORIZED, "{refusal:?}");
-    assert_eq!(refusal.body, format!("unauthorized: {reason}"));
+/// What a gateway pinned to one algorithm says to a token signed with another.
+const WRONG_ALGORITHM: &str = "token signed with an algorithm other than the configured one";
+
+/// The claims most tests present: a dispatcher of `west`.
+fn west_dispatcher() -> TokenClaims {
+    dispatcher("dispatcher-1", &["west"])
+}
+
+/// Checks that `gateway` refuses `west_dispatcher()` signed with `algorithm` and `key` as a
+/// token of the wrong algorithm.
+async fn assert_wrong_algorithm(gateway: &TestGateway, algorithm: Algorithm, key: &EncodingKey) {
+    let token = sign(algorithm, key, &west_dispatcher());
+    gateway
+        .upgrade_refused(&token)
+        .await
+        .assert_unauthorized(WRONG_ALGORITHM);
 }
 
 fn key_file(name: &str) -> String {
@@ -58,14 +64,14 @@ async fn upgrade_without_a_token_is_refused_with_401() {
     let refusal = WsClient::try_connect(gateway.hub_url_without_token())
         .await
         .expect_err("an upgrade without a token is refused");
-    assert_unauthorized(&refusal, "no token");
+    refusal.assert_unauthorized("no token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_in_the_authorization_header_is_accepted() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let gateway = start_gateway(&[]).await;
-    let token = gateway.token(&dispatcher("dispatcher-1", &["west"]));
+    let token = gateway.token(&west_dispatcher());
     let mut request = gateway
         .hub_url_without_token()
         .into_client_request()
@@ -83,18 +89,18 @@ async fn token_in_the_authorization_header_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_token_is_refused_with_401() {
     let gateway = start_gateway(&[]).await;
-    let mut claims = dispatcher("dispatcher-1", &["west"]);
+    let mut claims = west_dispatcher();
     // Well beyond the verifier's clock-skew leeway.
     claims.exp = unix_now() - 600;
-    let refusal = refused(&gateway, &gateway.token(&claims)).await;
-    assert_unauthorized(&refusal, "token expired");
+    let refusal = gateway.upgrade_refused(&gateway.token(&claims)).await;
+    refusal.assert_unauthorized("token expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_not_valid_yet_is_refused_with_401_and_one_whose_nbf_has_passed_is_accepted() {
     let gateway = start_gateway(&[]).await;
     let with_nbf = |nbf: u64| {
-        let mut claims = serde_json::to_value(dispatcher("dispatcher-1", &["west"])).unwrap();
+        let mut claims = serde_json::to_value(west_dispatcher()).unwrap();
         claims["nbf"] = nbf.into();
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(Algorithm::HS256),
@@ -104,8 +110,8 @@ async fn token_not_valid_yet_is_refused_with_401_and_one_whose_nbf_has_passed_is
         .unwrap()
     };
     // Well beyond the verifier's clock-skew leeway.
-    let refusal = refused(&gateway, &with_nbf(unix_now() + 600)).await;
-    assert_unauthorized(&refusal, "token not valid yet");
+    let refusal = gateway.upgrade_refused(&with_nbf(unix_now() + 600)).await;
+    refusal.assert_unauthorized("token not valid yet");
     accepted(&gateway, &with_nbf(unix_now() - 60)).await;
 }
 
@@ -115,119 +121,100 @@ async fn token_signed_with_another_secret_is_refused_with_401() {
     let token = sign(
         Algorithm::HS256,
         &EncodingKey::from_secret(b"another-secret-of-at-least-32-bytes!!"),
-        &dispatcher("dispatcher-1", &["west"]),
+        &west_dispatcher(),
     );
-    assert_unauthorized(&refused(&gateway, &token).await, "bad token signature");
+    gateway
+        .upgrade_refused(&token)
+        .await
+        .assert_unauthorized("bad token signature");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_signed_with_hs512_and_the_same_secret_is_refused_because_the_algorithm_is_pinned() {
     let gateway = start_gateway(&[]).await;
-    let token = sign(
-        Algorithm::HS512,
-        &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
-        &dispatcher("dispatcher-1", &["west"]),
-    );
-    assert_unauthorized(
-        &refused(&gateway, &token).await,
-        "token signed with an algorithm other than the configured one",
-    );
+    let key = EncodingKey::from_secret(TEST_SECRET.as_bytes());
+    assert_wrong_algorithm(&gateway, Algorithm::HS512, &key).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsigned_token_with_alg_none_is_refused_with_401() {
     let gateway = start_gateway(&[]).await;
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
-    let claims = serde_json::to_vec(&dispatcher("dispatcher-1", &["west"])).expect("claims");
+    let claims = serde_json::to_vec(&west_dispatcher()).expect("claims");
     let token = format!("{header}.{}.", URL_SAFE_NO_PAD.encode(claims));
-    assert_unauthorized(&refused(&gateway, &token).await, "malformed token");
+    gateway
+        .upgrade_refused(&token)
+        .await
+        .assert_unauthorized("malformed token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_that_is_not_a_jwt_is_refused_as_malformed() {
     let gateway = start_gateway(&[]).await;
-    assert_unauthorized(&refused(&gateway, "not-a-jwt").await, "malformed token");
+    gateway
+        .upgrade_refused("not-a-jwt")
+        .await
+        .assert_unauthorized("malformed token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_with_an_unknown_role_is_refused_with_401() {
     let gateway = start_gateway(&[]).await;
-    let mut claims = dispatcher("dispatcher-1", &["west"]);
+    let mut claims = west_dispatcher();
     claims.role = "admin".to_owned();
-    assert_unauthorized(
-        &refused(&gateway, &gateway.token(&claims)).await,
-        "token claims invalid: role must be dispatcher or contractor",
-    );
+    gateway
+        .upgrade_refused(&gateway.token(&claims))
+        .await
+        .assert_unauthorized("token claims invalid: role must be dispatcher or contractor");
+}
+
+fn rsa_private_key() -> EncodingKey {
+    EncodingKey::from_rsa_pem(&read_fixture("rs256-test-private.pem"))
+        .expect("the RSA test key parses")
+}
+
+fn ec_private_key() -> EncodingKey {
+    EncodingKey::from_ec_pem(&read_fixture("es256-test-private.pem"))
+        .expect("the EC test key parses")
+}
+
+/// An HS256 key made of a public key file's bytes: the classic algorithm-confusion attack.
+fn hmac_key_from(public_key: &str) -> EncodingKey {
+    EncodingKey::from_secret(&read_fixture(public_key))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs256_gateway_accepts_rs256_tokens() {
     let gateway = asymmetric_gateway("RS256", "rs256-test-public.pem").await;
-    let key = EncodingKey::from_rsa_pem(&read_fixture("rs256-test-private.pem"))
-        .expect("the RSA test key parses");
-    let token = sign(
-        Algorithm::RS256,
-        &key,
-        &dispatcher("dispatcher-1", &["west"]),
-    );
+    let token = sign(Algorithm::RS256, &rsa_private_key(), &west_dispatcher());
     accepted(&gateway, &token).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs256_gateway_refuses_hs256_token_signed_with_its_public_key() {
     let gateway = asymmetric_gateway("RS256", "rs256-test-public.pem").await;
-    let token = sign(
-        Algorithm::HS256,
-        &EncodingKey::from_secret(&read_fixture("rs256-test-public.pem")),
-        &dispatcher("dispatcher-1", &["west"]),
-    );
-    assert_unauthorized(
-        &refused(&gateway, &token).await,
-        "token signed with an algorithm other than the configured one",
-    );
+    let key = hmac_key_from("rs256-test-public.pem");
+    assert_wrong_algorithm(&gateway, Algorithm::HS256, &key).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_gateway_accepts_es256_tokens() {
     let gateway = asymmetric_gateway("ES256", "es256-test-public.pem").await;
-    let key = EncodingKey::from_ec_pem(&read_fixture("es256-test-private.pem"))
-        .expect("the EC test key parses");
-    let token = sign(
-        Algorithm::ES256,
-        &key,
-        &dispatcher("dispatcher-1", &["west"]),
-    );
+    let token = sign(Algorithm::ES256, &ec_private_key(), &west_dispatcher());
     accepted(&gateway, &token).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_gateway_refuses_hs256_token_signed_with_its_public_key() {
     let gateway = asymmetric_gateway("ES256", "es256-test-public.pem").await;
-    let token = sign(
-        Algorithm::HS256,
-        &EncodingKey::from_secret(&read_fixture("es256-test-public.pem")),
-        &dispatcher("dispatcher-1", &["west"]),
-    );
-    assert_unauthorized(
-        &refused(&gateway, &token).await,
-        "token signed with an algorithm other than the configured one",
-    );
+    let key = hmac_key_from("es256-test-public.pem");
+    assert_wrong_algorithm(&gateway, Algorithm::HS256, &key).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_gateway_refuses_rs256_tokens() {
     let gateway = asymmetric_gateway("ES256", "es256-test-public.pem").await;
-    let key = EncodingKey::from_rsa_pem(&read_fixture("rs256-test-private.pem"))
-        .expect("the RSA test key parses");
-    let token = sign(
-        Algorithm::RS256,
-        &key,
-        &dispatcher("dispatcher-1", &["west"]),
-    );
-    assert_unauthorized(
-        &refused(&gateway, &token).await,
-        "token signed with an algorithm other than the configured one",
-    );
+    assert_wrong_algorithm(&gateway, Algorithm::RS256, &rsa_private_key()).await;
 }
 
 const ISSUER: &str = "https://login.example";
@@ -237,8 +224,8 @@ async fn issuer_audience_gateway() -> TestGateway {
     start_gateway(&["--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE]).await
 }
 
-fn claims_from(iss: Option<&str>, aud: Option<&str>) -> gateway::auth::dev::TokenClaims {
-    let mut claims = dispatcher("dispatcher-1", &["west"]);
+fn claims_from(iss: Option<&str>, aud: Option<&str>) -> TokenClaims {
+    let mut claims = west_dispatcher();
     claims.iss = iss.map(str::to_owned);
     claims.aud = aud.map(str::to_owned);
     claims
@@ -255,29 +242,33 @@ async fn token_with_the_configured_issuer_and_audience_is_accepted() {
 async fn token_from_another_issuer_is_refused_with_401() {
     let gateway = issuer_audience_gateway().await;
     let token = gateway.token(&claims_from(Some("https://evil.example"), Some(AUDIENCE)));
-    assert_unauthorized(
-        &refused(&gateway, &token).await,
-        "token issuer not accepted",
-    );
+    gateway
+        .upgrade_refused(&token)
+        .await
+        .assert_unauthorized("token issuer not accepted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_for_another_audience_is_refused_with_401() {
     let gateway = issuer_audience_gateway().await;
     let token = gateway.token(&claims_from(Some(ISSUER), Some("another-service")));
-    assert_unauthorized(
-        &refused(&gateway, &token).await,
-        "token audience not accepted",
-    );
+    gateway
+        .upgrade_refused(&token)
+        .await
+        .assert_unauthorized("token audience not accepted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_without_issuer_or_audience_is_refused_when_they_are_configured() {
     let gateway = issuer_audience_gateway().await;
-    let refusal = refused(&gateway, &gateway.token(&claims_from(None, Some(AUDIENCE)))).await;
-    assert_unauthorized(&refusal, "token claims invalid: missing claim `iss`");
-    let refusal = refused(&gateway, &gateway.token(&claims_from(Some(ISSUER), None))).await;
-    assert_unauthorized(&refusal, "token claims invalid: missing claim `aud`");
+    let refusal = gateway
+        .upgrade_refused(&gateway.token(&claims_from(None, Some(AUDIENCE))))
+        .await;
+    refusal.assert_unauthorized("token claims invalid: missing claim `iss`");
+    let refusal = gateway
+        .upgrade_refused(&gateway.token(&claims_from(Some(ISSUER), None)))
+        .await;
+    refusal.assert_unauthorized("token claims invalid: missing claim `aud`");
 }
 
 /// Negotiates with `token` and returns the connection token.
@@ -299,6 +290,9 @@ async fn connection_token(gateway: &TestGateway, token: &str) -> String {
     connection_token
 }
 
+/// The 404 body for a connection token the gateway did not issue to this user.
+const UNKNOWN_CONNECTION_TOKEN: &str = "No Connection with that ID: unknown connection token";
+
 fn hub_url_with_id(gateway: &TestGateway, id: &str, token: &str) -> String {
     format!(
         "ws://{}/hub/v1?id={id}&access_token={token}",
@@ -317,7 +311,7 @@ async fn negotiate_without_a_token_is_refused_with_401() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_token_from_negotiate_opens_the_connection() {
     let gateway = start_gateway(&[]).await;
-    let token = gateway.token(&dispatcher("dispatcher-1", &["west"]));
+    let token = gateway.token(&west_dispatcher());
     let id = connection_token(&gateway, &token).await;
     let mut client = WsClient::connect(&hub_url_with_id(&gateway, &id, &token)).await;
     client.handshake().await;
@@ -327,7 +321,7 @@ async fn connection_token_from_negotiate_opens_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_connection_token_is_refused_with_404() {
     let gateway = start_gateway(&[]).await;
-    let token = gateway.token(&dispatcher("dispatcher-1", &["west"]));
+    let token = gateway.token(&west_dispatcher());
     let id = connection_token(&gateway, &token).await;
     let mut tampered = id.into_bytes();
     let last = tampered.len() - 2;
@@ -336,11 +330,7 @@ async fn tampered_connection_token_is_refused_with_404() {
     let refusal = WsClient::try_connect(hub_url_with_id(&gateway, &tampered, &token))
         .await
         .expect_err("a tampered connection token is refused");
-    assert_eq!(refusal.status, StatusCode::NOT_FOUND, "{refusal:?}");
-    assert_eq!(
-        refusal.body,
-        "No Connection with that ID: unknown connection token"
-    );
+    refusal.assert_is(StatusCode::NOT_FOUND, UNKNOWN_CONNECTION_TOKEN);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,18 +342,14 @@ async fn connection_token_presented_with_another_users_token_is_refused_with_404
     let refusal = WsClient::try_connect(hub_url_with_id(&gateway, &id, &mallory))
         .await
         .expect_err("another user's connection token is refused");
-    assert_eq!(refusal.status, StatusCode::NOT_FOUND, "{refusal:?}");
-    assert_eq!(
-        refusal.body,
-        "No Connection with that ID: unknown connection token"
-    );
+    refusal.assert_is(StatusCode::NOT_FOUND, UNKNOWN_CONNECTION_TOKEN);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_is_closed_with_reconnect_allowed_when_its_token_expires_and_the_token_is_then_refused()
  {
     let gateway = start_gateway(&["--jwt-leeway", "0s"]).await;
-    let mut claims = dispatcher("dispatcher-1", &["west"]);
+    let mut claims = west_dispatcher();
     claims.exp = unix_now() + 3;
     let token = gateway.token(&claims);
     let mut client = WsClient::connect(&gateway.hub_url(&token)).await;
@@ -379,5 +365,8 @@ async fn connection_is_closed_with_reconnect_allowed_when_its_token_expires_and_
     );
     assert_eq!(closed.code(), 1000);
     // The client's reconnect with the same token is refused rather than let in again.
-    assert_unauthorized(&refused(&gateway, &token).await, "token expired");
+    gateway
+        .upgrade_refused(&token)
+        .await
+        .assert_unauthorized("token expired");
 }

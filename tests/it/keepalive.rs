@@ -2,14 +2,15 @@
 
 use std::time::Duration;
 
-use e2e::{RS, dispatcher, start_gateway};
+use e2e::gateway_with_dispatcher;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_gets_pings_then_is_closed_with_reconnect_allowed() {
-    let gateway = start_gateway(&["--keepalive-interval", "1s", "--client-timeout", "3s"]).await;
-    let mut client = gateway
-        .connect(&dispatcher("dispatcher-1", &["west"]))
-        .await;
+    let (_gateway, mut client) = gateway_with_dispatcher(
+        &["--keepalive-interval", "1s", "--client-timeout", "3s"],
+        &["west"],
+    )
+    .await;
     // From here on the client sends nothing at all.
     let ping = client.next_record().await;
     assert_eq!(ping, "{\"type\":6}");
@@ -28,10 +29,11 @@ async fn silent_client_gets_pings_then_is_closed_with_reconnect_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_pings_is_not_timed_out() {
-    let gateway = start_gateway(&["--keepalive-interval", "1s", "--client-timeout", "3s"]).await;
-    let mut client = gateway
-        .connect(&dispatcher("dispatcher-1", &["west"]))
-        .await;
+    let (gateway, mut client) = gateway_with_dispatcher(
+        &["--keepalive-interval", "1s", "--client-timeout", "3s"],
+        &["west"],
+    )
+    .await;
     // Answer each server ping with a ping, as the official client does when it has sent
     // nothing for a while; after twice the client timeout the connection is still served.
     let started = tokio::time::Instant::now();
@@ -41,10 +43,8 @@ async fn client_that_pings_is_not_timed_out() {
             record, "{\"type\":6}",
             "only pings arrive on an idle connection"
         );
-        client.send_text(&format!("{{\"type\":6}}{RS}")).await;
+        client.send_records(&[r#"{"type":6}"#]).await;
     }
-    let event = e2e::recommendation_ready("west", &[]);
     client.join_dispatch("1", "west").await;
-    gateway.publish_accepted(&event).await;
-    assert_eq!(client.next_event().await.1, event);
+    gateway.publish_and_expect(&mut client, "west").await;
 }

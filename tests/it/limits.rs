@@ -109,11 +109,24 @@ fn limit_metric(limit: &str) -> String {
     format!("gateway_limit_exceeded_total{{limit=\"{limit}\"}}")
 }
 
-/// Checks a refusal: `status`, a `Retry-After`, and a body naming `limit`.
+/// The sentence a refusal's body starts with for each limit (its label in metrics).
+fn reason_of(limit: &str) -> &'static str {
+    match limit {
+        "connections" => "too many connections on this server",
+        "pending_handshakes" => "too many connections waiting for their handshake",
+        "connections_per_user" => "too many connections for this user",
+        "connections_per_address" => "too many connections from this address",
+        "connect_rate" => "too many new connections from this address",
+        other => panic!("no refusal reason known for limit {other}"),
+    }
+}
+
+/// Checks a refusal: `status`, a `Retry-After`, and the body naming `limit`, exactly.
 fn assert_refused(refused: &Refused, status: StatusCode, limit: &str) {
     assert_eq!(refused.status, status, "{refused:?}");
-    assert!(
-        refused.body.ends_with(&format!("(limit: {limit})")),
+    assert_eq!(
+        refused.body,
+        format!("{} (limit: {limit})", reason_of(limit)),
         "{refused:?}"
     );
     let retry_after: u64 = refused
@@ -137,11 +150,6 @@ async fn a_user_past_its_connection_limit_gets_429_until_one_of_its_connections_
         &refused,
         StatusCode::TOO_MANY_REQUESTS,
         "connections_per_user",
-    );
-    assert!(
-        refused
-            .body
-            .starts_with("too many connections for this user")
     );
     assert_eq!(
         gateway.metric(&limit_metric("connections_per_user")).await,
@@ -267,7 +275,11 @@ async fn behind_a_trusted_proxy_the_forwarded_client_address_is_what_is_counted(
     );
     // A client cannot escape by prepending an address: the proxy's entry is the right-most.
     let refused = refused_upgrade(&gateway, "u-3", Some("203.0.113.9, 198.51.100.1")).await;
-    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
+    assert_refused(
+        &refused,
+        StatusCode::TOO_MANY_REQUESTS,
+        "connections_per_address",
+    );
 }
 
 /// Publishes with the service key and returns status, `Retry-After` and the JSON body.
@@ -334,6 +346,19 @@ async fn until_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
     received
 }
 
+/// Checks `answer` is the 400 the hub gives a plain GET: not an upgrade, and why.
+fn assert_not_an_upgrade(answer: &[u8]) {
+    let answer = String::from_utf8_lossy(answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.ends_with(
+            "\r\n\r\n/hub/v1: only WebSocket upgrades are served here \
+             (not a WebSocket upgrade request)"
+        ),
+        "{answer}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_half_a_request_head_is_closed_after_the_header_read_timeout() {
     let gateway = start_gateway(&["--header-read-timeout", "1s"]).await;
@@ -358,11 +383,7 @@ async fn a_client_that_sends_half_a_request_head_is_closed_after_the_header_read
         .await
         .unwrap();
     let answered = until_closed(&mut idle, "the idle kept-alive connection to be closed").await;
-    assert!(
-        answered.starts_with(b"HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&answered)
-    );
+    assert_not_an_upgrade(&answered);
 
     // A complete request is still answered.
     let (status, _) = gateway.publish(&recommendation_ready("west", &[])).await;
@@ -393,11 +414,7 @@ async fn connections_past_the_unfinished_request_cap_are_closed_at_once() {
         .await
         .unwrap();
     let answer = until_closed(&mut holding, "the answer to the held connection").await;
-    assert!(
-        answer.starts_with(b"HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    assert_not_an_upgrade(&answer);
     let publish = async {
         loop {
             if let Ok(response) = reqwest::Client::new()

@@ -39,13 +39,7 @@ impl RawClient {
             None,
         )
         .expect("a valid upgrade request");
-        let mut stream = TcpStream::connect(gateway.public_addr())
-            .await
-            .expect("connect");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("send the request");
+        let mut stream = send_request(gateway, &request).await;
         let mut buf = Vec::new();
         let head = loop {
             if let Some(head) = client::upgrade_response(&buf, &key).expect("a 101 answer") {
@@ -188,6 +182,23 @@ async fn an_unknown_opcode_closes_with_1002_from_its_header_alone() {
     check_refused(&[0x83, 0x80 | 100], true, 1002).await;
 }
 
+/// Opens a TCP connection to the public listener and writes `request` on it.
+async fn send_request(gateway: &TestGateway, request: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(gateway.public_addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    stream
+}
+
+/// The body of the gateway's answer to a request on the hub that is not an upgrade it serves.
+fn not_an_upgrade(why: &str) -> String {
+    format!("\r\n\r\n/hub/v1: only WebSocket upgrades are served here ({why})")
+}
+
 /// The status line, headers and body the gateway answers a raw upgrade request with.
 async fn upgrade_answer(gateway: &TestGateway, key: Option<&str>, version: &str) -> String {
     let token = gateway.token(&dispatcher("raw-1", &["west"]));
@@ -200,13 +211,7 @@ async fn upgrade_answer(gateway: &TestGateway, key: Option<&str>, version: &str)
         request.push_str(&format!("Sec-WebSocket-Key: {key}\r\n"));
     }
     request.push_str("\r\n");
-    let mut stream = TcpStream::connect(gateway.public_addr())
-        .await
-        .expect("connect");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send the request");
+    let mut stream = send_request(gateway, &request).await;
     let reading = async {
         let mut buf = Vec::new();
         loop {
@@ -241,7 +246,9 @@ async fn an_empty_or_malformed_websocket_key_is_refused_with_400() {
         let answer = upgrade_answer(&gateway, key, "13").await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{key:?}: {answer}");
         assert!(
-            answer.contains("Sec-WebSocket-Key must be the base64 of 16 bytes"),
+            answer.ends_with(&not_an_upgrade(
+                "Sec-WebSocket-Key must be the base64 of 16 bytes"
+            )),
             "{key:?}: {answer}"
         );
     }
@@ -262,6 +269,10 @@ async fn a_wrong_websocket_version_gets_426_naming_version_13() {
             answer
                 .to_ascii_lowercase()
                 .contains("\r\nsec-websocket-version: 13\r\n"),
+            "version {version}: {answer}"
+        );
+        assert!(
+            answer.ends_with(&not_an_upgrade("WebSocket version 13 is required")),
             "version {version}: {answer}"
         );
     }

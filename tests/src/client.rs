@@ -39,6 +39,19 @@ pub struct Closed {
     pub reason: Option<String>,
 }
 
+impl Refusal {
+    /// Checks the refusal's status and its exact body.
+    pub fn assert_is(&self, status: StatusCode, body: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.body, body, "{self:?}");
+    }
+
+    /// Checks the refusal is a 401 whose body is `unauthorized: {reason}`.
+    pub fn assert_unauthorized(&self, reason: &str) {
+        self.assert_is(StatusCode::UNAUTHORIZED, &format!("unauthorized: {reason}"));
+    }
+}
+
 impl Closed {
     /// The Close record, failing the test if none came.
     pub fn close_record(&self) -> &Value {
@@ -140,6 +153,16 @@ impl WsClient {
             .expect("sending a text frame");
     }
 
+    /// Sends `records`, each followed by the record separator, in one text frame.
+    pub async fn send_records(&mut self, records: &[&str]) {
+        let mut text = String::new();
+        for record in records {
+            text.push_str(record);
+            text.push(RS);
+        }
+        self.send_text(&text).await;
+    }
+
     /// Sends one binary frame.
     pub async fn send_binary(&mut self, bytes: &[u8]) {
         let message = Message::binary(bytes.to_vec());
@@ -222,6 +245,28 @@ impl WsClient {
             "Completion for another call"
         );
         completion
+    }
+
+    /// Invokes `target` and returns the error text of its Completion, failing the test if the
+    /// call succeeded.
+    pub async fn invoke_error(&mut self, id: &str, target: &str, arguments: Value) -> String {
+        let completion = self.invoke(id, target, arguments).await;
+        assert!(
+            completion.get("result").is_none(),
+            "expected an error Completion: {completion}"
+        );
+        completion["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a Completion with neither result nor error: {completion}"))
+            .to_owned()
+    }
+
+    /// Reads the next event, skipping pings, and checks its target and that its payload is
+    /// exactly `payload`.
+    pub async fn expect_event(&mut self, target: &str, payload: &str) {
+        let (got_target, got_payload) = self.next_event().await;
+        assert_eq!(got_target, target, "event target");
+        assert_eq!(got_payload, payload, "event payload");
     }
 
     /// Joins `/dispatch/{region}`, failing the test if the hub refuses; returns the

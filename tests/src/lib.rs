@@ -29,7 +29,9 @@ pub use crate::events::recommendation_ready;
 pub use crate::http::HeldRequest;
 pub use crate::records::{joined, parse_event, parse_positioned_event, split_records};
 pub use crate::redis_server::RedisServer;
-pub use crate::test_gateway::{GatewayBuilder, TestGateway, start_gateway};
+pub use crate::test_gateway::{
+    GatewayBuilder, TestGateway, gateway_with_dispatcher, start_gateway,
+};
 pub use crate::tokens::{contractor, dispatcher, hs256_token, sign, unix_now};
 
 /// The HS256 secret every test gateway verifies user tokens with (test-only, 32+ bytes).

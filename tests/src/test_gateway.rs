@@ -10,8 +10,9 @@ use gateway::auth::dev::TokenClaims;
 use gateway::config::Config;
 use reqwest::StatusCode;
 
-use crate::client::WsClient;
-use crate::tokens::hs256_token;
+use crate::client::{Refusal, WsClient};
+use crate::events::recommendation_ready;
+use crate::tokens::{dispatcher, hs256_token};
 use crate::{DEADLINE, TEST_KEY, TEST_SECRET, within};
 
 /// Serialises process-wide metrics installation: `gateway::metrics::install` is idempotent
@@ -117,6 +118,17 @@ pub async fn start_gateway(extra_args: &[&str]) -> TestGateway {
     GatewayBuilder::new().args(extra_args).start().await
 }
 
+/// Starts a gateway with `extra_args` and connects `dispatcher-1` of `regions` to it (handshake
+/// done, no group joined): the opening of most single-client tests.
+pub async fn gateway_with_dispatcher(
+    extra_args: &[&str],
+    regions: &[&str],
+) -> (TestGateway, WsClient) {
+    let gateway = start_gateway(extra_args).await;
+    let client = gateway.connect_dispatcher(regions).await;
+    (gateway, client)
+}
+
 /// A gateway running in the test's process; shut down when dropped.
 #[derive(Debug)]
 pub struct TestGateway {
@@ -157,6 +169,29 @@ impl TestGateway {
         let mut client = WsClient::connect(&self.hub_url(&self.token(claims))).await;
         client.handshake().await;
         client
+    }
+
+    /// Connects as `dispatcher-1` of `regions` and completes the handshake (joins nothing).
+    pub async fn connect_dispatcher(&self, regions: &[&str]) -> WsClient {
+        self.connect(&dispatcher("dispatcher-1", regions)).await
+    }
+
+    /// Tries to upgrade with `token` and returns the refusal, failing the test if the gateway
+    /// accepted it.
+    pub async fn upgrade_refused(&self, token: &str) -> Refusal {
+        match WsClient::try_connect(self.hub_url(token)).await {
+            Ok(_) => panic!("the upgrade with token {token} was accepted"),
+            Err(refusal) => refusal,
+        }
+    }
+
+    /// Publishes a fresh `RecommendationReady` for `region` and checks that `client` receives
+    /// exactly it as its next event; returns the event.
+    pub async fn publish_and_expect(&self, client: &mut WsClient, region: &str) -> String {
+        let event = recommendation_ready(region, &[]);
+        self.publish_accepted(&event).await;
+        client.expect_event("RecommendationReady", &event).await;
+        event
     }
 
     /// Publishes `body` over HTTP with the service key.
