@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use publisher_lib::contract::ValidationError;
 use publisher_lib::{BackgroundConfig, BackgroundPublisher, Dropped, Publisher, PublisherConfig};
 
 use crate::harness::*;
@@ -150,10 +151,12 @@ async fn background_publisher_drops_when_full_and_after_shutdown() {
         background.try_publish(recommendation("west")),
         Err(Dropped::QueueFull)
     );
-    assert!(matches!(
-        background.try_publish_with_key(event.clone(), "bad\nkey"),
-        Err(Dropped::Invalid(_))
-    ));
+    match background.try_publish_with_key(event.clone(), "bad\nkey") {
+        Err(Dropped::Invalid(ValidationError::Field { field, .. })) => {
+            assert_eq!(field, "idempotencyKey");
+        }
+        other => panic!("a bad key is refused as invalid: {other:?}"),
+    }
 
     within(DEADLINE, "shutdown", background.shutdown()).await;
     assert_eq!(background.try_publish(event), Err(Dropped::Closed));

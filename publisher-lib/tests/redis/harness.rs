@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use publisher_lib::contract::{Envelope, Event, Group, Position};
-use publisher_lib::{Publisher, PublisherConfig};
+use publisher_lib::contract::{Envelope, Event, Group, Position, ValidationError};
+use publisher_lib::{PublishError, Publisher, PublisherConfig};
 use uuid::Uuid;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(10);
@@ -164,9 +164,39 @@ pub(crate) fn recommendation(region: &str) -> Event {
     Event::RecommendationReady(payload)
 }
 
+/// Publishes `count` fresh recommendations to `/dispatch/west` and returns the group's epoch.
+pub(crate) async fn publish_west(publisher: &Publisher, count: usize) -> String {
+    for _ in 0..count {
+        publisher.publish(&recommendation("west")).await.unwrap();
+    }
+    let west = Group::try_dispatch("west").unwrap();
+    publisher
+        .read_history(&west, None)
+        .await
+        .unwrap()
+        .head
+        .epoch
+}
+
 /// The idempotency key `BackgroundPublisher::try_publish` uses for the event an envelope carries.
 pub(crate) fn key_of(envelope: &Envelope) -> String {
     event(&envelope.event).unique_id()
+}
+
+/// Why `error` refused the event, as the contract words it; fails the test for any other error.
+pub(crate) fn invalid_reason(error: &PublishError) -> String {
+    match error {
+        PublishError::Invalid(invalid) => invalid.to_string(),
+        other => panic!("expected an invalid event, got {other:?}"),
+    }
+}
+
+/// The field `error` names; fails the test unless it refused one field of the event.
+pub(crate) fn invalid_field(error: &PublishError) -> String {
+    match error {
+        PublishError::Invalid(ValidationError::Field { field, .. }) => field.clone(),
+        other => panic!("expected an invalid field, got {other:?}"),
+    }
 }
 
 /// A plain connection for inspecting keys.

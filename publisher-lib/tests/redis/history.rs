@@ -2,7 +2,7 @@
 //! resume can and cannot continue, new epochs, and idempotency keys.
 
 use publisher_lib::contract::{Envelope, Group, Position};
-use publisher_lib::{PublishError, Publisher, PublisherConfig};
+use publisher_lib::{Publisher, PublisherConfig};
 
 use crate::harness::*;
 
@@ -103,15 +103,7 @@ async fn a_position_the_history_cannot_continue_is_not_recovered() {
     let publisher =
         Publisher::new(PublisherConfig::new(server.url()).with_history_size(5)).unwrap();
     let west = Group::try_dispatch("west").unwrap();
-    for _ in 0..8 {
-        publisher.publish(&recommendation("west")).await.unwrap();
-    }
-    let epoch = publisher
-        .read_history(&west, None)
-        .await
-        .unwrap()
-        .head
-        .epoch;
+    let epoch = publish_west(&publisher, 8).await;
 
     let check = |after: Position, expected: Option<bool>| {
         let publisher = publisher.clone();
@@ -197,15 +189,7 @@ async fn a_replica_cursor_ahead_of_the_head_means_a_rewind_and_starts_a_new_epoc
     let server = RedisServer::start().await;
     let publisher = publisher(&server);
     let west = Group::try_dispatch("west").unwrap();
-    for _ in 0..3 {
-        publisher.publish(&recommendation("west")).await.unwrap();
-    }
-    let epoch = publisher
-        .read_history(&west, None)
-        .await
-        .unwrap()
-        .head
-        .epoch;
+    let epoch = publish_west(&publisher, 3).await;
     // A failover that lost the last write: the promoted history ends at 2, a replica saw 3.
     let mut admin = admin(&server).await;
     let () = command(&mut admin, &["HSET", "rt:{/dispatch/west}:pos", "seq", "2"]).await;
@@ -303,11 +287,25 @@ async fn a_bad_idempotency_key_is_refused_before_any_io() {
     let event = recommendation("west");
     for key in ["", "tab\there", "é", &"k".repeat(201)] {
         let error = publisher.publish_with_key(&event, key).await.unwrap_err();
-        assert!(
-            matches!(error, PublishError::Invalid(_)),
+        assert_eq!(
+            invalid_field(&error),
+            "idempotencyKey",
             "{key:?}: {error:?}"
         );
     }
+    let error = publisher.publish_with_key(&event, "").await.unwrap_err();
+    assert_eq!(
+        invalid_reason(&error),
+        "field `idempotencyKey`: the idempotency key is empty"
+    );
+    let error = publisher
+        .publish_with_key(&event, &"k".repeat(201))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        invalid_reason(&error),
+        "field `idempotencyKey`: the idempotency key is 201 bytes; at most 200 are allowed"
+    );
     let longest = "k".repeat(publisher_lib::MAX_IDEMPOTENCY_KEY_LEN);
     publisher.publish_with_key(&event, &longest).await.unwrap();
 }
