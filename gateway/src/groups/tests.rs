@@ -94,6 +94,16 @@ impl Replica {
         }
     }
 
+    /// A member joined held, with a queue of `capacity` live frames and `budget` in all.
+    async fn join_held(&mut self, capacity: usize, budget: usize) -> (ConnId, Outbound, Inbox) {
+        let (outbound, inbox) = outbound::channel_within(capacity, budget);
+        let conn = self.groups.next_conn_id();
+        self.join_as(conn, &west(), &outbound, Admission::Held)
+            .await
+            .unwrap();
+        (conn, outbound, inbox)
+    }
+
     /// Leaves, then collects what the broker was told.
     async fn leave(&mut self, conn: ConnId, group: &Group) {
         self.groups.leave(conn, group).await;
@@ -134,26 +144,37 @@ fn respond(request: SubscriptionRequest, answer: &Result<(), BrokerError>, asked
     }
 }
 
-/// Drives two joins of one group until the first asks the broker to subscribe, checks that the
-/// second waits for that subscription too, and returns the request's acknowledgement.
-async fn first_subscribe_while_the_second_waits(
-    requests: &mut SubscriptionRequests,
-    join_a: &mut (impl Future<Output = Result<(), BrokerError>> + Unpin),
-    join_b: &mut (impl Future<Output = Result<(), BrokerError>> + Unpin),
-) -> tokio::sync::oneshot::Sender<Result<(), BrokerError>> {
-    let request = tokio::select! {
-        request = requests.recv() => request.unwrap(),
-        outcome = &mut *join_a => panic!("first join ended early: {outcome:?}"),
-    };
-    assert!(
-        timeout(Duration::from_secs(60), &mut *join_b)
-            .await
-            .is_err()
-    );
-    let SubscriptionRequest::Subscribe { ack, .. } = request else {
-        panic!("expected a subscribe, got {request:?}");
-    };
-    ack
+/// Two members join one group while its first subscription is pending: the second waits for
+/// it too, the broker answers `answer`, and both joins end with that answer. Returns the
+/// registry and its request channel, for what the test checks next.
+async fn two_members_join_on_one_subscribe(
+    answer: Result<(), BrokerError>,
+) -> (Groups, SubscriptionRequests) {
+    let (subscriptions, mut requests) = broker::subscriptions(8);
+    let groups = Groups::new(subscriptions);
+    let (out_a, _inbox_a) = outbound::channel(8);
+    let (out_b, _inbox_b) = outbound::channel(8);
+    let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
+    let group = west();
+    {
+        let join_a = groups.join(a, &group, &out_a, Admission::Live);
+        let join_b = groups.join(b, &group, &out_b, Admission::Live);
+        tokio::pin!(join_a, join_b);
+        let request = tokio::select! {
+            request = requests.recv() => request.unwrap(),
+            outcome = &mut join_a => panic!("first join ended early: {outcome:?}"),
+        };
+        assert!(
+            timeout(Duration::from_secs(60), &mut join_b).await.is_err(),
+            "the second join waits for the first one's subscription"
+        );
+        let SubscriptionRequest::Subscribe { ack, .. } = request else {
+            panic!("expected a subscribe, got {request:?}");
+        };
+        ack.send(answer.clone()).unwrap();
+        assert_eq!(tokio::join!(join_a, join_b), (answer.clone(), answer));
+    }
+    (groups, requests)
 }
 
 /// Group names in `Asked` are compared with literals; the few leaked bytes end with the test.
@@ -179,6 +200,16 @@ fn positioned(group: &Group, seq: u64) -> Publication {
         payload: Bytes::from(format!("{{\"n\":{seq}}}")),
         ..publication(group)
     }
+}
+
+/// What a history read returns for a member that missed `seqs` of `/dispatch/west` (epoch
+/// `e1`): the missed publications and the head, the last of them.
+fn missed_through(seqs: std::ops::RangeInclusive<u64>) -> (Vec<Publication>, Position) {
+    let head = Position {
+        epoch: "e1".to_owned(),
+        seq: *seqs.end(),
+    };
+    (seqs.map(|seq| positioned(&west(), seq)).collect(), head)
 }
 
 /// The seqs of the frames queued in `inbox`, read back from their payload.
@@ -211,11 +242,7 @@ async fn a_held_member_gets_the_missed_events_then_the_live_ones_after_the_head_
         Vec::<u64>::new(),
         "nothing before release"
     );
-    let missed: Vec<Publication> = (3..=5).map(|seq| positioned(&west(), seq)).collect();
-    let head = Position {
-        epoch: "e1".to_owned(),
-        seq: 5,
-    };
+    let (missed, head) = missed_through(3..=5);
     replica.groups.release(conn, &west(), &missed, Some(&head));
     assert_eq!(seqs(&mut inbox), vec![3, 4, 5, 6]);
     // A late delivery of something the join already sent is not sent again; newer ones are.
@@ -232,11 +259,7 @@ async fn a_resume_backlog_longer_than_the_queue_is_delivered_and_live_frames_get
         .join_as(conn, &west(), &outbound, Admission::Held)
         .await
         .unwrap();
-    let missed: Vec<Publication> = (1..=10).map(|seq| positioned(&west(), seq)).collect();
-    let head = Position {
-        epoch: "e1".to_owned(),
-        seq: 10,
-    };
+    let (missed, head) = missed_through(1..=10);
     replica.groups.release(conn, &west(), &missed, Some(&head));
     // Room for two live frames on top of the backlog; a third is an overflow.
     replica.groups.fan_out(&positioned(&west(), 11));
@@ -400,19 +423,7 @@ async fn a_join_completes_only_once_the_subscription_is_live() {
 
 #[tokio::test(start_paused = true)]
 async fn a_second_member_waits_for_the_pending_subscription_of_the_first() {
-    let (subscriptions, mut requests) = broker::subscriptions(8);
-    let groups = Groups::new(subscriptions);
-    let (out_a, _inbox_a) = outbound::channel(8);
-    let (out_b, _inbox_b) = outbound::channel(8);
-    let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
-    let group = west();
-    let join_a = groups.join(a, &group, &out_a, Admission::Live);
-    let join_b = groups.join(b, &group, &out_b, Admission::Live);
-    tokio::pin!(join_a, join_b);
-    let ack = first_subscribe_while_the_second_waits(&mut requests, &mut join_a, &mut join_b).await;
-    ack.send(Ok(())).unwrap();
-
-    assert_eq!(tokio::join!(join_a, join_b), (Ok(()), Ok(())));
+    let (groups, mut requests) = two_members_join_on_one_subscribe(Ok(())).await;
     assert!(
         timeout(Duration::from_millis(1), requests.recv())
             .await
@@ -554,23 +565,8 @@ async fn a_failed_subscribe_leaves_no_member_behind() {
 
 #[tokio::test(start_paused = true)]
 async fn members_waiting_on_a_failed_subscribe_all_fail() {
-    let (subscriptions, mut requests) = broker::subscriptions(8);
-    let groups = Groups::new(subscriptions);
-    let (out_a, _inbox_a) = outbound::channel(8);
-    let (out_b, _inbox_b) = outbound::channel(8);
-    let (a, b) = (groups.next_conn_id(), groups.next_conn_id());
-    let group = west();
-    let join_a = groups.join(a, &group, &out_a, Admission::Live);
-    let join_b = groups.join(b, &group, &out_b, Admission::Live);
-    tokio::pin!(join_a, join_b);
-    let ack = first_subscribe_while_the_second_waits(&mut requests, &mut join_a, &mut join_b).await;
     let refusal = BrokerError::Unavailable("redis is down".to_owned());
-    ack.send(Err(refusal.clone())).unwrap();
-
-    assert_eq!(
-        tokio::join!(join_a, join_b),
-        (Err(refusal.clone()), Err(refusal))
-    );
+    let (groups, _requests) = two_members_join_on_one_subscribe(Err(refusal)).await;
     assert_eq!(groups.member_count(&west()), 0);
     assert_eq!(groups.group_count(), 0);
 }
@@ -764,18 +760,9 @@ async fn the_memory_broker_delivers_a_publication_to_joined_members() {
 async fn a_resume_that_does_not_fit_the_budget_is_dropped_and_only_the_live_frames_are_queued() {
     let mut replica = Replica::new();
     // A queue of 2 live frames and a budget of 6 frames in all.
-    let (outbound, mut inbox) = outbound::channel_within(2, 6);
-    let conn = replica.groups.next_conn_id();
-    replica
-        .join_as(conn, &west(), &outbound, Admission::Held)
-        .await
-        .unwrap();
+    let (conn, _outbound, mut inbox) = replica.join_held(2, 6).await;
     replica.groups.fan_out(&positioned(&west(), 11));
-    let missed: Vec<Publication> = (1..=10).map(|seq| positioned(&west(), seq)).collect();
-    let head = Position {
-        epoch: "e1".to_owned(),
-        seq: 10,
-    };
+    let (missed, head) = missed_through(1..=10);
     assert_eq!(
         replica.groups.release(conn, &west(), &missed, Some(&head)),
         None,
@@ -787,17 +774,8 @@ async fn a_resume_that_does_not_fit_the_budget_is_dropped_and_only_the_live_fram
 #[tokio::test]
 async fn a_resume_that_fits_says_when_it_has_all_been_taken() {
     let mut replica = Replica::new();
-    let (outbound, mut inbox) = outbound::channel_within(2, 6);
-    let conn = replica.groups.next_conn_id();
-    replica
-        .join_as(conn, &west(), &outbound, Admission::Held)
-        .await
-        .unwrap();
-    let missed: Vec<Publication> = (1..=4).map(|seq| positioned(&west(), seq)).collect();
-    let head = Position {
-        epoch: "e1".to_owned(),
-        seq: 4,
-    };
+    let (conn, outbound, mut inbox) = replica.join_held(2, 6).await;
+    let (missed, head) = missed_through(1..=4);
     let through = replica.groups.release(conn, &west(), &missed, Some(&head));
     assert_eq!(through, Some(4));
     assert_eq!(outbound.taken(), 0);
