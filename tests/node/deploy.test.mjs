@@ -190,7 +190,7 @@ const NOT_SETTINGS = new Set(["GATEWAY_BIN"]);
 // like `--flag` must be one of the gateway's.
 const OTHER_PROGRAMS_FLAGS = {
   cargo: ["--release", "--locked", "--bins"],
-  docker: ["--mount", "--from", "--interval", "--timeout", "--start-period", "--retries", "--build", "--build-arg", "--scale", "--no-build"],
+  docker: ["--mount", "--from", "--interval", "--timeout", "--start-period", "--retries", "--build", "--build-arg", "--scale", "--no-build", "--no-recreate", "--index"],
   "apt-get / useradd": ["--no-install-recommends", "--system", "--gid", "--uid", "--no-create-home", "--home-dir", "--shell"],
   curl: ["--max-time"],
   "redis-server": ["--appendonly", "--appendfsync", "--aof-use-rdb-preamble", "--bind", "--port", "--save", "--dir", "--daemonize", "--protected-mode"],
