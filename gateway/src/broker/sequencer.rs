@@ -7,7 +7,7 @@
 //! history after its cursor; the answer fills the gap before what waited is delivered. Its
 //! inputs are a live message, the result of a history read, a read that failed for good, and a
 //! reconnect; its outputs are the publications handed to `deliver` and, at most one at a time,
-//! the history read to issue. It does no I/O and knows no clock: `broker/redis.rs` runs the
+//! the history read to issue. It does no I/O and knows no clock: `broker/repair.rs` runs the
 //! reads (and their retries), and the property tests run it against a model history.
 
 use publisher_lib::contract::{Group, Position};

@@ -3,8 +3,11 @@
 //! `Groups` maps each group to the outbound queues of local connections that joined it and
 //! tells the broker when a group gains its first member or loses its last. It knows nothing
 //! about sockets or Redis: publications arrive through [`Fanout`], and frames leave through
-//! [`Outbound`] queues without ever awaiting. A connection's own list of groups lives in its task,
-//! so closing a connection needs no second shared map.
+//! [`Outbound`] queues without ever awaiting; `protocol::frames` builds each publication's frame.
+//! A join, resume included, is one call ([`Groups::join_resuming`]): the member is held while
+//! the history is read, then released with the missed events first, cut at the head the read
+//! returned. A connection's own list of groups lives in its task, so closing a connection needs
+//! no second shared map.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
