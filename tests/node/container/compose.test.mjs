@@ -93,10 +93,17 @@ function portFree(port) {
   });
 }
 
-/** `count` consecutive free loopback ports (a random block, retried). */
+/**
+ * `count` consecutive free loopback ports (a random block, retried), below the kernel's
+ * ephemeral range: a slot no replica holds yet must not be taken meanwhile by the source port
+ * of some outgoing connection (the clients', HAProxy's, Prometheus's, other tests').
+ */
 async function freeBlock(count) {
+  const [ephemeralLow] = readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/).map(Number);
+  const low = 10_000;
+  const high = Math.max(low + 1000, (ephemeralLow || 32_768) - count);
   for (let attempt = 0; attempt < 50; attempt += 1) {
-    const base = 20_000 + Math.floor(Math.random() * 30_000);
+    const base = low + Math.floor(Math.random() * (high - low));
     const ports = Array.from({ length: count }, (_, i) => base + i);
     let free = true;
     for (const port of ports) if (!(free = await portFree(port))) break;
