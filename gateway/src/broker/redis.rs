@@ -11,7 +11,7 @@
 //! to receive it back. Publishing (HTTP events, probes) goes through `publisher_lib::Publisher`,
 //! the same code every backend uses. Messages are envelopes (`publisher_lib::contract::Envelope`);
 //! the event bytes inside reach fan-out untouched. Each group's order is kept by
-//! [`super::repair::Cursors`]: a message that reveals a gap (or a reconnect: events published
+//! `broker/repair.rs` (`Cursors`): a message that reveals a gap (or a reconnect: events published
 //! while the subscriber was away are in the history) is held while the history after the
 //! replica's cursor is read, so fan-out still gets each event once and in order. This file
 //! keeps only the connection: subscribing, reconnecting, probing, decoding.
