@@ -126,15 +126,22 @@ fn assert_redis_away(error: &PublishError) {
     );
 }
 
-#[tokio::test]
-async fn stopped_redis_fails_fast_with_a_typed_error() {
-    let mut server = RedisServer::start().await;
-    let config = PublisherConfig::new(server.url()).with_publish_timeout(Duration::from_secs(1));
+/// A publisher whose publishes time out after `timeout`, once it has published the fixture
+/// event to `server`; and that event.
+async fn published_once(server: &RedisServer, timeout: Duration) -> (Publisher, Event) {
+    let config = PublisherConfig::new(server.url()).with_publish_timeout(timeout);
     let publisher = Publisher::new(config).unwrap();
     let event = event(RECOMMENDATION);
     within(DEADLINE, "first publish", publisher.publish(&event))
         .await
         .unwrap();
+    (publisher, event)
+}
+
+#[tokio::test]
+async fn stopped_redis_fails_fast_with_a_typed_error() {
+    let mut server = RedisServer::start().await;
+    let (publisher, event) = published_once(&server, Duration::from_secs(1)).await;
 
     server.stop();
     let error = within(
@@ -151,13 +158,7 @@ async fn stopped_redis_fails_fast_with_a_typed_error() {
 #[tokio::test]
 async fn publisher_recovers_when_redis_comes_back() {
     let mut server = RedisServer::start().await;
-    let config =
-        PublisherConfig::new(server.url()).with_publish_timeout(Duration::from_millis(500));
-    let publisher = Publisher::new(config).unwrap();
-    let event = event(RECOMMENDATION);
-    within(DEADLINE, "first publish", publisher.publish(&event))
-        .await
-        .unwrap();
+    let (publisher, event) = published_once(&server, Duration::from_millis(500)).await;
     server.stop();
     let error = publisher.publish(&event).await.unwrap_err();
     assert_redis_away(&error);
