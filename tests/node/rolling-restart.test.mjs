@@ -3,7 +3,9 @@
 // into Redis by `loadgen publish-stream`, and the three replicas restarted one after the other
 // with SIGTERM (not ready for --shutdown-delay, then clients closed spread over half of
 // --drain-timeout). Every client must end with every event of its groups once and in order, and
-// the reconnects that land on the survivors must come as a trickle, not a storm. Writes
+// every client a restart closed must come back. How the reconnects spread over time is measured
+// and reported (peak per 500 ms window), not asserted: the drain's schedule is the behaviour, and
+// it is tested with paused time in gateway/src/shutdown_tests.rs. Writes
 // chaos-results/7-rolling-restart.json.
 
 import assert from "node:assert/strict";
@@ -24,7 +26,7 @@ const GROUPS = 4;
 const RATE = 100;
 const SHUTDOWN_DELAY_MS = 1000;
 const DRAIN_TIMEOUT_MS = 4000;
-/** Clients are closed over half the drain timeout; a window of this length sees a share of them. */
+/** Clients are closed over half the drain timeout; the report gives the most in a window this long. */
 const WINDOW_MS = 500;
 
 let topology;
@@ -102,7 +104,7 @@ async function settled(clients, summary, ms) {
   }
 }
 
-test("restarting the three replicas one after another loses nothing and spreads the reconnects", { timeout: 300_000 }, async (t) => {
+test("restarting the three replicas one after another loses nothing and every closed client comes back", { timeout: 300_000 }, async (t) => {
   const regions = Array.from({ length: GROUPS }, () => uniqueRegion("rolling"));
   const clients = [];
   for (let i = 0; i < CLIENTS; i += 1) {
@@ -169,11 +171,14 @@ test("restarting the three replicas one after another loses nothing and spreads 
   assert.equal(totals.outOfOrder, 0, "out of order");
   assert.equal(totals.seqGaps, 0, "seq gaps");
   assert.equal(totals.recoveredFalse, 0, "a resume was refused");
-  for (const { replica, landedOnSurvivors: landedTotal, landedPeakInWindow: peak, stopMs } of reconnects) {
+  for (const { replica, landedOnSurvivors: landedTotal, reconnected, stopMs } of reconnects) {
     assert.ok(landedTotal > 0, `no client was on ${replica}`);
-    // Spread over half the drain timeout (2 s), a 500 ms window sees about a quarter of a
-    // replica's clients; all at once would be all of them. Allow twice the even share.
-    assert.ok(peak <= Math.ceil(landedTotal / 2), `${replica}: ${peak} of ${landedTotal} reconnects landed on the others within ${WINDOW_MS} ms`);
+    assert.ok(reconnected > 0, `no client reconnected after ${replica} was restarted`);
+    // A lower bound: the replica kept serving through its shutdown delay (not a speed target).
     assert.ok(stopMs >= SHUTDOWN_DELAY_MS, `${replica} stopped after ${stopMs} ms, before its shutdown delay`);
+  }
+  // Every connection a drain closed came back (the official client reconnects by itself).
+  for (const client of clients) {
+    assert.equal((client.reconnectedAt ?? []).length, (client.reconnectingAt ?? []).length, `${client.name}: reconnecting and reconnected`);
   }
 });
