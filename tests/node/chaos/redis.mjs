@@ -51,7 +51,7 @@ function parse(buffer, offset = 0) {
 }
 
 /** Sends one command to 127.0.0.1:`port`; resolves with the reply (rejects on an error reply). */
-export function redisCommand(port, args, timeoutMs = 3000) {
+export function redisCommand(port, args, timeoutMs = 10_000) {
   return new Promise((resolve, reject) => {
     const socket = net.connect({ host: "127.0.0.1", port });
     let buffer = Buffer.alloc(0);
