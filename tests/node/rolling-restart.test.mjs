@@ -121,8 +121,14 @@ test("restarting the three replicas one after another loses nothing and every cl
   for (let i = 0; i < 3; i += 1) {
     const before = Date.now();
     const survivors = sampleConnections(topology.replicas.filter((_, j) => j !== i));
-    const stopped = await killReplica(topology, i, "SIGTERM");
-    await restartReplica(topology, i, stopped.argv);
+    let stopped;
+    try {
+      stopped = await killReplica(topology, i, "SIGTERM");
+      await restartReplica(topology, i, stopped.argv);
+    } finally {
+      // Stopped on failure too: its polling loop would keep this process alive.
+      await survivors.stop();
+    }
     // By now the replica's clients are back on the others (the restart takes longer than they do).
     const landed = peakFromSamples(await survivors.stop());
     restarts.push({ replica: topology.replicas[i].name, from: before, stopMs: stopped.stopMs, until: Date.now(), landed });

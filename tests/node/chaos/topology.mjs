@@ -150,7 +150,10 @@ export async function restartReplica(topology, i, argv, ms = 20_000) {
     } catch {
       // not yet
     }
-    if (!alive(pid) || Date.now() > deadline) throw new Error(`${topology.replicas[i].name} did not come back`);
+    if (!alive(pid) || Date.now() > deadline) {
+      const why = alive(pid) ? `not ready within ${ms} ms` : "exited";
+      throw new Error(`${topology.replicas[i].name} did not come back (${why})\n${topology.logTails()}`);
+    }
     await pause(50);
   }
 }
