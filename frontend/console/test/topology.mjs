@@ -11,6 +11,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, 
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { stopOnExit } from "../../../tests/node/stop-on-exit.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const REPO = path.resolve(here, "../../..");
@@ -26,25 +27,8 @@ const SERVICE_KEY = "console-browser-test-service-key-0123456789";
 
 // What must be stopped if this process exits or is told to stop before a test's own cleanup
 // ran: an interrupted run leaves no topology or demo backend behind.
-const stops = new Set();
-function stopEverything() {
-  for (const stop of [...stops]) {
-    stops.delete(stop);
-    try {
-      stop();
-    } catch (error) {
-      process.stderr.write(`stopping on exit failed: ${error}\n`);
-    }
-  }
-}
-process.once("exit", stopEverything);
-for (const [signal, number] of [["SIGINT", 2], ["SIGTERM", 15], ["SIGHUP", 1]]) {
-  process.once(signal, () => {
-    process.stderr.write(`${signal}: stopping the topology and demo backend this test file started\n`);
-    stopEverything();
-    process.exit(128 + number);
-  });
-}
+const forgets = [];
+const forgetAll = () => forgets.splice(0).forEach((forget) => forget());
 
 /** Throws a message naming the command that builds whatever is missing. */
 export function checkPrerequisites() {
@@ -143,7 +127,7 @@ export async function startEnvironment(stateDir) {
       READY_TIMEOUT: "30",
     };
     const downEnv = env;
-    stops.add(() => execFileSync(path.join(DEPLOY, "down"), [], { env: { ...downEnv, STOP_TIMEOUT: "5" }, timeout: 30_000, stdio: "ignore" }));
+    forgets.push(stopOnExit(() => execFileSync(path.join(DEPLOY, "down"), [], { env: { ...downEnv, STOP_TIMEOUT: "5" }, timeout: 30_000, stdio: "ignore" })));
     try {
       await runScript("up", env, 60_000);
       break;
@@ -177,8 +161,9 @@ export async function startEnvironment(stateDir) {
   );
   closeSync(backendLog);
   const killBackend = () => backend.kill("SIGKILL");
-  stops.add(killBackend);
-  backend.once("exit", () => stops.delete(killBackend));
+  const forgetBackend = stopOnExit(killBackend);
+  forgets.push(forgetBackend);
+  backend.once("exit", forgetBackend);
   const consoleUrl = `http://127.0.0.1:${consolePort}/`;
 
   const environment = {
@@ -192,7 +177,7 @@ export async function startEnvironment(stateDir) {
         await until("the demo backend to exit", 10_000, () => !alive(backend.pid)).catch(() => backend.kill("SIGKILL"));
       }
       await runScript("down", env, 90_000);
-      stops.clear();
+      forgetAll();
     },
     logTails() {
       try {
