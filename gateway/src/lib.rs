@@ -6,7 +6,9 @@
 //!
 //! - [`config`]: flags, environment, validation; [`keys`]: the key files it names.
 //! - [`protocol`], [`auth`], [`hub`]: the pure core (SignalR codec, tokens and join rules, hub methods).
-//! - [`outbound`], [`groups`], [`broker`]: the data path, broker → groups → queue.
+//! - [`outbound`], [`groups`], [`broker`]: the data path, broker → groups → queue; [`order`]:
+//!   the pure decisions of ordering and resume they share (the replica's cursor, each join's
+//!   hold, cut and floor).
 //! - [`connection`]: one task per WebSocket, framed with the workspace's `ws-frame` crate.
 //! - [`http`]: routers and handlers, the upgrade and the servers; the only module that names axum.
 //! - [`limits`]: admission bookkeeping (connections, handshakes, connect and publish rates).
@@ -24,6 +26,7 @@ pub mod hub;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod order;
 pub mod outbound;
 pub mod protocol;
 pub mod shutdown;

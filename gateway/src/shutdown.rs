@@ -2,9 +2,9 @@
 //!
 //! Connections and background tasks (the broker) are spawned through trackers so shutdown can
 //! wait for them; the servers' and the drain's own tasks are held by their `JoinHandle`s and
-//! awaited. One short task is spawned untracked and ends on its own: `Groups::leave_now`'s
-//! unsubscribe request (one send on the bounded control channel), because it starts from a
-//! `Drop`. [`Shutdown::drain`] is the order, fixed: readiness turns false, the
+//! awaited. Nothing is spawned untracked: even `Groups::leave_now`, which runs from a `Drop`,
+//! asks for its unsubscribe without a task (`Subscriptions::unsubscribe_now`).
+//! [`Shutdown::drain`] is the order, fixed: readiness turns false, the
 //! listener stops accepting, every connection is told to close (reconnect allowed) through its
 //! queue, spread over half the drain deadline, they are awaited under the deadline, and only
 //! then does the broker stop, and the admin listener last.

@@ -161,13 +161,12 @@ const BOUNDARIES: &[Boundary] = &[
         |name| name == "keys.rs",
         "key files are read in gateway/src/keys.rs only",
     ),
-    // lib.rs holds the servers' and the drain's handles and awaits them; groups/mod.rs
-    // (`leave_now`'s unsubscribe request) spawns a short task that ends on its own
-    // (gateway/src/shutdown.rs lists it). The Redis probe and gap-repair reads are tracked.
+    // lib.rs holds the servers' and the drain's handles and awaits them; every other task
+    // (connections, the broker, the Redis probe, gap-repair reads) goes through a tracker.
     (
         &["tokio::spawn", "runtime.spawn", "task::spawn"],
-        |name| matches!(name, "lib.rs" | "groups/mod.rs"),
-        "spawn through a tracker (`Shutdown::connections`/`background`), or list the task in gateway/src/shutdown.rs and here",
+        |name| name == "lib.rs",
+        "spawn through a tracker (`Shutdown::connections`/`background`) so shutdown waits for it",
     ),
 ];
 

@@ -12,14 +12,14 @@ pub mod history;
 pub mod memory;
 pub mod redis;
 mod repair;
-mod sequencer;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use publisher_lib::contract::{EventKind, Group, Position};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 /// Capacity of the subscription-control channel between groups and the broker.
 pub const SUBSCRIPTION_QUEUE: usize = 1024;
@@ -160,12 +160,31 @@ impl Broker {
 #[derive(Debug, Clone)]
 pub struct Subscriptions {
     tx: mpsc::Sender<SubscriptionRequest>,
+    late: Arc<LateUnsubscribes>,
 }
 
 /// The broker's end of the subscription-control channel.
 #[derive(Debug)]
 pub struct SubscriptionRequests {
     rx: mpsc::Receiver<SubscriptionRequest>,
+    late: Arc<LateUnsubscribes>,
+}
+
+/// Unsubscribes that found the channel full ([`Subscriptions::unsubscribe_now`]), one per
+/// group (its latest generation), so waiting for room needs no task and no unbounded queue.
+#[derive(Debug, Default)]
+struct LateUnsubscribes {
+    groups: Mutex<HashMap<Group, u64>>,
+    added: Notify,
+}
+
+impl LateUnsubscribes {
+    fn take_one(&self) -> Option<SubscriptionRequest> {
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        let group = groups.keys().next()?.clone();
+        let generation = groups.remove(&group)?;
+        Some(SubscriptionRequest::Unsubscribe { group, generation })
+    }
 }
 
 /// A request to start or stop receiving a group's publications.
@@ -196,7 +215,14 @@ pub enum SubscriptionRequest {
 /// A bounded subscription-control channel.
 pub fn subscriptions(capacity: usize) -> (Subscriptions, SubscriptionRequests) {
     let (tx, rx) = mpsc::channel(capacity);
-    (Subscriptions { tx }, SubscriptionRequests { rx })
+    let late = Arc::new(LateUnsubscribes::default());
+    (
+        Subscriptions {
+            tx,
+            late: Arc::clone(&late),
+        },
+        SubscriptionRequests { rx, late },
+    )
 }
 
 impl Subscriptions {
@@ -232,12 +258,37 @@ impl Subscriptions {
             .send(SubscriptionRequest::Unsubscribe { group, generation })
             .await;
     }
+
+    /// Asks the broker to unsubscribe without awaiting (usable from `Drop`): when the channel
+    /// is full the request waits beside it, merged with any other for the same group, and the
+    /// broker takes it with its next requests.
+    pub fn unsubscribe_now(&self, group: Group, generation: u64) {
+        match self
+            .tx
+            .try_send(SubscriptionRequest::Unsubscribe { group, generation })
+        {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(request)) => {
+                if let SubscriptionRequest::Unsubscribe { group, generation } = request {
+                    let mut late = self
+                        .late
+                        .groups
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    let latest = late.entry(group).or_insert(generation);
+                    *latest = (*latest).max(generation);
+                    drop(late);
+                    self.late.added.notify_one();
+                }
+            }
+        }
+    }
 }
 
 impl SubscriptionRequests {
     /// A request already queued, if any (to batch many joins into one SUBSCRIBE).
     pub fn try_recv(&mut self) -> Option<SubscriptionRequest> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().or_else(|| self.late.take_one())
     }
 
     /// The next request; `None` once every handle is gone.
@@ -245,7 +296,21 @@ impl SubscriptionRequests {
     /// # Cancel safety
     /// Cancel-safe.
     pub async fn recv(&mut self) -> Option<SubscriptionRequest> {
-        self.rx.recv().await
+        loop {
+            // The channel first: what waits beside it was sent after everything in it.
+            match self.rx.try_recv() {
+                Ok(request) => return Some(request),
+                Err(mpsc::error::TryRecvError::Disconnected) => return self.late.take_one(),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if let Some(request) = self.late.take_one() {
+                return Some(request);
+            }
+            tokio::select! {
+                request = self.rx.recv() => return request,
+                () = self.late.added.notified() => {}
+            }
+        }
     }
 }
 
@@ -259,4 +324,60 @@ pub fn start_memory(
     Broker::Memory(memory::MemoryBroker::start(
         fanout, settings, requests, shutdown,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(region: &str) -> Group {
+        Group::try_dispatch(region).expect("valid region")
+    }
+
+    /// The request as (kind, region, generation), for comparing.
+    fn seen(request: Option<SubscriptionRequest>) -> Option<(&'static str, String, u64)> {
+        match request? {
+            SubscriptionRequest::Subscribe {
+                group, generation, ..
+            } => Some(("subscribe", group.to_string(), generation)),
+            SubscriptionRequest::Unsubscribe { group, generation } => {
+                Some(("unsubscribe", group.to_string(), generation))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unsubscribes_that_find_the_channel_full_wait_beside_it_merged_per_group_and_in_order()
+    {
+        let (subscriptions, mut requests) = subscriptions(1);
+        let (ack, _answer) = oneshot::channel();
+        subscriptions
+            .tx
+            .try_send(SubscriptionRequest::Subscribe {
+                group: group("west"),
+                generation: 1,
+                ack,
+            })
+            .expect("room for one");
+        subscriptions.unsubscribe_now(group("west"), 1);
+        subscriptions.unsubscribe_now(group("east"), 2);
+        subscriptions.unsubscribe_now(group("east"), 4);
+        subscriptions.unsubscribe_now(group("east"), 3);
+
+        let first = seen(requests.recv().await).expect("a request");
+        assert_eq!(first.0, "subscribe", "what was in the channel comes first");
+        let mut rest = vec![
+            seen(requests.recv().await).expect("a request"),
+            seen(requests.try_recv()).expect("a request"),
+        ];
+        rest.sort();
+        assert_eq!(
+            rest,
+            vec![
+                ("unsubscribe", "/dispatch/east".to_owned(), 4),
+                ("unsubscribe", "/dispatch/west".to_owned(), 1),
+            ]
+        );
+        assert!(requests.try_recv().is_none(), "each group once");
+    }
 }

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::sequencer::Sequencer;
 use super::{BrokerError, Fanout, History, Publication};
+use crate::order::sequencer::Sequencer;
 use crate::shutdown::Shutdown;
 
 /// How long a failed history read is retried before the gap is given up (delivered across):

@@ -6,8 +6,9 @@
 //! [`Outbound`] queues without ever awaiting; `protocol::frames` builds each publication's frame.
 //! A join, resume included, is one call ([`Groups::join_resuming`]): the member is held while
 //! the history is read, then released with the missed events first, cut at the head the read
-//! returned. A connection's own list of groups lives in its task, so closing a connection needs
-//! no second shared map.
+//! returned. What is held, cut and skipped is decided by `order::member`; this module holds the
+//! locks and the queues. A connection's own list of groups lives in its task, so closing a
+//! connection needs no second shared map.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -20,14 +21,13 @@ use tokio::sync::watch;
 
 use crate::broker::{Broker, BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
+use crate::order::member::{Floors, Hold, Holding};
 use crate::outbound::{Closing, Frame, Outbound, OverBudget, Rejected, WriteMode};
 use crate::protocol::frames;
 
 /// Largest group whose publications are written straight to idle members' sockets.
 pub const MAX_DIRECT_WRITE_MEMBERS: usize = 256;
-/// Most publications held for a member while its join reads the history; one more closes it
-/// as a slow consumer (it may resume from its last position).
-pub const MAX_HELD_FRAMES: usize = 10_000;
+pub use crate::order::member::MAX_HELD_FRAMES;
 
 /// Identifies a connection inside this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,9 +61,8 @@ struct Members {
     /// [`Groups::release`] puts the missed ones first.
     held: HashMap<ConnId, Held>,
     /// For members just released: the last position their join sent, so a publication the
-    /// broker delivers late (it was still filling a gap) is not sent to them twice. Cleared at
-    /// the first newer publication.
-    floors: Mutex<HashMap<ConnId, Position>>,
+    /// broker delivers late (it was still filling a gap) is not sent to them twice.
+    floors: Mutex<Floors<ConnId>>,
     generation: u64,
     subscription: watch::Sender<Subscription>,
 }
@@ -72,13 +71,9 @@ struct Members {
 #[derive(Debug)]
 struct Held {
     outbound: Outbound,
-    /// Behind its own lock so fan-out keeps the registry's read lock. `None` once it held
-    /// [`MAX_HELD_FRAMES`] and was closed as a slow consumer: nothing more is kept for it.
-    frames: Mutex<Option<Vec<HeldFrame>>>,
+    /// Behind its own lock so fan-out keeps the registry's read lock.
+    frames: Mutex<Holding<Frame>>,
 }
-
-/// A live frame kept for a held member, with its position to cut at the head.
-type HeldFrame = (Option<Position>, Frame);
 
 /// What a join tells its client, from [`Groups::join_resuming`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +183,7 @@ impl Groups {
                     entry.insert(Members {
                         queues: HashMap::new(),
                         held: HashMap::new(),
-                        floors: Mutex::new(HashMap::new()),
+                        floors: Mutex::new(Floors::default()),
                         generation,
                         subscription,
                     })
@@ -206,7 +201,7 @@ impl Groups {
                     members.queues.remove(&conn);
                     members.held.entry(conn).or_insert_with(|| Held {
                         outbound: outbound.clone(),
-                        frames: Mutex::new(Some(Vec::new())),
+                        frames: Mutex::new(Holding::default()),
                     });
                 }
             }
@@ -286,25 +281,12 @@ impl Groups {
         let mut groups = self.write();
         let members = groups.get_mut(group)?;
         let held = members.held.remove(&conn)?;
-        let frames = held
+        let released = held
             .frames
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner)
-            .unwrap_or_default();
-        let mut last = head.cloned();
-        let mut live = Vec::new();
-        for (position, frame) in frames {
-            let seen = match (head, &position) {
-                (Some(head), Some(p)) => p.epoch == head.epoch && p.seq <= head.seq,
-                _ => false,
-            };
-            if !seen {
-                live.push(frame);
-                if let Some(position) = position {
-                    last = Some(position);
-                }
-            }
-        }
+            .release(head);
+        let live = released.live;
         let mut backlog: Vec<Frame> = Vec::with_capacity(missed.len() + live.len());
         backlog.extend(missed.iter().map(event_frame));
         backlog.extend(live.iter().cloned());
@@ -319,12 +301,12 @@ impl Groups {
             }
         };
         members.queues.insert(conn, held.outbound);
-        if let Some(last) = last {
+        if let Some(floor) = released.floor {
             members
                 .floors
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert(conn, last);
+                .set(conn, floor);
         }
         through
     }
@@ -378,17 +360,13 @@ impl Groups {
 
     /// Removes `conn` from `group` at once, without awaiting: usable from `Drop`, so a
     /// connection that panics or is cancelled still leaves. When it was the last member, the
-    /// broker is asked to unsubscribe from a short task of its own (the request is one send on
-    /// the bounded control channel; the generation makes it harmless if the group is joined
-    /// again meanwhile). Outside a runtime only the membership is removed.
+    /// broker is asked to unsubscribe without waiting for room in the control channel
+    /// ([`Subscriptions::unsubscribe_now`]; the generation makes it harmless if the group is
+    /// joined again meanwhile).
     pub fn leave_now(&self, conn: ConnId, group: &Group) {
-        let Some(generation) = self.remove(conn, group, None) else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let subscriptions = self.subscriptions.clone();
-            let group = group.clone();
-            runtime.spawn(async move { subscriptions.unsubscribe(group, generation).await });
+        if let Some(generation) = self.remove(conn, group, None) {
+            self.subscriptions
+                .unsubscribe_now(group.clone(), generation);
         }
     }
 
@@ -498,17 +476,8 @@ impl Fanout for Groups {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             for (conn, queue) in &members.queues {
-                if !floors.is_empty()
-                    && let Some(floor) = floors.get(conn)
-                {
-                    let sent = publication
-                        .position
-                        .as_ref()
-                        .is_some_and(|p| p.epoch == floor.epoch && p.seq <= floor.seq);
-                    if sent {
-                        continue;
-                    }
-                    floors.remove(conn);
+                if !floors.admits(conn, publication.position.as_ref()) {
+                    continue;
                 }
                 match queue.try_push(&frame, mode) {
                     Ok(()) => queued += 1,
@@ -518,18 +487,12 @@ impl Fanout for Groups {
             }
             for held in members.held.values() {
                 let mut frames = held.frames.lock().unwrap_or_else(PoisonError::into_inner);
-                match frames.as_mut() {
-                    Some(kept)
-                        if kept.len() < MAX_HELD_FRAMES && held.outbound.fits(kept.len() + 1) =>
-                    {
-                        kept.push((publication.position.clone(), frame.clone()));
-                    }
-                    Some(_) => {
-                        *frames = None;
-                        held.outbound.close(Closing::SlowConsumer);
-                        slow += 1;
-                    }
-                    None => {}
+                let hold = frames.hold(publication.position.as_ref(), frame.clone(), |n| {
+                    held.outbound.fits(n)
+                });
+                if hold == Hold::Overflowed {
+                    held.outbound.close(Closing::SlowConsumer);
+                    slow += 1;
                 }
             }
             (queued, slow)

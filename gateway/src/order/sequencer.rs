@@ -8,16 +8,18 @@
 //! inputs are a live message, the result of a history read, a read that failed for good, and a
 //! reconnect; its outputs are the publications handed to `deliver` and, at most one at a time,
 //! the history read to issue. It does no I/O and knows no clock: `broker/repair.rs` runs the
-//! reads (and their retries), and the property tests run it against a model history.
+//! reads (and their retries) for both brokers, and the property tests run it against a model
+//! history.
 
 use publisher_lib::contract::{Group, Position};
 
-use super::{History, Publication};
+use super::already_reached;
+use crate::broker::{History, Publication};
 use crate::metrics;
 
 /// Where one group's delivery stands on this replica.
 #[derive(Debug, Default)]
-pub(super) struct Sequencer {
+pub(crate) struct Sequencer {
     /// The last position delivered; `None` before the first positioned message.
     position: Option<Position>,
     /// While a history read is out: what arrived meanwhile, delivered after it.
@@ -38,7 +40,7 @@ impl Sequencer {
     /// A message received live. Returns the position to read the history after, when this
     /// message reveals a gap (a history read must then be issued).
     #[must_use]
-    pub(super) fn live(
+    pub(crate) fn live(
         &mut self,
         publication: Publication,
         deliver: &mut impl FnMut(&Publication),
@@ -86,7 +88,7 @@ impl Sequencer {
     /// the history. Returns the position to read after, unless a read is already out (it is
     /// then read again once that one is done) or nothing was delivered yet.
     #[must_use]
-    pub(super) fn reconnected(&mut self) -> Option<Position> {
+    pub(crate) fn reconnected(&mut self) -> Option<Position> {
         if let Some(repair) = &mut self.repair {
             repair.stale = true;
             return None;
@@ -98,7 +100,7 @@ impl Sequencer {
     /// The history read after `after` (the position last returned) came back. Delivers what it
     /// filled and what waited; returns the next read to issue, if any.
     #[must_use]
-    pub(super) fn history(
+    pub(crate) fn history(
         &mut self,
         after: &Position,
         history: History,
@@ -144,7 +146,7 @@ impl Sequencer {
     /// what waited, with the gap (clients see the jump in `seq` and refetch); returns the next
     /// read to issue, if any.
     #[must_use]
-    pub(super) fn read_failed(
+    pub(crate) fn read_failed(
         &mut self,
         deliver: &mut impl FnMut(&Publication),
     ) -> Option<Position> {
@@ -153,7 +155,7 @@ impl Sequencer {
     }
 
     /// The group of the first publication held behind a read (the one that revealed a gap).
-    pub(super) fn held_group(&self) -> Option<&Group> {
+    pub(crate) fn held_group(&self) -> Option<&Group> {
         let repair = self.repair.as_ref()?;
         repair.waiting.first().map(|p| &p.group)
     }
@@ -187,9 +189,8 @@ impl Sequencer {
         deliver: &mut impl FnMut(&Publication),
     ) {
         for publication in publications {
-            if let (Some(last), Some(next)) = (&self.position, &publication.position)
-                && last.epoch == next.epoch
-                && next.seq <= last.seq
+            if let Some(last) = &self.position
+                && already_reached(last, publication.position.as_ref())
             {
                 metrics::broker_duplicate_dropped();
                 continue;
