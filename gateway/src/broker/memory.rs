@@ -7,7 +7,6 @@
 //! per-group cursors as the Redis broker's (`broker::repair::Cursors`); here they arrive in order, so the
 //! cursors pass them on, and a gap would be filled from this broker's own history.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -18,8 +17,7 @@ use tokio::time::Instant;
 use super::history::Histories;
 use super::repair::{CursorReader, Cursors, Reading};
 use super::{
-    Fanout, History, HistorySettings, Publication, Published, SubscriptionRequest,
-    SubscriptionRequests,
+    Fanout, History, HistorySettings, Publication, Published, SubscriptionRequests, Wanted,
 };
 use crate::shutdown::Shutdown;
 
@@ -34,9 +32,9 @@ pub struct MemoryBroker {
 
 /// Where publications go on this replica.
 struct Delivery {
-    /// Subscribed groups and their generation, so the memory broker follows the same rules as
-    /// a networked one (a group nobody here joined is not delivered, nor remembered).
-    subscribed: HashMap<Group, u64>,
+    /// Subscribed groups, so the memory broker follows the same rules as a networked one (a
+    /// group nobody here joined is not delivered, nor remembered).
+    subscribed: Wanted,
     /// Every subscribed group's delivery order.
     cursors: Cursors,
 }
@@ -62,7 +60,7 @@ impl MemoryBroker {
         let reader = Arc::new(OwnHistory(Arc::clone(&histories)));
         let (cursors, mut repairs) = Cursors::new(fanout, reader, shutdown);
         let delivery = Arc::new(Mutex::new(Delivery {
-            subscribed: HashMap::new(),
+            subscribed: Wanted::default(),
             cursors,
         }));
         let stop = shutdown.background_token().clone();
@@ -81,22 +79,9 @@ impl MemoryBroker {
                         None => break,
                     },
                 };
-                match request {
-                    SubscriptionRequest::Subscribe {
-                        group,
-                        generation,
-                        ack,
-                    } => {
-                        lock(&task_delivery).subscribed.insert(group, generation);
-                        let _ = ack.send(Ok(()));
-                    }
-                    SubscriptionRequest::Unsubscribe { group, generation } => {
-                        let mut delivery = lock(&task_delivery);
-                        if delivery.subscribed.get(&group) == Some(&generation) {
-                            delivery.subscribed.remove(&group);
-                            delivery.cursors.forget(&group);
-                        }
-                    }
+                let mut delivery = lock(&task_delivery);
+                if let Some(group) = delivery.subscribed.apply(request, Ok(())) {
+                    delivery.cursors.forget(&group);
                 }
             }
         });
@@ -130,7 +115,7 @@ impl MemoryBroker {
                     position: None,
                 };
                 let appended = histories.append(group, key, publication.clone(), now);
-                if !appended.duplicate && delivery.subscribed.contains_key(group) {
+                if !appended.duplicate && delivery.subscribed.contains(group) {
                     publication.position = Some(appended.position.clone());
                     delivery.cursors.live(publication);
                 }
@@ -229,7 +214,7 @@ mod tests {
         }
         assert_eq!(*lock(&recorder.0), ["0", "1", "3"], "the repeated key once");
         let unsubscribed = lock(&broker.delivery);
-        assert!(!unsubscribed.subscribed.contains_key(&east));
+        assert!(!unsubscribed.subscribed.contains(&east));
         assert_eq!(
             format!("{:?}", unsubscribed.cursors),
             "Cursors { groups: 1, .. }",

@@ -212,6 +212,68 @@ pub enum SubscriptionRequest {
     },
 }
 
+/// The groups a broker delivers, each with the generation (local life) that asked for it.
+#[derive(Debug, Default)]
+pub(crate) struct Wanted {
+    groups: HashMap<Group, u64>,
+}
+
+impl Wanted {
+    /// `group` is wanted by its life `generation` (a newer life replaces an older one).
+    pub(crate) fn want(&mut self, group: Group, generation: u64) {
+        self.groups.insert(group, generation);
+    }
+
+    /// `group`'s life `generation` ended: returns whether it was the wanted one and so is no
+    /// longer wanted (an older life's unsubscribe, racing a re-join, changes nothing).
+    pub(crate) fn release(&mut self, group: &Group, generation: u64) -> bool {
+        let current = self.groups.get(group) == Some(&generation);
+        if current {
+            self.groups.remove(group);
+        }
+        current
+    }
+
+    /// Applies `request` at once, answering a subscribe with `outcome`; returns the group an
+    /// unsubscribe stopped wanting.
+    pub(crate) fn apply(
+        &mut self,
+        request: SubscriptionRequest,
+        outcome: Result<(), BrokerError>,
+    ) -> Option<Group> {
+        match request {
+            SubscriptionRequest::Subscribe {
+                group,
+                generation,
+                ack,
+            } => {
+                self.want(group, generation);
+                // A join that gave up waiting has dropped its end: nothing to tell.
+                let _ = ack.send(outcome);
+                None
+            }
+            SubscriptionRequest::Unsubscribe { group, generation } => {
+                self.release(&group, generation).then_some(group)
+            }
+        }
+    }
+
+    /// Whether `group` is wanted.
+    pub(crate) fn contains(&self, group: &Group) -> bool {
+        self.groups.contains_key(group)
+    }
+
+    /// How many groups are wanted.
+    pub(crate) fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The wanted groups.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.keys()
+    }
+}
+
 /// A bounded subscription-control channel.
 pub fn subscriptions(capacity: usize) -> (Subscriptions, SubscriptionRequests) {
     let (tx, rx) = mpsc::channel(capacity);

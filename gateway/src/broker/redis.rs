@@ -16,7 +16,6 @@
 //! replica's cursor is read, so fan-out still gets each event once and in order. This file
 //! keeps only the connection: subscribing, reconnecting, probing, decoding.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
@@ -36,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use super::repair::{CursorReader, Cursors, Reading, RepairResults};
 use super::{
     BrokerError, Fanout, History, HistorySettings, Publication, Published, SubscriptionRequest,
-    SubscriptionRequests,
+    SubscriptionRequests, Wanted,
 };
 use crate::metrics;
 use crate::shutdown::Shutdown;
@@ -129,7 +128,7 @@ impl RedisBroker {
         let supervisor = Supervisor {
             broker: broker.clone(),
             health_channel: format!("{}health:{}", settings.prefix, uuid::Uuid::new_v4()),
-            desired: HashMap::new(),
+            desired: Wanted::default(),
             cursors,
             tasks: shutdown.background().clone(),
             buffer: settings.subscriber_buffer.max(1),
@@ -251,7 +250,7 @@ struct Supervisor {
     broker: RedisBroker,
     health_channel: String,
     /// Every group this replica wants, with the generation that asked for it.
-    desired: HashMap<Group, u64>,
+    desired: Wanted,
     /// Where each subscribed group's delivery stands, and what waits behind a repair.
     cursors: Cursors,
     /// Tracks the probes it sends.
@@ -355,7 +354,7 @@ impl Supervisor {
         };
         let mut channels: Vec<String> = self
             .desired
-            .keys()
+            .groups()
             .map(|g| g.channel(&self.broker.prefix))
             .collect();
         channels.push(self.health_channel.clone());
@@ -458,13 +457,12 @@ impl Supervisor {
                     ack,
                 } => {
                     channels.push(group.channel(&self.broker.prefix));
-                    self.desired.insert(group, generation);
+                    self.desired.want(group, generation);
                     acks.push(ack);
                 }
                 SubscriptionRequest::Unsubscribe { group, generation } => {
                     flush_subscribes(connection, &mut channels, &mut acks).await?;
-                    if self.desired.get(&group) == Some(&generation) {
-                        self.desired.remove(&group);
+                    if self.desired.release(&group, generation) {
                         self.cursors.forget(&group);
                         let channel = group.channel(&self.broker.prefix);
                         let _ = timeout(SUBSCRIBE_COMMAND_TIMEOUT, connection.unsubscribe(channel))
@@ -478,21 +476,8 @@ impl Supervisor {
 
     /// Records a request while disconnected and answers it with `outcome`.
     fn note(&mut self, request: SubscriptionRequest, outcome: Result<(), BrokerError>) {
-        match request {
-            SubscriptionRequest::Subscribe {
-                group,
-                generation,
-                ack,
-            } => {
-                self.desired.insert(group, generation);
-                let _ = ack.send(outcome);
-            }
-            SubscriptionRequest::Unsubscribe { group, generation } => {
-                if self.desired.get(&group) == Some(&generation) {
-                    self.desired.remove(&group);
-                    self.cursors.forget(&group);
-                }
-            }
+        if let Some(group) = self.desired.apply(request, outcome) {
+            self.cursors.forget(&group);
         }
     }
 
@@ -533,7 +518,7 @@ impl Supervisor {
 
     /// Hands a publication of a wanted group to its group's order (see [`Cursors::live`]).
     fn sequence(&mut self, publication: Publication) {
-        if self.desired.contains_key(&publication.group) {
+        if self.desired.contains(&publication.group) {
             self.cursors.live(publication);
         }
     }

@@ -629,6 +629,13 @@ async fn write_alone(
     inbox.begin_writing();
     let outcome = timeout(limit, write).await;
     inbox.finish_writing();
+    write_outcome(outcome)
+}
+
+/// What a write under a time limit came to.
+fn write_outcome(
+    outcome: Result<std::io::Result<()>, tokio::time::error::Elapsed>,
+) -> Result<(), WriteError> {
     match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(WriteError::Gone),
@@ -666,11 +673,7 @@ where
     };
     let outcome = timeout(limit, write).await;
     inbox.finish_writing();
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(WriteError::Gone),
-        Err(_) => Err(WriteError::TimedOut),
-    }
+    write_outcome(outcome)
 }
 
 /// Sends the Close record (or the handshake error) and a close frame, best effort.

@@ -70,6 +70,15 @@ impl Replica {
         self.join_as(conn, group, outbound, Admission::Live).await
     }
 
+    /// A new member of `group` (joined live) with a queue of `capacity`.
+    async fn member(&mut self, group: &Group, capacity: usize) -> (ConnId, Outbound, Inbox) {
+        let (conn, outbound, inbox) = self.connect(capacity);
+        self.join(conn, group, &outbound)
+            .await
+            .expect("the join succeeds");
+        (conn, outbound, inbox)
+    }
+
     /// Joins with `admission`, answering whatever the registry asks the broker meanwhile.
     async fn join_as(
         &mut self,
@@ -377,8 +386,7 @@ async fn the_first_member_subscribes_and_the_second_does_not() {
 #[tokio::test(start_paused = true)]
 async fn joining_twice_is_harmless() {
     let mut replica = Replica::new();
-    let (a, out_a, mut inbox_a) = replica.connect(8);
-    replica.join(a, &west(), &out_a).await.unwrap();
+    let (a, out_a, mut inbox_a) = replica.member(&west(), 8).await;
     replica.join(a, &west(), &out_a).await.unwrap();
     replica.settle().await;
 
@@ -435,10 +443,8 @@ async fn a_second_member_waits_for_the_pending_subscription_of_the_first() {
 #[tokio::test(start_paused = true)]
 async fn fan_out_delivers_one_shared_frame_to_each_member() {
     let mut replica = Replica::new();
-    let (a, out_a, mut inbox_a) = replica.connect(8);
-    let (b, out_b, mut inbox_b) = replica.connect(8);
-    replica.join(a, &west(), &out_a).await.unwrap();
-    replica.join(b, &west(), &out_b).await.unwrap();
+    let (_a, _out_a, mut inbox_a) = replica.member(&west(), 8).await;
+    let (_b, _out_b, mut inbox_b) = replica.member(&west(), 8).await;
 
     replica.publish(&west());
 
@@ -459,11 +465,9 @@ async fn fan_out_delivers_one_shared_frame_to_each_member() {
 #[tokio::test(start_paused = true)]
 async fn fan_out_reaches_only_the_members_of_the_addressed_group() {
     let mut replica = Replica::new();
-    let (a, out_a, mut inbox_a) = replica.connect(8);
-    let (b, out_b, mut inbox_b) = replica.connect(8);
-    replica.join(a, &west(), &out_a).await.unwrap();
+    let (a, out_a, mut inbox_a) = replica.member(&west(), 8).await;
+    let (_b, _out_b, mut inbox_b) = replica.member(&east(), 8).await;
     replica.join(a, &east(), &out_a).await.unwrap();
-    replica.join(b, &east(), &out_b).await.unwrap();
 
     replica.publish(&west());
     replica.publish(&Group::try_dispatch("north").unwrap());
@@ -475,10 +479,8 @@ async fn fan_out_reaches_only_the_members_of_the_addressed_group() {
 #[tokio::test(start_paused = true)]
 async fn the_last_member_out_unsubscribes_with_the_groups_generation() {
     let mut replica = Replica::new();
-    let (a, out_a, _inbox_a) = replica.connect(8);
-    let (b, out_b, mut inbox_b) = replica.connect(8);
-    replica.join(a, &west(), &out_a).await.unwrap();
-    replica.join(b, &west(), &out_b).await.unwrap();
+    let (a, _out_a, _inbox_a) = replica.member(&west(), 8).await;
+    let (b, _out_b, mut inbox_b) = replica.member(&west(), 8).await;
     replica.settle().await;
     let asked = replica.asked();
     let [Asked::Subscribe("/dispatch/west", generation)] = asked.as_slice() else {
@@ -504,8 +506,7 @@ async fn the_last_member_out_unsubscribes_with_the_groups_generation() {
 #[tokio::test(start_paused = true)]
 async fn a_group_joined_again_after_emptying_gets_a_newer_generation() {
     let mut replica = Replica::new();
-    let (a, out_a, _inbox_a) = replica.connect(8);
-    replica.join(a, &west(), &out_a).await.unwrap();
+    let (a, out_a, _inbox_a) = replica.member(&west(), 8).await;
     replica.leave(a, &west()).await;
     replica.join(a, &west(), &out_a).await.unwrap();
     replica.settle().await;
@@ -526,9 +527,8 @@ async fn a_group_joined_again_after_emptying_gets_a_newer_generation() {
 #[tokio::test(start_paused = true)]
 async fn leaving_a_group_one_is_not_in_changes_nothing() {
     let mut replica = Replica::new();
-    let (a, out_a, mut inbox_a) = replica.connect(8);
+    let (a, _out_a, mut inbox_a) = replica.member(&west(), 8).await;
     let (b, _out_b, _inbox_b) = replica.connect(8);
-    replica.join(a, &west(), &out_a).await.unwrap();
     replica.settle().await;
     replica.asked();
 
@@ -615,10 +615,8 @@ async fn a_broker_that_never_confirms_fails_the_join_after_the_timeout() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_overflows_once_and_other_members_still_get_frames() {
     let mut replica = Replica::new();
-    let (slow, out_slow, mut inbox_slow) = replica.connect(1);
-    let (fast, out_fast, mut inbox_fast) = replica.connect(8);
-    replica.join(slow, &west(), &out_slow).await.unwrap();
-    replica.join(fast, &west(), &out_fast).await.unwrap();
+    let (_slow, out_slow, mut inbox_slow) = replica.member(&west(), 1).await;
+    let (_fast, _out_fast, mut inbox_fast) = replica.member(&west(), 8).await;
     replica.publish(&west());
     assert_eq!(inbox_slow.closing(), None, "a queue with room overflowed");
     replica.publish(&west());
@@ -644,10 +642,8 @@ async fn a_full_queue_overflows_once_and_other_members_still_get_frames() {
 #[tokio::test(start_paused = true)]
 async fn a_closed_connection_does_not_stop_the_others_getting_frames() {
     let mut replica = Replica::new();
-    let (gone, out_gone, inbox_gone) = replica.connect(8);
-    let (here, out_here, mut inbox_here) = replica.connect(8);
-    replica.join(gone, &west(), &out_gone).await.unwrap();
-    replica.join(here, &west(), &out_here).await.unwrap();
+    let (_gone, _out_gone, inbox_gone) = replica.member(&west(), 8).await;
+    let (_here, _out_here, mut inbox_here) = replica.member(&west(), 8).await;
     drop(inbox_gone);
 
     replica.publish(&west());
@@ -812,9 +808,8 @@ async fn frames_held_during_a_join_count_against_the_budget() {
 #[tokio::test(start_paused = true)]
 async fn the_membership_count_follows_joins_repeats_releases_and_leaves() {
     let mut replica = Replica::new();
-    let (a, out_a, _inbox_a) = replica.connect(8);
+    let (a, out_a, _inbox_a) = replica.member(&west(), 8).await;
     let (b, out_b, _inbox_b) = replica.connect(8);
-    replica.join(a, &west(), &out_a).await.unwrap();
     replica.join(a, &west(), &out_a).await.unwrap();
     replica.join(a, &east(), &out_a).await.unwrap();
     replica
