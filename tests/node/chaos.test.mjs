@@ -10,16 +10,14 @@
 // envsubst, and `cargo build --workspace --bins` (gateway and loadgen next to GATEWAY_BIN).
 
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
-import os from "node:os";
 import path from "node:path";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
 import { dispatcherToken, frameRecords, rawWebSocket, uniqueRegion, within } from "./harness.mjs";
 import { resumingClient, startAll } from "./chaos/client.mjs";
 import { cuttingProxy } from "./chaos/proxy.mjs";
 import { groupHistory, redisCommand, redisInfo } from "./chaos/redis.mjs";
-import { killReplica, metric, publishStream, restartRedis, restartReplica, startTopology } from "./chaos/topology.mjs";
+import { killReplica, metric, publishStream, restartRedis, restartReplica, topologyForFile } from "./chaos/topology.mjs";
 import { report, track } from "./chaos/tracker.mjs";
 
 const RATE = Number(process.env.CHAOS_RATE ?? 200);
@@ -29,18 +27,7 @@ const GROUPS = Number(process.env.CHAOS_GROUPS ?? 4);
 const SETTLE_MS = 30_000;
 const TEST_TIMEOUT = 180_000;
 
-let topology;
-let stateDir;
-
-before(async () => {
-  stateDir = mkdtempSync(path.join(os.tmpdir(), "realtime-chaos-"));
-  topology = await startTopology(stateDir);
-});
-
-after(async () => {
-  if (topology) await topology.stop();
-  if (stateDir && !process.env.KEEP_CHAOS_STATE) rmSync(stateDir, { recursive: true, force: true });
-});
+const topology = topologyForFile("chaos");
 
 const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -226,7 +213,7 @@ test("4. redis-server without persistence restarted mid-stream: new epoch told, 
   await scenario(t, "4-restart-redis-empty", "4 restart redis (no persistence)", {
     async mid(ctx) {
       for (const region of ctx.regions) before[region] = (await groupHistory(topology.redisPort, `/dispatch/${region}`)).epoch;
-      return restartRedis(topology, { signal: "SIGKILL", extra: ["--appendonly", "no", "--dir", path.join(stateDir, "redis-empty")] });
+      return restartRedis(topology, { signal: "SIGKILL", extra: ["--appendonly", "no", "--dir", path.join(topology.stateDir, "redis-empty")] });
     },
     async trackOptions(ctx) {
       const required = {};

@@ -11,15 +11,15 @@
 // Each gateway's stdout/stderr goes to artifacts/<name>-<n>.log next to this file.
 
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
 import http from "node:http";
-import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
 import { HttpTransportType, HubConnectionBuilder, LogLevel } from "@microsoft/signalr";
+import { distinctFreePorts, envWithoutGatewayVariables } from "./local-topology.mjs";
 import { stopOnExit } from "./stop-on-exit.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -62,44 +62,13 @@ function pause(ms) {
 
 // ---------------------------------------------------------------------------------------------
 // Stopping what a test file started, however it ends: `stopOnExit` (stop-on-exit.mjs, shared
-// with the console's browser tests).
+// with the console's browser tests; a deploy/local topology's is `downOnExit` in
+// local-topology.mjs).
 
 export { stopOnExit };
 
-const DEPLOY_DOWN = path.resolve(here, "../../deploy/local/down");
-
-/**
- * Registers deploy/local/down for the topology whose environment (STATE_DIR, ...) is `env`, to
- * run if this process exits or is interrupted before `forget()`. Register it before deploy/local/up
- * runs, so a half-started topology is stopped too.
- */
-export function downOnExit(env) {
-  return stopOnExit(() => {
-    execFileSync(DEPLOY_DOWN, [], { env: { ...env, STOP_TIMEOUT: "5" }, timeout: 30_000, stdio: "ignore" });
-  });
-}
-
 // ---------------------------------------------------------------------------------------------
-// Ports and processes
-
-/** A port that was free a moment ago (listen on port 0, read it, close). */
-export async function freePort() {
-  const server = net.createServer();
-  await new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", resolve);
-  });
-  const { port } = server.address();
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
-
-async function twoFreePorts() {
-  const port = await freePort();
-  let adminPort = await freePort();
-  while (adminPort === port) adminPort = await freePort();
-  return { port, adminPort };
-}
+// Ports and processes (free ports and the environment: local-topology.mjs)
 
 let gatewayCounter = 0;
 
@@ -125,7 +94,7 @@ export async function startGateway(options = {}) {
 
 async function startGatewayOnce(options) {
   const { args = [], name = "gateway", readyMs = 20_000, allowMissingOrigin = true } = options;
-  const { port, adminPort } = options.ports ?? (await twoFreePorts());
+  const [port, adminPort] = options.ports ? [options.ports.port, options.ports.adminPort] : await distinctFreePorts(2);
 
   if (!existsSync(GATEWAY_BIN)) {
     throw new Error(`no gateway binary at ${GATEWAY_BIN}: build it with \`cargo build -p gateway\` or set GATEWAY_BIN`);
@@ -135,8 +104,7 @@ async function startGatewayOnce(options) {
   const logFile = path.join(ARTIFACTS, `${name.replace(/[^A-Za-z0-9_.-]+/g, "_").slice(0, 80)}-${gatewayCounter}.log`);
   const logFd = openSync(logFile, "w");
 
-  // Only what the test passes configures the gateway: drop any GATEWAY_* from the outer shell.
-  const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("GATEWAY_")));
+  const env = envWithoutGatewayVariables();
   const argv = [
     "--listen", `127.0.0.1:${port}`,
     "--admin-listen", `127.0.0.1:${adminPort}`,

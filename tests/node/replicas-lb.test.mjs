@@ -8,11 +8,10 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { fileURLToPath } from "node:url";
 
 import { HubConnectionState } from "@microsoft/signalr";
 
@@ -30,8 +29,6 @@ import {
   delivered,
   dispatchGroup,
   dispatcherToken,
-  downOnExit,
-  freePort,
   hubConnection,
   inbox,
   jobAssigned,
@@ -41,20 +38,9 @@ import {
   uniqueRegion,
   within,
 } from "./harness.mjs";
+import { killReplica, startTopology } from "./local-topology.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const DEPLOY = path.resolve(here, "../../deploy/local");
 const RETRY_DELAYS = [0, 200, 500, 1000, 1000, 2000];
-
-/** Runs deploy/local/<script> with `env`; resolves with its output, rejects with it on failure. */
-function runScript(script, env, timeoutMs) {
-  return new Promise((resolve, reject) => {
-    execFile(path.join(DEPLOY, script), [], { env, timeout: timeoutMs }, (error, stdout, stderr) => {
-      if (error) reject(new Error(`deploy/local/${script} failed: ${error.message}\n${stdout}\n${stderr}`));
-      else resolve(stdout);
-    });
-  });
-}
 
 /**
  * Runs realtime-publish (built next to the gateway) with `args` and `event` as JSON; resolves with
@@ -79,74 +65,19 @@ function realtimePublish(args, event) {
   });
 }
 
-/** `count` distinct ports that were free a moment ago. */
-async function distinctFreePorts(count) {
-  const ports = new Set();
-  while (ports.size < count) ports.add(await freePort());
-  return [...ports];
-}
-
 let stateDir;
-let env;
-let lb; // { hubUrl, eventsUrl } of nginx
-let replicas; // [{ name, eventsUrl, adminUrl, pidFile }]
-
-function logTails() {
-  try {
-    const logs = path.join(stateDir, "logs");
-    return readdirSync(logs)
-      .map((file) => `--- ${file}\n${readFileSync(path.join(logs, file), "utf8").split("\n").slice(-15).join("\n")}`)
-      .join("\n");
-  } catch {
-    return "";
-  }
-}
+let topology;
+let lb; // nginx: { hubUrl, eventsUrl }
+let replicas; // [{ name, hubUrl, eventsUrl, adminUrl, pidFile }]
 
 before(async () => {
   stateDir = mkdtempSync(path.join(os.tmpdir(), "realtime-lb-"));
-  // A port found free can be taken before the topology binds it: then try other ports.
-  for (let attempt = 1; ; attempt += 1) {
-    const [redis, lbPort, p1, p2, p3, a1, a2, a3] = await distinctFreePorts(8);
-    env = {
-      ...Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("GATEWAY_"))),
-      GATEWAY_BIN,
-      STATE_DIR: stateDir,
-      REDIS_PORT: String(redis),
-      LB_PORT: String(lbPort),
-      REPLICA_PORTS: `${p1} ${p2} ${p3}`,
-      ADMIN_PORTS: `${a1} ${a2} ${a3}`,
-      JWT_SECRET,
-      SERVICE_KEY,
-      CONNECTION_TOKEN_SECRET: `lb-connection-token-secret-${randomUUID()}`,
-      READY_TIMEOUT: "30",
-    };
-    // Whatever up starts is stopped if this process is interrupted or exits first.
-    const forget = downOnExit(env);
-    try {
-      await runScript("up", env, 60_000);
-    } catch (error) {
-      forget();
-      if (attempt === 3 || !/already in use|Address in use|AddrInUse/i.test(error.message)) throw error;
-      continue;
-    }
-    lb = { hubUrl: `http://127.0.0.1:${lbPort}/hub/v1`, eventsUrl: `http://127.0.0.1:${lbPort}/api/v1/events` };
-    replicas = [
-      [p1, a1],
-      [p2, a2],
-      [p3, a3],
-    ].map(([port, admin], i) => ({
-      name: `replica ${i + 1}`,
-      eventsUrl: `http://127.0.0.1:${port}/api/v1/events`,
-      hubUrl: `http://127.0.0.1:${port}/hub/v1`,
-      adminUrl: `http://127.0.0.1:${admin}`,
-      pidFile: path.join(stateDir, "pids", `gateway-${i + 1}.pid`),
-    }));
-    return;
-  }
+  topology = await startTopology(stateDir, { gatewayBin: GATEWAY_BIN, jwtSecret: JWT_SECRET, serviceKey: SERVICE_KEY, name: "lb" });
+  ({ lb, replicas } = topology);
 });
 
 after(async () => {
-  if (env) await runScript("down", env, 60_000);
+  if (topology) await topology.stop();
   if (stateDir && !process.env.KEEP_LB_STATE) rmSync(stateDir, { recursive: true, force: true });
 });
 
@@ -159,31 +90,13 @@ async function activeConnections(replica) {
   return line ? Number(line.split(" ").at(-1)) : 0;
 }
 
-/** Resolves when the process `pid` has exited (polled with a deadline). */
-async function exitOf(pid, ms) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    let alive;
-    try {
-      process.kill(pid, 0);
-      // A zombie has exited; it only waits for its (new) parent to reap it.
-      alive = !/\)\s+Z\s/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
-    } catch {
-      alive = false;
-    }
-    if (!alive) return;
-    if (Date.now() > deadline) throw new Error(`pid ${pid} still running after ${ms} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-}
-
 /** A test body whose failures carry the topology's logs. */
 function withLogs(body) {
   return async (t) => {
     try {
       await body(t);
     } catch (error) {
-      error.message += `\n${logTails()}`;
+      error.message += `\n${topology.logTails()}`;
       throw error;
     }
   };
@@ -228,7 +141,7 @@ test("clients negotiating through nginx spread over the three replicas and all r
 
     // Published once more straight into Redis by realtime-publish (publisher-lib's Publisher).
     const second = recommendationReady(region);
-    const viaRedis = await realtimePublish(["--redis-url", `redis://127.0.0.1:${env.REDIS_PORT}`], second);
+    const viaRedis = await realtimePublish(["--redis-url", topology.redisUrl], second);
     assert.equal(viaRedis.via, "redis", JSON.stringify(viaRedis));
     assert.deepStrictEqual(
       viaRedis.groups.map(({ group: name, epoch: e, seq, duplicate }) => ({ group: name, epoch: e, seq, duplicate })),
@@ -328,9 +241,7 @@ test("the clients of a replica stopped with SIGTERM reconnect through nginx to t
     await publishAccepted(replicas[0], event);
     for (const client of clients) assert.deepStrictEqual(await client.events.nth(1), [event, { group, epoch, seq: 1 }]);
 
-    const pid = Number(readFileSync(stopped.pidFile, "utf8"));
-    process.kill(pid, "SIGTERM");
-    await exitOf(pid, 15_000);
+    await killReplica(topology, 1, "SIGTERM", 15_000);
 
     // Its clients were closed with reconnect allowed: exactly those reconnect.
     await within(10_000, allLost.promise, `onreconnecting of the ${before} clients of ${stopped.name}`);

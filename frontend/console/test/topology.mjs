@@ -2,15 +2,18 @@
 // the demo backend serving the built console, all on free loopback ports in a fresh state
 // directory; SIGKILL/restart of one replica; each replica's /metrics; and a pipelining Redis
 // publisher that follows docs/redis-contract.md (SCRIPT LOAD publish.lua, then EVALSHA per group)
-// for bursts faster than any HTTP round trip. Ideas taken from tests/node/chaos/topology.mjs, kept
-// self-contained so the front-end workspace needs nothing from tests/node.
+// for bursts faster than any HTTP round trip. The topology, the replicas' faults and RESP are
+// tests/node's modules that import nothing outside Node (local-topology.mjs, resp.mjs,
+// stop-on-exit.mjs), so the front-end workspace needs none of tests/node's packages.
 
-import { execFile, execFileSync, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { alive, killReplica, metric, restartReplica, startTopology } from "../../../tests/node/local-topology.mjs";
+import { encode, parse } from "../../../tests/node/resp.mjs";
 import { stopOnExit } from "../../../tests/node/stop-on-exit.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -19,16 +22,10 @@ export const CONSOLE_DIST = path.resolve(here, "../dist");
 export const GATEWAY_BIN = path.resolve(REPO, process.env.GATEWAY_BIN ?? "target/debug/gateway");
 export const DEMO_BACKEND_BIN = path.resolve(REPO, process.env.DEMO_BACKEND_BIN ?? "target/debug/demo-backend");
 export const CHROMIUM_BIN = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
-const DEPLOY = path.join(REPO, "deploy/local");
 const PUBLISH_LUA = path.join(REPO, "publisher-lib/src/history/publish.lua");
 
 export const JWT_SECRET = "console-browser-test-jwt-secret-0123456789abcdef0123456789";
 const SERVICE_KEY = "console-browser-test-service-key-0123456789";
-
-// What must be stopped if this process exits or is told to stop before a test's own cleanup
-// ran: an interrupted run leaves no topology or demo backend behind.
-const forgets = [];
-const forgetAll = () => forgets.splice(0).forEach((forget) => forget());
 
 /** Throws a message naming the command that builds whatever is missing. */
 export function checkPrerequisites() {
@@ -41,44 +38,6 @@ export function checkPrerequisites() {
 }
 
 export const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** A free loopback port (the kernel's pick; a later bind may still race, hence the retries below). */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-async function distinctFreePorts(count) {
-  const ports = new Set();
-  for (let i = 0; ports.size < count && i < count * 20; i += 1) ports.add(await freePort());
-  if (ports.size < count) throw new Error("could not find free ports");
-  return [...ports];
-}
-
-function runScript(script, env, timeoutMs) {
-  return new Promise((resolve, reject) => {
-    execFile(path.join(DEPLOY, script), [], { env, timeout: timeoutMs }, (error, stdout, stderr) => {
-      if (error) reject(new Error(`deploy/local/${script} failed: ${error.message}\n${stdout}\n${stderr}`));
-      else resolve(stdout);
-    });
-  });
-}
-
-/** Is `pid` alive (and not a zombie)? */
-export function alive(pid) {
-  try {
-    process.kill(pid, 0);
-    return !/\)\s+Z\s/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
-  } catch {
-    return false;
-  }
-}
 
 /** Polls `check` every `everyMs` until it returns a truthy value; throws after `ms`. */
 export async function until(what, ms, check, everyMs = 25) {
@@ -107,44 +66,16 @@ async function httpOk(url) {
  */
 export async function startEnvironment(stateDir) {
   mkdirSync(stateDir, { recursive: true });
-  let env;
-  let consolePort;
-  for (let attempt = 1; ; attempt += 1) {
-    const [redis, lbPort, p1, p2, p3, a1, a2, a3, cp] = await distinctFreePorts(9);
-    consolePort = cp;
-    env = {
-      ...Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("GATEWAY_"))),
-      GATEWAY_BIN,
-      STATE_DIR: stateDir,
-      REDIS_PORT: String(redis),
-      LB_PORT: String(lbPort),
-      REPLICA_PORTS: `${p1} ${p2} ${p3}`,
-      ADMIN_PORTS: `${a1} ${a2} ${a3}`,
-      JWT_SECRET,
-      SERVICE_KEY,
-      CONNECTION_TOKEN_SECRET: `console-browser-test-connection-token-${randomUUID()}`,
-      CORS_ORIGINS: `http://127.0.0.1:${consolePort}`,
-      READY_TIMEOUT: "30",
-    };
-    const downEnv = env;
-    forgets.push(stopOnExit(() => execFileSync(path.join(DEPLOY, "down"), [], { env: { ...downEnv, STOP_TIMEOUT: "5" }, timeout: 30_000, stdio: "ignore" })));
-    try {
-      await runScript("up", env, 60_000);
-      break;
-    } catch (error) {
-      // Not started: nothing to stop, but a half-started topology is, so always try down.
-      await runScript("down", env, 60_000).catch(() => {});
-      if (attempt === 3 || !/already in use|Address in use|AddrInUse/i.test(error.message)) throw error;
-    }
-  }
-  const redisPort = Number(env.REDIS_PORT);
-  const lbPort = Number(env.LB_PORT);
-  const replicas = env.REPLICA_PORTS.split(" ").map((port, i) => ({
-    name: `gateway-${i + 1}`,
-    port: Number(port),
-    adminUrl: `http://127.0.0.1:${env.ADMIN_PORTS.split(" ")[i]}`,
-    pidFile: path.join(stateDir, "pids", `gateway-${i + 1}.pid`),
-  }));
+  const topology = await startTopology(stateDir, {
+    gatewayBin: GATEWAY_BIN,
+    jwtSecret: JWT_SECRET,
+    serviceKey: SERVICE_KEY,
+    name: "console-browser-test",
+    extraPorts: 1,
+    env: ([consolePort]) => ({ CORS_ORIGINS: `http://127.0.0.1:${consolePort}` }),
+  });
+  const [consolePort] = topology.extraPorts;
+  const { redisPort, lb, replicas } = topology;
 
   // The demo backend, a child of this process (killed in stop()).
   const backendLog = openSync(path.join(stateDir, "logs", "demo_backend.log"), "a");
@@ -154,15 +85,14 @@ export async function startEnvironment(stateDir) {
       "--listen", `127.0.0.1:${consolePort}`,
       "--redis-url", `redis://127.0.0.1:${redisPort}`,
       "--jwt-secret", JWT_SECRET,
-      "--hub-url", `http://127.0.0.1:${lbPort}/hub/v1`,
+      "--hub-url", lb.hubUrl,
       "--console-dir", CONSOLE_DIST,
     ],
     { stdio: ["ignore", backendLog, backendLog] },
   );
   closeSync(backendLog);
-  const killBackend = () => backend.kill("SIGKILL");
-  const forgetBackend = stopOnExit(killBackend);
-  forgets.push(forgetBackend);
+  // Stopped if this process exits or is told to stop before a test's own cleanup ran.
+  const forgetBackend = stopOnExit(() => backend.kill("SIGKILL"));
   backend.once("exit", forgetBackend);
   const consoleUrl = `http://127.0.0.1:${consolePort}/`;
 
@@ -176,52 +106,23 @@ export async function startEnvironment(stateDir) {
         backend.kill("SIGTERM");
         await until("the demo backend to exit", 10_000, () => !alive(backend.pid)).catch(() => backend.kill("SIGKILL"));
       }
-      await runScript("down", env, 90_000);
-      forgetAll();
+      forgetBackend();
+      await topology.stop();
     },
-    logTails() {
-      try {
-        const logs = path.join(stateDir, "logs");
-        return readdirSync(logs)
-          .map((f) => `--- ${f}\n${readFileSync(path.join(logs, f), "utf8").split("\n").slice(-15).join("\n")}`)
-          .join("\n");
-      } catch {
-        return "";
-      }
-    },
+    logTails: topology.logTails,
     /** A metric's value summed over its label sets, from replica `i`'s /metrics. */
-    async metric(i, name) {
-      const response = await fetch(`${replicas[i].adminUrl}/metrics`, { signal: AbortSignal.timeout(3000) });
-      const text = await response.text();
-      return text
-        .split("\n")
-        .filter((line) => line.split(/[{ ]/)[0] === name)
-        .reduce((sum, line) => sum + Number(line.split(" ").at(-1)), 0);
-    },
+    metric: (i, name) => metric(replicas[i], name),
     /** Active connections per replica (null for one that does not answer). */
     async connections() {
       return Promise.all(replicas.map((_, i) => environment.metric(i, "gateway_connections_active").catch(() => null)));
     },
     /** SIGKILLs replica `i`, waits until it has exited; returns its argv to start it again. */
     async killReplica(i) {
-      const pid = Number(readFileSync(replicas[i].pidFile, "utf8").trim());
-      const argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
-      process.kill(pid, "SIGKILL");
-      await until(`${replicas[i].name} (pid ${pid}) to exit`, 10_000, () => !alive(pid), 10);
-      return argv;
+      return (await killReplica(topology, i, "SIGKILL", 10_000)).argv;
     },
     /** Starts replica `i` again (detached, like deploy/local/up) and waits for its /readyz. */
     async restartReplica(i, argv) {
-      const logFd = openSync(path.join(stateDir, "logs", `${replicas[i].name}.log`), "a");
-      const childEnv = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("GATEWAY_")));
-      const child = spawn(argv[0], argv.slice(1), { env: childEnv, detached: true, stdio: ["ignore", logFd, logFd] });
-      closeSync(logFd);
-      child.unref();
-      writeFileSync(replicas[i].pidFile, `${child.pid}\n`);
-      await until(`${replicas[i].name} /readyz after restart`, 20_000, async () => {
-        if (!alive(child.pid)) throw new Error(`${replicas[i].name} exited after restart`);
-        return httpOk(`${replicas[i].adminUrl}/readyz`);
-      }, 50);
+      await restartReplica(topology, i, argv);
     },
   };
 
@@ -239,53 +140,6 @@ export async function startEnvironment(stateDir) {
 
 // ---------------------------------------------------------------------------------------------
 // Publishing straight into Redis (docs/redis-contract.md), pipelined on one connection.
-
-function encode(args) {
-  let out = `*${args.length}\r\n`;
-  for (const arg of args) {
-    const text = String(arg);
-    out += `$${Buffer.byteLength(text)}\r\n${text}\r\n`;
-  }
-  return out;
-}
-
-/** Parses one RESP2 reply at `offset`; returns { value, offset } or null when incomplete. */
-function parse(buffer, offset) {
-  const end = buffer.indexOf("\r\n", offset);
-  if (end < 0) return null;
-  const kind = String.fromCharCode(buffer[offset]);
-  const line = buffer.subarray(offset + 1, end).toString("utf8");
-  const next = end + 2;
-  switch (kind) {
-    case "+":
-      return { value: line, offset: next };
-    case "-":
-      return { value: new Error(line), offset: next };
-    case ":":
-      return { value: Number(line), offset: next };
-    case "$": {
-      const length = Number(line);
-      if (length < 0) return { value: null, offset: next };
-      if (buffer.length < next + length + 2) return null;
-      return { value: buffer.subarray(next, next + length).toString("utf8"), offset: next + length + 2 };
-    }
-    case "*": {
-      const count = Number(line);
-      if (count < 0) return { value: null, offset: next };
-      const items = [];
-      let at = next;
-      for (let i = 0; i < count; i += 1) {
-        const item = parse(buffer, at);
-        if (!item) return null;
-        items.push(item.value);
-        at = item.offset;
-      }
-      return { value: items, offset: at };
-    }
-    default:
-      throw new Error(`unexpected RESP type ${JSON.stringify(kind)}`);
-  }
-}
 
 /**
  * A Redis connection that publishes events with the contract's publish script. Commands are

@@ -3,52 +3,7 @@
 
 import net from "node:net";
 
-function encode(args) {
-  let out = `*${args.length}\r\n`;
-  for (const arg of args) {
-    const text = String(arg);
-    out += `$${Buffer.byteLength(text)}\r\n${text}\r\n`;
-  }
-  return out;
-}
-
-/** Parses one RESP reply at `offset` of `buffer`; returns { value, offset } or null if incomplete. */
-function parse(buffer, offset = 0) {
-  const end = buffer.indexOf("\r\n", offset);
-  if (end < 0) return null;
-  const kind = String.fromCharCode(buffer[offset]);
-  const line = buffer.subarray(offset + 1, end).toString("utf8");
-  const next = end + 2;
-  switch (kind) {
-    case "+":
-      return { value: line, offset: next };
-    case "-":
-      return { value: new Error(line), offset: next };
-    case ":":
-      return { value: Number(line), offset: next };
-    case "$": {
-      const length = Number(line);
-      if (length < 0) return { value: null, offset: next };
-      if (buffer.length < next + length + 2) return null;
-      return { value: buffer.subarray(next, next + length).toString("utf8"), offset: next + length + 2 };
-    }
-    case "*": {
-      const count = Number(line);
-      if (count < 0) return { value: null, offset: next };
-      const items = [];
-      let at = next;
-      for (let i = 0; i < count; i += 1) {
-        const item = parse(buffer, at);
-        if (!item) return null;
-        items.push(item.value);
-        at = item.offset;
-      }
-      return { value: items, offset: at };
-    }
-    default:
-      throw new Error(`unexpected RESP type ${JSON.stringify(kind)}`);
-  }
-}
+import { encode, parse } from "../resp.mjs";
 
 /** Sends one command to 127.0.0.1:`port`; resolves with the reply (rejects on an error reply). */
 export function redisCommand(port, args, timeoutMs = 10_000) {
