@@ -9,15 +9,12 @@
 // chaos-results/7-rolling-restart.json.
 
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
-import os from "node:os";
-import path from "node:path";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
 import { dispatcherToken, uniqueRegion, within } from "./harness.mjs";
 import { resumingClient, startAll } from "./chaos/client.mjs";
-import { killReplica, metric, publishStream, restartReplica, startTopology } from "./chaos/topology.mjs";
-import { report, track } from "./chaos/tracker.mjs";
+import { killReplica, metric, publishStream, restartReplica, topologyForFile } from "./chaos/topology.mjs";
+import { assertEveryEventOnce, report, settled, track } from "./chaos/tracker.mjs";
 
 const CLIENTS = Number(process.env.ROLLING_CLIENTS ?? 300);
 const GROUPS = 4;
@@ -29,21 +26,7 @@ const DRAIN_TIMEOUT_MS = 4000;
 /** Clients are closed over half the drain timeout; the report gives the most in a window this long. */
 const WINDOW_MS = 500;
 
-let topology;
-let stateDir;
-
-before(async () => {
-  stateDir = mkdtempSync(path.join(os.tmpdir(), "realtime-rolling-"));
-  topology = await startTopology(
-    stateDir,
-    `--shutdown-delay ${SHUTDOWN_DELAY_MS}ms --drain-timeout ${DRAIN_TIMEOUT_MS}ms`,
-  );
-});
-
-after(async () => {
-  if (topology) await topology.stop();
-  if (stateDir && !process.env.KEEP_CHAOS_STATE) rmSync(stateDir, { recursive: true, force: true });
-});
+const topology = topologyForFile("rolling", `--shutdown-delay ${SHUTDOWN_DELAY_MS}ms --drain-timeout ${DRAIN_TIMEOUT_MS}ms`);
 
 /**
  * Samples the survivors' `gateway_connections_total` every 100 ms until stopped: the server's own
@@ -89,19 +72,6 @@ function peakInWindow(times) {
     peak = Math.max(peak, end - start + 1);
   }
   return peak;
-}
-
-/** Resolves once every client has every published event of its groups, or the deadline passes. */
-async function settled(clients, summary, ms) {
-  const deadline = Date.now() + ms;
-  const wanted = (group) => summary.groups[group.slice("/dispatch/".length)]?.length ?? 0;
-  for (;;) {
-    const behind = clients.filter((client) =>
-      client.groups.some((group) => new Set(client.received[group].map((e) => e.requestId)).size < wanted(group)),
-    );
-    if (behind.length === 0 || Date.now() > deadline) return behind.length;
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
 }
 
 test("restarting the three replicas one after another loses nothing and every closed client comes back", { timeout: 300_000 }, async (t) => {
@@ -168,15 +138,7 @@ test("restarting the three replicas one after another loses nothing and every cl
   });
   console.log(`reconnects per restart: ${JSON.stringify(reconnects)}`);
 
-  assert.equal(summary.dropped, 0, "events dropped before queueing");
-  assert.equal(summary.failed, 0, "events the publisher gave up on");
-  for (const client of clients) assert.equal(client.closedWith, undefined, `${client.name} gave up: ${client.closedWith}`);
-  const { totals } = result;
-  assert.equal(totals.lost, 0, "lost events");
-  assert.equal(totals.duplicates, 0, "duplicates");
-  assert.equal(totals.outOfOrder, 0, "out of order");
-  assert.equal(totals.seqGaps, 0, "seq gaps");
-  assert.equal(totals.recoveredFalse, 0, "a resume was refused");
+  assertEveryEventOnce(summary, clients, result);
   for (const { replica, landedOnSurvivors: landedTotal, reconnected, stopMs } of reconnects) {
     assert.ok(landedTotal > 0, `no client was on ${replica}`);
     assert.ok(reconnected > 0, `no client reconnected after ${replica} was restarted`);

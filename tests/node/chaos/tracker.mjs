@@ -2,6 +2,7 @@
 // event exactly once and in publish order, positions contiguous within an epoch. Prints one
 // table row per scenario and writes it to chaos-results/<scenario>.json.
 
+import assert from "node:assert/strict";
 import { mkdirSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -174,4 +175,36 @@ export function report(file, scenario, result, extra = {}) {
   writeFileSync(path.join(RESULTS, `${file}.json`), `${JSON.stringify(record, null, 2)}\n`);
   console.log(`${tableHeader()}\n${row}`);
   return record;
+}
+
+/**
+ * Waits until every client has every event `summary` (loadgen publish-stream's) published to its
+ * groups, or `ms` passed; resolves with how many clients are still behind (polled every 100 ms).
+ */
+export async function settled(clients, summary, ms) {
+  const deadline = Date.now() + ms;
+  const wanted = (group) => summary.groups[group.slice("/dispatch/".length)]?.length ?? 0;
+  for (;;) {
+    const behind = clients.filter((client) =>
+      client.groups.some((group) => new Set(client.received[group].map((e) => e.requestId)).size < wanted(group)),
+    );
+    if (behind.length === 0 || Date.now() > deadline) return behind.length;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/**
+ * The verdict on a stream of resuming clients (`result` of track): the publisher queued and sent
+ * every event of `summary`, no client gave up, and every client got every event of its groups
+ * once, in order, without a seq gap or a refused resume.
+ */
+export function assertEveryEventOnce(summary, clients, { totals }) {
+  assert.equal(summary.dropped, 0, "events dropped before queueing");
+  assert.equal(summary.failed, 0, "events the publisher gave up on");
+  for (const client of clients) assert.equal(client.closedWith, undefined, `${client.name} gave up: ${client.closedWith}`);
+  assert.equal(totals.lost, 0, "lost events");
+  assert.equal(totals.duplicates, 0, "duplicates");
+  assert.equal(totals.outOfOrder, 0, "out of order");
+  assert.equal(totals.seqGaps, 0, "seq gaps");
+  assert.equal(totals.recoveredFalse, 0, "a resume was refused");
 }
