@@ -2,7 +2,7 @@
 
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
 import { HubConnectionState } from "@microsoft/signalr";
 
@@ -18,6 +18,7 @@ import {
   dispatcherClaims,
   dispatcherToken,
   gatewayFor,
+  gatewayForFile,
   hubConnection,
   inbox,
   jobAssigned,
@@ -28,16 +29,11 @@ import {
   publishAccepted,
   rawUpgrade,
   recommendationReady,
-  startGateway,
   uniqueRegion,
   within,
 } from "./harness.mjs";
 
-let gateway;
-before(async () => {
-  gateway = await startGateway({ name: "authorization" });
-});
-after(() => gateway?.stop());
+const gateway = gatewayForFile({ name: "authorization" });
 
 // ---------------------------------------------------------------------------------------------
 // Joining groups

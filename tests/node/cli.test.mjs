@@ -8,13 +8,10 @@ import { promisify } from "node:util";
 import {
   GATEWAY_BIN,
   JWT_SECRET,
+  assertJoinsAndReceives,
   connect,
-  dispatchGroup,
   gatewayFor,
-  inbox,
   join,
-  publishAccepted,
-  recommendationReady,
   uniqueRegion,
 } from "./harness.mjs";
 
@@ -43,11 +40,7 @@ test("a token minted with `gateway token` lets the official client join the regi
 
   const server = await gatewayFor(t);
   const connection = await connect(t, server, token);
-  const recommendations = inbox(connection, "RecommendationReady");
-  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
-  const event = recommendationReady(region);
-  await publishAccepted(server, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
+  await assertJoinsAndReceives(server, connection, region);
 });
 
 test("a bad configuration exits with code 64 and lists every problem", async () => {

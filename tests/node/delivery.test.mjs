@@ -3,39 +3,36 @@
 
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
   EPOCH,
   arrivals,
+  assertJoinsAndReceives,
   assertPublishAnswer,
   connect,
-  publish,
   contractorClaims,
   contractorGroup,
   contractorToken,
   delivered,
   dispatchGroup,
   dispatcherToken,
+  gatewayForFile,
   inbox,
   jobAssigned,
   join,
   mintJwt,
   negotiate,
   positionIn,
+  publish,
   publishAccepted,
   recommendationReady,
-  startGateway,
   uniqueRegion,
 } from "./harness.mjs";
 
-let gateway;
-before(async () => {
-  gateway = await startGateway({ name: "delivery" });
-});
-after(() => gateway?.stop());
+const gateway = gatewayForFile({ name: "delivery" });
 
 test("negotiate offers only the WebSockets transport with text frames", async () => {
   const response = await negotiate(gateway, dispatcherToken([uniqueRegion()]));
@@ -81,13 +78,7 @@ test("a dispatcher connected with skipNegotiation over WebSockets receives Recom
   const region = uniqueRegion("west");
   const connection = await connect(t, gateway, dispatcherToken([region]), { skipNegotiation: true });
   assert.equal(connection.connectionId, null, "without negotiate the client has no connection id");
-  const recommendations = inbox(connection, "RecommendationReady");
-
-  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
-  const event = recommendationReady(region, { schemaVersion: 2 });
-  await publishAccepted(gateway, event);
-
-  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
+  await assertJoinsAndReceives(gateway, connection, region, { schemaVersion: 2 });
 });
 
 test("JobAssigned reaches the dispatchers of its region and only the assigned contractor", async (t) => {
@@ -221,7 +212,6 @@ test("a contractor that leaves its group stops receiving assignments", async (t)
 test("invoking an unknown hub method is refused by name and the connection stays usable", async (t) => {
   const region = uniqueRegion();
   const connection = await connect(t, gateway, dispatcherToken([region]));
-  const recommendations = inbox(connection, "RecommendationReady");
 
   await assert.rejects(connection.invoke("NoSuchMethod", region), (error) => {
     assert.match(error.message, /NoSuchMethod/);
@@ -229,11 +219,7 @@ test("invoking an unknown hub method is refused by name and the connection stays
     return true;
   });
   assert.equal(connection.state, HubConnectionState.Connected);
-
-  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
-  const event = recommendationReady(region);
-  await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
+  await assertJoinsAndReceives(gateway, connection, region);
 });
 
 test("every connection in a dispatch group receives each event once", async (t) => {
@@ -306,9 +292,5 @@ test("a client asking for stateful reconnect is served without it and receives e
   assert.equal(body.useStatefulReconnect, undefined, "stateful reconnect is not offered");
 
   const connection = await connect(t, gateway, token, { configure: (builder) => builder.withStatefulReconnect() });
-  const recommendations = inbox(connection, "RecommendationReady");
-  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
-  const event = recommendationReady(region);
-  await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
+  await assertJoinsAndReceives(gateway, connection, region);
 });

@@ -16,6 +16,7 @@ import { createHmac, randomUUID } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
 import http from "node:http";
 import path from "node:path";
+import { after, before } from "node:test";
 import { fileURLToPath } from "node:url";
 
 import { HttpTransportType, HubConnectionBuilder, LogLevel } from "@microsoft/signalr";
@@ -58,6 +59,33 @@ export function deferred() {
 /** Resolves after `ms`; used only as a polling interval, never as synchronisation. */
 function pause(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * A list that grows as things arrive (`add`), and `take(count, ms)`, which resolves with its first
+ * `count` items once they are there; `what(count)` names them in the timeout's message.
+ */
+function arrivalList(what) {
+  const received = [];
+  const waiters = [];
+  return {
+    received,
+    add(item) {
+      received.push(item);
+      for (const waiter of [...waiters]) {
+        if (received.length >= waiter.count) {
+          waiters.splice(waiters.indexOf(waiter), 1);
+          waiter.resolve(received.slice(0, waiter.count));
+        }
+      }
+    },
+    take(count, ms = 5000) {
+      if (received.length >= count) return Promise.resolve(received.slice(0, count));
+      const waiter = { count, ...deferred() };
+      waiters.push(waiter);
+      return within(ms, waiter.promise, what(count));
+    },
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,6 +230,20 @@ async function startGatewayOnce(options) {
   }
 }
 
+/**
+ * One gateway for every test of a file: started before the file's first test, stopped after its
+ * last. Call it at the top level of the test file; the object it returns is that gateway (its
+ * URLs, `stop`, ...) once the tests run. `options` as for startGateway.
+ */
+export function gatewayForFile(options) {
+  const gateway = {};
+  before(async () => {
+    Object.assign(gateway, await startGateway(options));
+  });
+  after(() => gateway.stop?.());
+  return gateway;
+}
+
 /** Starts a gateway for one test and stops it when the test ends. */
 export async function gatewayFor(t, options = {}) {
   const gateway = await startGateway({ name: t.name, ...options });
@@ -228,20 +270,42 @@ export function mintJwt(claims, { secret = JWT_SECRET, alg = "HS256", header = {
   return `${signingInput}.${signature}`;
 }
 
-const nowSeconds = () => Math.floor(Date.now() / 1000);
+/** A JWT time (`exp`): `seconds` from now, in whole seconds since the epoch. */
+export const secondsFromNow = (seconds) => Math.floor(Date.now() / 1000) + seconds;
 
 /** Claims of a dispatcher allowed in `regions`, valid for ten minutes. */
 export function dispatcherClaims(regions, extra = {}) {
-  return { sub: `dispatcher-${randomUUID()}`, role: "dispatcher", regions, exp: nowSeconds() + 600, ...extra };
+  return { sub: `dispatcher-${randomUUID()}`, role: "dispatcher", regions, exp: secondsFromNow(600), ...extra };
 }
 
 /** Claims of a contractor, valid for ten minutes. */
 export function contractorClaims(contractorId, extra = {}) {
-  return { sub: `contractor-${randomUUID()}`, role: "contractor", contractorId, exp: nowSeconds() + 600, ...extra };
+  return { sub: `contractor-${randomUUID()}`, role: "contractor", contractorId, exp: secondsFromNow(600), ...extra };
 }
 
 export const dispatcherToken = (regions, extra, options) => mintJwt(dispatcherClaims(regions, extra), options);
 export const contractorToken = (contractorId, extra, options) => mintJwt(contractorClaims(contractorId, extra), options);
+
+/**
+ * An accessTokenFactory (`factory`) for one dispatcher of `region`, the same user throughout
+ * (negotiate's connection token is bound to the subject): its tokens expire `seconds` after they
+ * are minted, so the gateway closes the connection, until `expired()` is called (in
+ * onreconnecting); from then on they are valid for ten minutes, handed out once `gate` resolved.
+ */
+export function expiringTokens(region, seconds, gate = Promise.resolve()) {
+  const sub = `dispatcher-${randomUUID()}`;
+  let expired = false;
+  return {
+    expired() {
+      expired = true;
+    },
+    async factory() {
+      if (!expired) return dispatcherToken([region], { sub, exp: secondsFromNow(seconds) });
+      await gate;
+      return dispatcherToken([region], { sub });
+    },
+  };
+}
 
 // ---------------------------------------------------------------------------------------------
 // Events and publishing
@@ -358,6 +422,30 @@ export async function join(connection, method, name, options = {}) {
 }
 
 /**
+ * Proves `connection` works: joins it to the dispatch group of `region` (a new group: head seq 0),
+ * publishes one RecommendationReady (with `extra` fields) to `gateway`, and asserts the connection
+ * receives it as published, at seq 1 of the group's epoch. Resolves with the join result.
+ */
+export async function assertJoinsAndReceives(gateway, connection, region, extra = {}) {
+  const recommendations = inbox(connection, "RecommendationReady");
+  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
+  await assertReceivesPublished(gateway, recommendations, region, { epoch: joined.epoch, extra });
+  return joined;
+}
+
+/**
+ * Publishes one RecommendationReady for `region` (with `extra` fields) to `gateway` and asserts
+ * it is the `nth` invocation (default 1) that `recommendations` (an inbox) receives, as published,
+ * at position { epoch, seq } (seq default 1) of the region's dispatch group. Resolves with the event.
+ */
+export async function assertReceivesPublished(gateway, recommendations, region, { nth = 1, epoch, seq = 1, extra = {} }) {
+  const event = recommendationReady(region, extra);
+  await publishAccepted(gateway, event);
+  assert.deepStrictEqual(await recommendations.nth(nth), [event, { group: dispatchGroup(region), epoch, seq }]);
+  return event;
+}
+
+/**
  * Asserts the JSON answer to a 202 publish: `{type, groups, positions, duplicate}` with one
  * well-formed position per group, in the same order.
  */
@@ -411,40 +499,56 @@ export async function negotiate(gateway, token, headers = {}) {
 }
 
 /**
+ * Sends a raw WebSocket upgrade request to `url` (http://...) with `headers`, answered within 10 s:
+ * `onUpgrade(response, socket, head)` gets a 101, `onResponse(response)` any other answer, and
+ * `reject` an error.
+ */
+function sendUpgrade(url, headers, { onUpgrade, onResponse, reject }) {
+  const request = http.request(url, {
+    method: "GET",
+    agent: false, // a connection of its own: never reuse one from (or leave one to) the pool
+    headers: {
+      connection: "Upgrade",
+      upgrade: "websocket",
+      "sec-websocket-version": "13",
+      "sec-websocket-key": Buffer.from(randomUUID().slice(0, 16)).toString("base64"),
+      ...headers,
+    },
+    timeout: 10_000,
+  });
+  request.once("upgrade", (response, socket, head) => {
+    request.setTimeout(0);
+    onUpgrade(response, socket, head);
+  });
+  request.once("response", onResponse);
+  request.once("timeout", () => request.destroy(new Error(`upgrade request to ${url} timed out`)));
+  request.once("error", reject);
+  request.end();
+}
+
+/**
  * A raw WebSocket upgrade request to `url` (http://...) with the given headers. Resolves with
  * { status, headers, body } — status 101 when the upgrade was accepted (the socket is then
  * closed), otherwise the refusal as the server sent it.
  */
 export function rawUpgrade(url, headers = {}) {
   return new Promise((resolve, reject) => {
-    const request = http.request(url, {
-      method: "GET",
-      agent: false, // a connection of its own: never reuse one from (or leave one to) the pool
-      headers: {
-        connection: "Upgrade",
-        upgrade: "websocket",
-        "sec-websocket-version": "13",
-        "sec-websocket-key": Buffer.from(randomUUID().slice(0, 16)).toString("base64"),
-        ...headers,
+    sendUpgrade(url, headers, {
+      onUpgrade(response, socket) {
+        socket.destroy();
+        resolve({ status: response.statusCode, headers: response.headers, body: "" });
       },
-      timeout: 10_000,
+      onResponse(response) {
+        let body = "";
+        response.setEncoding("utf8");
+        response.on("data", (chunk) => {
+          body += chunk;
+        });
+        response.once("end", () => resolve({ status: response.statusCode, headers: response.headers, body }));
+        response.once("error", reject);
+      },
+      reject,
     });
-    request.once("upgrade", (response, socket) => {
-      socket.destroy();
-      resolve({ status: response.statusCode, headers: response.headers, body: "" });
-    });
-    request.once("response", (response) => {
-      let body = "";
-      response.setEncoding("utf8");
-      response.on("data", (chunk) => {
-        body += chunk;
-      });
-      response.once("end", () => resolve({ status: response.statusCode, headers: response.headers, body }));
-      response.once("error", reject);
-    });
-    request.once("timeout", () => request.destroy(new Error(`upgrade request to ${url} timed out`)));
-    request.once("error", reject);
-    request.end();
   });
 }
 
@@ -457,91 +561,63 @@ export function rawUpgrade(url, headers = {}) {
  */
 export function rawWebSocket(url, headers = {}) {
   return new Promise((resolve, reject) => {
-    const request = http.request(url, {
-      method: "GET",
-      agent: false, // a connection of its own: never reuse one from (or leave one to) the pool
-      headers: {
-        connection: "Upgrade",
-        upgrade: "websocket",
-        "sec-websocket-version": "13",
-        "sec-websocket-key": Buffer.from(randomUUID().slice(0, 16)).toString("base64"),
-        ...headers,
-      },
-      timeout: 10_000,
-    });
-    request.once("upgrade", (response, socket, head) => {
-      request.setTimeout(0);
-      const frames = [];
-      const waiters = [];
-      const closed = new Promise((resolveClosed) => socket.once("close", () => resolveClosed(frames)));
-      const notify = () => {
-        for (const waiter of [...waiters]) {
-          if (frames.length >= waiter.count) {
-            waiters.splice(waiters.indexOf(waiter), 1);
-            waiter.resolve(frames.slice(0, waiter.count));
+    sendUpgrade(url, headers, {
+      onUpgrade(response, socket, head) {
+        /** The first `count` frames, once they have arrived. */
+        const { received: frames, add, take } = arrivalList((count) => `${count} WebSocket frame(s) (got ${JSON.stringify(frames)})`);
+        const closed = new Promise((resolveClosed) => socket.once("close", () => resolveClosed(frames)));
+        let buffer = head;
+        const parse = () => {
+          for (;;) {
+            if (buffer.length < 2) return;
+            const opcode = buffer[0] & 0x0f;
+            let length = buffer[1] & 0x7f;
+            let offset = 2;
+            if (length === 126) {
+              if (buffer.length < 4) return;
+              length = buffer.readUInt16BE(2);
+              offset = 4;
+            } else if (length === 127) {
+              if (buffer.length < 10) return;
+              length = Number(buffer.readBigUInt64BE(2));
+              offset = 10;
+            }
+            if (buffer.length < offset + length) return;
+            const payload = buffer.subarray(offset, offset + length);
+            buffer = buffer.subarray(offset + length);
+            const frame = { opcode };
+            if (opcode === 0x1) frame.text = payload.toString("utf8");
+            if (opcode === 0x8 && payload.length >= 2) {
+              frame.code = payload.readUInt16BE(0);
+              frame.reason = payload.subarray(2).toString("utf8");
+            }
+            add(frame);
+            if (opcode === 0x8 && !socket.destroyed) {
+              // Complete the closing handshake (echo the status code), then end our side.
+              socket.end(maskedFrame(0x88, payload.subarray(0, 2)));
+            }
           }
-        }
-      };
-      /** The first `count` frames, once they have arrived. */
-      const take = (count, ms = 5000) => {
-        if (frames.length >= count) return Promise.resolve(frames.slice(0, count));
-        const waiter = { count, ...deferred() };
-        waiters.push(waiter);
-        return within(ms, waiter.promise, `${count} WebSocket frame(s) (got ${JSON.stringify(frames)})`);
-      };
-      let buffer = head;
-      const parse = () => {
-        for (;;) {
-          if (buffer.length < 2) return;
-          const opcode = buffer[0] & 0x0f;
-          let length = buffer[1] & 0x7f;
-          let offset = 2;
-          if (length === 126) {
-            if (buffer.length < 4) return;
-            length = buffer.readUInt16BE(2);
-            offset = 4;
-          } else if (length === 127) {
-            if (buffer.length < 10) return;
-            length = Number(buffer.readBigUInt64BE(2));
-            offset = 10;
-          }
-          if (buffer.length < offset + length) return;
-          const payload = buffer.subarray(offset, offset + length);
-          buffer = buffer.subarray(offset + length);
-          const frame = { opcode };
-          if (opcode === 0x1) frame.text = payload.toString("utf8");
-          if (opcode === 0x8 && payload.length >= 2) {
-            frame.code = payload.readUInt16BE(0);
-            frame.reason = payload.subarray(2).toString("utf8");
-          }
-          frames.push(frame);
-          notify();
-          if (opcode === 0x8 && !socket.destroyed) {
-            // Complete the closing handshake (echo the status code), then end our side.
-            socket.end(maskedFrame(0x88, payload.subarray(0, 2)));
-          }
-        }
-      };
-      parse();
-      socket.on("data", (chunk) => {
-        buffer = Buffer.concat([buffer, chunk]);
+        };
         parse();
-      });
-      socket.on("error", () => {});
-      const sendText = (text) => socket.write(maskedFrame(0x81, Buffer.from(text, "utf8")));
-      resolve({ status: response.statusCode, headers: response.headers, socket, frames, closed, take, sendText });
+        socket.on("data", (chunk) => {
+          buffer = Buffer.concat([buffer, chunk]);
+          parse();
+        });
+        socket.on("error", () => {});
+        const sendText = (text) => socket.write(maskedFrame(0x81, Buffer.from(text, "utf8")));
+        resolve({ status: response.statusCode, headers: response.headers, socket, frames, closed, take, sendText });
+      },
+      onResponse(response) {
+        response.resume();
+        reject(new Error(`WebSocket upgrade to ${url} refused with ${response.statusCode}`));
+      },
+      reject,
     });
-    request.once("response", (response) => {
-      response.resume();
-      reject(new Error(`WebSocket upgrade to ${url} refused with ${response.statusCode}`));
-    });
-    request.once("timeout", () => request.destroy(new Error(`upgrade request to ${url} timed out`)));
-    request.once("error", reject);
-    request.end();
   });
 }
 
-const RS = "\x1e";
+/** The record separator that ends every JSON hub protocol record. */
+export const RS = "\x1e";
 
 /** The JSON records of one server text frame, each terminated by the record separator. */
 export function frameRecords(frame) {
@@ -564,6 +640,24 @@ export async function recordsFrom(ws, from, count) {
   }
 }
 
+/**
+ * Sends the JSON handshake and a JoinDispatchGroup of `region` (invocation id "0") batched in one
+ * frame on a raw hub WebSocket (see rawWebSocket) that has received nothing yet, and asserts both
+ * answers: the handshake's, then the join's Completion, whose result is the group's position (a
+ * new group: head seq 0). Resolves with the join result.
+ */
+export async function rawHandshakeAndJoin(ws, region) {
+  ws.sendText(
+    `{"protocol":"json","version":1}${RS}` +
+      `{"target":"JoinDispatchGroup","arguments":["${region}"],"invocationId":"0","type":1}${RS}`,
+  );
+  const [handshake, completion] = await recordsFrom(ws, 0, 2);
+  assert.deepStrictEqual(handshake, {});
+  // The join's Completion carries its result, the group's position.
+  assert.deepStrictEqual(completion, { type: 3, invocationId: "0", result: completion.result });
+  return assertJoinResult(completion.result, dispatchGroup(region), { seq: 0 });
+}
+
 /** One client-to-server WebSocket frame (FIN set, masked as clients must). */
 function maskedFrame(firstByte, payload) {
   const mask = Buffer.from([0x12, 0x34, 0x56, 0x78]);
@@ -582,6 +676,9 @@ function maskedFrame(firstByte, payload) {
 
 // ---------------------------------------------------------------------------------------------
 // SignalR client
+
+/** The automatic reconnect delays of a client that must outlast a gateway restart (about 5 s). */
+export const RETRY_DELAYS = [0, 200, 500, 1000, 1000, 1000, 1000, 1000];
 
 class CapturingLogger {
   constructor() {
@@ -631,26 +728,12 @@ export async function connect(t, gateway, token, options = {}) {
  * test await the first `count` of them.
  */
 export function inbox(connection, target) {
-  const received = [];
-  const waiters = [];
-  connection.on(target, (...args) => {
-    received.push(args);
-    for (const waiter of [...waiters]) {
-      if (received.length >= waiter.count) {
-        waiters.splice(waiters.indexOf(waiter), 1);
-        waiter.resolve(received.slice(0, waiter.count));
-      }
-    }
-  });
+  const list = arrivalList((count) => `${count} '${target}' invocation(s) (got ${list.received.length})`);
+  connection.on(target, (...args) => list.add(args));
   return {
-    received,
+    received: list.received,
     /** The first `count` invocations (argument arrays), once they have arrived. */
-    take(count, ms = 5000) {
-      if (received.length >= count) return Promise.resolve(received.slice(0, count));
-      const waiter = { count, ...deferred() };
-      waiters.push(waiter);
-      return within(ms, waiter.promise, `${count} '${target}' invocation(s) (got ${received.length})`);
-    },
+    take: list.take,
     /** The argument array of the `n`th invocation (1-based). */
     async nth(n, ms = 5000) {
       const all = await this.take(n, ms);
@@ -665,28 +748,9 @@ export function inbox(connection, target) {
  * not arrive, then one that must, and check the first one to arrive is the second.
  */
 export function arrivals(connection, targets = ["RecommendationReady", "JobAssigned"]) {
-  const received = [];
-  const waiters = [];
-  for (const target of targets) {
-    connection.on(target, (...args) => {
-      received.push({ target, args });
-      for (const waiter of [...waiters]) {
-        if (received.length >= waiter.count) {
-          waiters.splice(waiters.indexOf(waiter), 1);
-          waiter.resolve(received.slice(0, waiter.count));
-        }
-      }
-    });
-  }
-  return {
-    received,
-    take(count, ms = 5000) {
-      if (received.length >= count) return Promise.resolve(received.slice(0, count));
-      const waiter = { count, ...deferred() };
-      waiters.push(waiter);
-      return within(ms, waiter.promise, `${count} event(s) on ${targets.join("/")} (got ${received.length})`);
-    },
-  };
+  const list = arrivalList((count) => `${count} event(s) on ${targets.join("/")} (got ${list.received.length})`);
+  for (const target of targets) connection.on(target, (...args) => list.add({ target, args }));
+  return { received: list.received, take: list.take };
 }
 
 /** A promise for the next onclose of `connection` (resolves with the error, possibly undefined). */

@@ -1,38 +1,30 @@
 // Keep-alive, client timeout and handshake timeout, with a gateway tuned to short intervals.
 
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
+  RS,
+  assertJoinsAndReceives,
   connect,
   deferred,
-  dispatchGroup,
   dispatcherToken,
+  gatewayForFile,
   hubConnection,
-  inbox,
-  join,
   nextClose,
-  publishAccepted,
   rawWebSocket,
-  recommendationReady,
-  startGateway,
   uniqueRegion,
   within,
 } from "./harness.mjs";
 
 const CLIENT_TIMEOUT_MS = 3000;
-const RS = "\x1e";
 
-let gateway;
-before(async () => {
-  gateway = await startGateway({
+const gateway = gatewayForFile({
     name: "keepalive",
     args: ["--keepalive-interval", "1s", "--client-timeout", `${CLIENT_TIMEOUT_MS / 1000}s`, "--handshake-timeout", "1s"],
   });
-});
-after(() => gateway?.stop());
 
 /** A client that never pings on its own (its keep-alive is far beyond the server's timeout). */
 const silent = (builder) => builder.withKeepAliveInterval(60_000).withServerTimeout(120_000);
@@ -71,11 +63,7 @@ test("a silent client closed for inactivity is allowed to reconnect", async (t) 
 
   const secondId = await within(10_000, reconnected.promise, "onreconnected");
   assert.notEqual(secondId, firstId, "a reconnect negotiates a new connection");
-  const recommendations = inbox(connection, "RecommendationReady");
-  const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
-  const event = recommendationReady(region);
-  await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
+  await assertJoinsAndReceives(gateway, connection, region);
 });
 
 test("a client that pings outlives the client timeout and server pings keep it from timing out", async (t) => {
@@ -98,11 +86,7 @@ test("a client that pings outlives the client timeout and server pings keep it f
 
   assert.equal(livelyClosed, undefined, `the pinging client was closed: ${livelyClosed?.message}`);
   assert.equal(lively.state, HubConnectionState.Connected);
-  const recommendations = inbox(lively, "RecommendationReady");
-  const joined = await join(lively, "JoinDispatchGroup", region, { seq: 0 });
-  const event = recommendationReady(region);
-  await publishAccepted(gateway, event);
-  assert.deepStrictEqual(await recommendations.nth(1), [event, { group: dispatchGroup(region), epoch: joined.epoch, seq: 1 }]);
+  await assertJoinsAndReceives(gateway, lively, region);
 });
 
 test("a WebSocket that never sends the handshake is closed after the handshake timeout", async () => {

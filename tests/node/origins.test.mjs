@@ -2,18 +2,21 @@
 // would exercise them.
 
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
-import { dispatcherToken, negotiate, rawUpgrade, startGateway, uniqueRegion } from "./harness.mjs";
+import {
+  dispatcherToken,
+  gatewayForFile,
+  negotiate,
+  rawUpgrade,
+  startGateway,
+  uniqueRegion,
+} from "./harness.mjs";
 
 const ALLOWED = "http://app.example";
 const OTHER = "http://evil.example";
 
-let gateway;
-before(async () => {
-  gateway = await startGateway({ name: "origins", args: ["--cors-origins", ALLOWED] });
-});
-after(() => gateway?.stop());
+const gateway = gatewayForFile({ name: "origins", args: ["--cors-origins", ALLOWED] });
 
 /** The preflight a browser sends before the client's negotiate POST. */
 async function preflight(origin) {

@@ -2,33 +2,30 @@
 // client would hide the detail: batching, handshake versions, event records, method-name case.
 
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
+  RS,
   assertJoinResult,
   connect,
   delivered,
   dispatchGroup,
   dispatcherToken,
+  gatewayForFile,
   nextClose,
   publishAccepted,
+  rawHandshakeAndJoin,
   rawWebSocket,
-  recordsFrom,
   recommendationReady,
-  startGateway,
+  recordsFrom,
   uniqueRegion,
   within,
 } from "./harness.mjs";
 
-const RS = "\x1e";
 
-let gateway;
-before(async () => {
-  gateway = await startGateway({ name: "protocol" });
-});
-after(() => gateway?.stop());
+const gateway = gatewayForFile({ name: "protocol" });
 
 /** A raw WebSocket to the hub for a dispatcher of `region`, closed when the test ends. */
 async function openHub(t, region) {
@@ -49,17 +46,7 @@ async function handshaken(t, region) {
 test("a handshake and an invocation batched into one frame are both answered", async (t) => {
   const region = uniqueRegion();
   const ws = await openHub(t, region);
-
-  ws.sendText(
-    `{"protocol":"json","version":1}${RS}` +
-      `{"target":"JoinDispatchGroup","arguments":["${region}"],"invocationId":"0","type":1}${RS}`,
-  );
-
-  const [handshake, completion] = await recordsFrom(ws, 0, 2);
-  assert.deepStrictEqual(handshake, {});
-  // The join's Completion carries its result, the group's position.
-  assert.deepStrictEqual(completion, { type: 3, invocationId: "0", result: completion.result });
-  assertJoinResult(completion.result, dispatchGroup(region), { seq: 0 });
+  await rawHandshakeAndJoin(ws, region);
 });
 
 test("a handshake asking for version 2 of the JSON protocol is accepted", async (t) => {

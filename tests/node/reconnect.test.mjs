@@ -6,21 +6,19 @@ import { test } from "node:test";
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
+  RETRY_DELAYS,
   assertJoinResult,
+  assertReceivesPublished,
   deferred,
   dispatchGroup,
   dispatcherToken,
   hubConnection,
   inbox,
   join,
-  publishAccepted,
-  recommendationReady,
   startGateway,
   uniqueRegion,
   within,
 } from "./harness.mjs";
-
-const RETRY_DELAYS = [0, 200, 500, 1000, 1000, 1000, 1000, 1000];
 
 /**
  * Connects a dispatcher that rejoins its group in onreconnected, takes the gateway down with
@@ -53,9 +51,7 @@ async function reconnectsAfter(t, takeDown) {
   const firstId = connection.connectionId;
   const group = dispatchGroup(region);
   const joined = await join(connection, "JoinDispatchGroup", region, { seq: 0 });
-  const beforeRestart = recommendationReady(region);
-  await publishAccepted(gateway, beforeRestart);
-  assert.deepStrictEqual(await recommendations.nth(1), [beforeRestart, { group, epoch: joined.epoch, seq: 1 }]);
+  await assertReceivesPublished(gateway, recommendations, region, { epoch: joined.epoch });
 
   const { ports } = gateway;
   const exit = await within(15_000, takeDown(gateway), "the gateway to exit");
@@ -70,9 +66,7 @@ async function reconnectsAfter(t, takeDown) {
   assert.notEqual(secondId, firstId, "the reconnect negotiated a new connection");
   assert.equal(closedWith, "not closed");
 
-  const afterRestart = recommendationReady(region, { schemaVersion: 2 });
-  await publishAccepted(gateway, afterRestart);
-  assert.deepStrictEqual(await recommendations.nth(2), [afterRestart, { group, epoch: rejoinedAt.epoch, seq: 1 }]);
+  await assertReceivesPublished(gateway, recommendations, region, { nth: 2, epoch: rejoinedAt.epoch, extra: { schemaVersion: 2 } });
   return { exit, lossError };
 }
 

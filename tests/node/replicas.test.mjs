@@ -4,13 +4,13 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  assertJoinResult,
   dispatchGroup,
   dispatcherToken,
   gatewayFor,
   negotiate,
   positionIn,
   publishAccepted,
+  rawHandshakeAndJoin,
   rawUpgrade,
   rawWebSocket,
   recommendationReady,
@@ -18,7 +18,6 @@ import {
   uniqueRegion,
 } from "./harness.mjs";
 
-const RS = "\x1e";
 const SHARED = ["--connection-token-secret", "replica-connection-token-secret-0123456789"];
 
 test("a connection token from one replica is accepted by another replica sharing the connection token secret", async (t) => {
@@ -33,14 +32,7 @@ test("a connection token from one replica is accepted by another replica sharing
   t.after(() => ws.socket.destroy());
   assert.equal(ws.status, 101);
 
-  ws.sendText(
-    `{"protocol":"json","version":1}${RS}` +
-      `{"target":"JoinDispatchGroup","arguments":["${region}"],"invocationId":"0","type":1}${RS}`,
-  );
-  const [handshake, completion] = await recordsFrom(ws, 0, 2);
-  assert.deepStrictEqual(handshake, {});
-  assert.deepStrictEqual(completion, { type: 3, invocationId: "0", result: completion.result });
-  const joined = assertJoinResult(completion.result, dispatchGroup(region), { seq: 0 });
+  const joined = await rawHandshakeAndJoin(ws, region);
 
   const event = recommendationReady(region);
   const seen = ws.frames.length;

@@ -8,21 +8,22 @@
 
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
 import { HubConnectionState } from "@microsoft/signalr";
 
 import {
   EPOCH,
+  RETRY_DELAYS,
   connect,
   deferred,
   dispatchGroup,
-  dispatcherClaims,
   dispatcherToken,
+  expiringTokens,
+  gatewayForFile,
   hubConnection,
   inbox,
   join,
-  mintJwt,
   positionIn,
   publish,
   publishAccepted,
@@ -32,13 +33,7 @@ import {
   within,
 } from "./harness.mjs";
 
-const RETRY_DELAYS = [0, 200, 500, 1000, 1000, 1000, 1000, 1000];
-
-let gateway;
-before(async () => {
-  gateway = await startGateway({ name: "resume", args: ["--jwt-leeway", "0s"] });
-});
-after(() => gateway?.stop());
+const gateway = gatewayForFile({ name: "resume", args: ["--jwt-leeway", "0s"] });
 
 /**
  * A dispatcher of `region` with automatic reconnect, as docs/events.md recommends writing one: it
@@ -48,15 +43,9 @@ after(() => gateway?.stop());
  * once `release()` was called, which holds the reconnect back while the test publishes.
  */
 function resumingClient(t, target, region, { url } = {}) {
-  const sub = `dispatcher-${randomUUID()}`; // the same user throughout (connection tokens are bound to it)
   const gate = deferred();
-  let lost = false;
-  const factory = async () => {
-    if (!lost) return mintJwt(dispatcherClaims([region], { sub, exp: Math.floor(Date.now() / 1000) + 4 }));
-    await gate.promise;
-    return dispatcherToken([region], { sub });
-  };
-  const connection = hubConnection(t, target, factory, {
+  const tokens = expiringTokens(region, 4, gate.promise);
+  const connection = hubConnection(t, target, tokens.factory, {
     url,
     configure: (builder) => builder.withAutomaticReconnect(RETRY_DELAYS),
   });
@@ -71,7 +60,7 @@ function resumingClient(t, target, region, { url } = {}) {
   const rejoined = deferred();
   rejoined.promise.catch(() => {}); // onclose at the end of the test must not be an unhandled rejection
   connection.onreconnecting((error) => {
-    lost = true;
+    tokens.expired();
     away.resolve(error);
   });
   connection.onreconnected(() => {
