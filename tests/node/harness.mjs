@@ -11,16 +11,15 @@
 // Each gateway's stdout/stderr goes to artifacts/<name>-<n>.log next to this file.
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
+import { mkdirSync } from "node:fs";
 import http from "node:http";
 import path from "node:path";
 import { after, before } from "node:test";
 import { fileURLToPath } from "node:url";
 
 import { HttpTransportType, HubConnectionBuilder, LogLevel } from "@microsoft/signalr";
-import { distinctFreePorts, envWithoutGatewayVariables } from "./local-topology.mjs";
+import { startGatewayProcess } from "./gateway-process.mjs";
 import { stopOnExit } from "./stop-on-exit.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -54,11 +53,6 @@ export function deferred() {
     reject = rej;
   });
   return { promise, resolve, reject };
-}
-
-/** Resolves after `ms`; used only as a polling interval, never as synchronisation. */
-function pause(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /**
@@ -96,7 +90,7 @@ function arrivalList(what) {
 export { stopOnExit };
 
 // ---------------------------------------------------------------------------------------------
-// Ports and processes (free ports and the environment: local-topology.mjs)
+// Gateways (the process itself: gateway-process.mjs, shared with the realtime library's tests)
 
 let gatewayCounter = 0;
 
@@ -110,124 +104,27 @@ let gatewayCounter = 0;
  * options.allowMissingOrigin  pass --allow-missing-origin (default true: Node clients send no Origin)
  */
 export async function startGateway(options = {}) {
-  // A port found free can be taken by someone else before the gateway binds it: then try others.
-  for (let attempt = 1; ; attempt += 1) {
-    try {
-      return await startGatewayOnce(options);
-    } catch (error) {
-      if (options.ports || attempt === 3 || !/address already in use|AddrInUse/i.test(error.message)) throw error;
-    }
-  }
-}
-
-async function startGatewayOnce(options) {
   const { args = [], name = "gateway", readyMs = 20_000, allowMissingOrigin = true } = options;
-  const [port, adminPort] = options.ports ? [options.ports.port, options.ports.adminPort] : await distinctFreePorts(2);
-
-  if (!existsSync(GATEWAY_BIN)) {
-    throw new Error(`no gateway binary at ${GATEWAY_BIN}: build it with \`cargo build -p gateway\` or set GATEWAY_BIN`);
-  }
   mkdirSync(ARTIFACTS, { recursive: true });
   gatewayCounter += 1;
   const logFile = path.join(ARTIFACTS, `${name.replace(/[^A-Za-z0-9_.-]+/g, "_").slice(0, 80)}-${gatewayCounter}.log`);
-  const logFd = openSync(logFile, "w");
-
-  const env = envWithoutGatewayVariables();
-  const argv = [
-    "--listen", `127.0.0.1:${port}`,
-    "--admin-listen", `127.0.0.1:${adminPort}`,
-    "--jwt-secret", JWT_SECRET,
-    "--service-key", SERVICE_KEY,
-    // One runtime thread, as a replica pinned to one core runs: it is the mode in which fan-out
-    // writes frames straight to idle sockets, so the official client exercises that path (the
-    // Rust system tests run multi-threaded and exercise the queued path).
-    "--worker-threads", "1",
-    ...(allowMissingOrigin ? ["--allow-missing-origin"] : []),
-    ...args,
-  ];
-  const child = spawn(GATEWAY_BIN, argv, { env, stdio: ["ignore", logFd, logFd] });
-  closeSync(logFd);
-  const forget = stopOnExit(() => child.kill("SIGKILL"));
-
-  const exited = new Promise((resolve) => {
-    child.once("exit", (code, signal) => resolve({ code, signal }));
-    child.once("error", (error) => resolve({ code: null, signal: null, error }));
-  });
-  let exitInfo = null;
-  exited.then((info) => {
-    exitInfo = info;
-    forget();
-  });
-
-  const baseUrl = `http://127.0.0.1:${port}`;
-  const adminUrl = `http://127.0.0.1:${adminPort}`;
-  const logTail = () => {
-    try {
-      return readFileSync(logFile, "utf8").split("\n").slice(-30).join("\n");
-    } catch {
-      return "";
-    }
-  };
-
-  const gateway = {
-    port,
-    adminPort,
-    ports: { port, adminPort },
-    baseUrl,
-    adminUrl,
-    hubUrl: `${baseUrl}/hub/v1`,
-    eventsUrl: `${baseUrl}/api/v1/events`,
+  const gateway = await startGatewayProcess({
+    bin: GATEWAY_BIN,
+    ports: options.ports,
     logFile,
-    args,
-    process: child,
-    exited,
-    logTail,
-    /** SIGTERM, then SIGKILL if it has not exited within `graceMs`. Idempotent. */
-    async stop(graceMs = 10_000) {
-      if (exitInfo) return exitInfo;
-      child.kill("SIGTERM");
-      let timer;
-      const forced = new Promise((resolve) => {
-        timer = setTimeout(() => {
-          child.kill("SIGKILL");
-          resolve();
-        }, graceMs);
-      });
-      await Promise.race([exited, forced]);
-      clearTimeout(timer);
-      return exited;
-    },
-    /** SIGKILL: a crash. */
-    async kill() {
-      if (exitInfo) return exitInfo;
-      child.kill("SIGKILL");
-      return exited;
-    },
-  };
-
-  const deadline = Date.now() + readyMs;
-  let lastProblem = "no answer yet";
-  for (;;) {
-    if (exitInfo) {
-      throw new Error(
-        `gateway exited before it was ready (${JSON.stringify(exitInfo)}); ` +
-          `command: ${GATEWAY_BIN} ${argv.join(" ")}\n--- ${logFile} ---\n${logTail()}`,
-      );
-    }
-    try {
-      const response = await fetch(`${adminUrl}/readyz`, { signal: AbortSignal.timeout(1000) });
-      await response.arrayBuffer();
-      if (response.status === 200) return gateway;
-      lastProblem = `/readyz answered ${response.status}`;
-    } catch (error) {
-      lastProblem = String(error?.cause?.code ?? error);
-    }
-    if (Date.now() > deadline) {
-      await gateway.stop(2000);
-      throw new Error(`gateway not ready within ${readyMs} ms (${lastProblem})\n--- ${logFile} ---\n${logTail()}`);
-    }
-    await pause(50);
-  }
+    readyMs,
+    args: [
+      "--jwt-secret", JWT_SECRET,
+      "--service-key", SERVICE_KEY,
+      // One runtime thread, as a replica pinned to one core runs: it is the mode in which fan-out
+      // writes frames straight to idle sockets, so the official client exercises that path (the
+      // Rust system tests run multi-threaded and exercise the queued path).
+      "--worker-threads", "1",
+      ...(allowMissingOrigin ? ["--allow-missing-origin"] : []),
+      ...args,
+    ],
+  });
+  return { ...gateway, args };
 }
 
 /**

@@ -1,17 +1,15 @@
-// Starts the real gateway binary for integration tests, the way tests/node/harness.mjs does:
-// free loopback ports, the in-process broker, an HS256 secret and a service key; readiness is
-// awaited by polling /readyz with a deadline. Also mints tokens and publishes over HTTP.
+// Starts the real gateway binary for integration tests with tests/node/gateway-process.mjs, the
+// module tests/node/harness.mjs starts its gateways with: free loopback ports, the in-process
+// broker, an HS256 secret and a service key; readiness is awaited by polling /readyz with a
+// deadline. Also mints tokens and publishes over HTTP.
 //
 // GATEWAY_BIN overrides the binary (default: target/debug/gateway at the repository root, built
 // by `cargo build --workspace --bins`). Each gateway's output goes to dist-test/artifacts/.
 
-import { spawn } from "node:child_process";
-import type { ChildProcess } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
-import net from "node:net";
+import { mkdirSync } from "node:fs";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { recommendation } from "./fixtures.js";
 
@@ -31,20 +29,13 @@ export function within<T>(ms: number, promise: Promise<T>, what: string): Promis
   return Promise.race([promise, deadline]).finally(() => clearTimeout(timer));
 }
 
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", resolve);
-  });
-  const address = server.address();
-  await new Promise((resolve) => server.close(resolve));
-  if (address === null || typeof address === "string") throw new Error("no port");
-  return address.port;
+interface Ports {
+  port: number;
+  adminPort: number;
 }
 
 export interface Gateway {
-  ports: { port: number; adminPort: number };
+  ports: Ports;
   hubUrl: string;
   eventsUrl: string;
   logFile: string;
@@ -52,74 +43,39 @@ export interface Gateway {
   stop(): Promise<void>;
 }
 
+/** tests/node/gateway-process.mjs (plain JavaScript, loaded by path: it is outside this package). */
+interface GatewayProcessModule {
+  startGatewayProcess(options: { bin: string; args: string[]; logFile: string; ports?: Ports | undefined }): Promise<{
+    ports: Ports;
+    hubUrl: string;
+    eventsUrl: string;
+    logFile: string;
+    stop(): Promise<unknown>;
+  }>;
+}
+const { startGatewayProcess } = (await import(pathToFileURL(path.join(REPO, "tests/node/gateway-process.mjs")).href)) as GatewayProcessModule;
+
 let counter = 0;
 
 /** Starts the gateway (on `ports` when given, for a restart) and resolves once /readyz says 200. */
-export async function startGateway(name: string, args: string[] = [], ports?: { port: number; adminPort: number }): Promise<Gateway> {
-  if (!existsSync(GATEWAY_BIN)) {
-    throw new Error(`no gateway binary at ${GATEWAY_BIN}: build it with \`cargo build --workspace --bins\` or set GATEWAY_BIN`);
-  }
-  const port = ports?.port ?? (await freePort());
-  let adminPort = ports?.adminPort ?? (await freePort());
-  for (let i = 0; adminPort === port && i < 10; i += 1) adminPort = await freePort();
+export async function startGateway(name: string, args: string[] = [], ports?: Ports): Promise<Gateway> {
   mkdirSync(ARTIFACTS, { recursive: true });
   counter += 1;
-  const logFile = path.join(ARTIFACTS, `${name}-${counter}.log`);
-  const fd = openSync(logFile, "w");
-  const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("GATEWAY_")));
-  const argv = [
-    "--listen", `127.0.0.1:${port}`,
-    "--admin-listen", `127.0.0.1:${adminPort}`,
-    "--jwt-secret", JWT_SECRET,
-    "--service-key", SERVICE_KEY,
-    "--allow-missing-origin",
-    ...args,
-  ];
-  const child: ChildProcess = spawn(GATEWAY_BIN, argv, { env, stdio: ["ignore", fd, fd] });
-  closeSync(fd);
-  let exited = false;
-  const exit = new Promise<void>((resolve) => {
-    child.once("exit", () => {
-      exited = true;
-      resolve();
-    });
-    child.once("error", () => {
-      exited = true;
-      resolve();
-    });
+  const gateway = await startGatewayProcess({
+    bin: GATEWAY_BIN,
+    args: ["--jwt-secret", JWT_SECRET, "--service-key", SERVICE_KEY, "--allow-missing-origin", ...args],
+    logFile: path.join(ARTIFACTS, `${name}-${counter}.log`),
+    ports,
   });
-  const stop = async (): Promise<void> => {
-    if (exited) return;
-    child.kill("SIGTERM");
-    let timer: NodeJS.Timeout | undefined;
-    const forced = new Promise<void>((resolve) => {
-      timer = setTimeout(() => {
-        child.kill("SIGKILL");
-        resolve();
-      }, 10_000);
-    });
-    await Promise.race([exit, forced]);
-    clearTimeout(timer);
-    await exit;
+  return {
+    ports: gateway.ports,
+    hubUrl: gateway.hubUrl,
+    eventsUrl: gateway.eventsUrl,
+    logFile: gateway.logFile,
+    stop: async () => {
+      await gateway.stop();
+    },
   };
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    if (exited) throw new Error(`gateway exited before it was ready; see ${logFile}:\n${readFileSync(logFile, "utf8").slice(-2000)}`);
-    try {
-      const response = await fetch(`http://127.0.0.1:${adminPort}/readyz`, { signal: AbortSignal.timeout(1000) });
-      await response.arrayBuffer();
-      if (response.status === 200) break;
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() > deadline) {
-      await stop();
-      throw new Error(`gateway not ready within 20 s; see ${logFile}`);
-    }
-    await new Promise((resolve) => setTimeout(resolve, 50)); // polling interval, not synchronisation
-  }
-  const base = `http://127.0.0.1:${port}`;
-  return { ports: { port, adminPort }, hubUrl: `${base}/hub/v1`, eventsUrl: `${base}/api/v1/events`, logFile, stop };
 }
 
 /** An HS256 JWT over `claims`. */
