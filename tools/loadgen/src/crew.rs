@@ -19,7 +19,7 @@ use tokio::time::timeout;
 use crate::cli::{Endpoint, ReceiversArgs, Target};
 use crate::fleet::{ConnectReport, Fleet, FleetConfig};
 use crate::host::{self, CpuTicks};
-use crate::tally::{StepTally, WireTally};
+use crate::tally::StepTally;
 
 /// How long a child may take to answer a command other than its connect phase.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -73,7 +73,7 @@ enum Request {
 enum Reply {
     Ready(ConnectReport),
     Snapshot(Snapshot),
-    Tally(WireTally),
+    Tally(StepTally),
     Stopped,
 }
 
@@ -165,10 +165,10 @@ impl Crew {
         let mut total = self.local.collect(step);
         for child in &mut self.children {
             let reply = child.ask(&Request::Collect(step)).await?;
-            let Reply::Tally(wire) = reply else {
+            let Reply::Tally(tally) = reply else {
                 bail!("a receivers process answered {reply:?} instead of Tally");
             };
-            total.merge(&StepTally::from(wire));
+            total.merge(&tally);
         }
         Ok(total)
     }
@@ -272,7 +272,7 @@ pub(crate) async fn serve(args: ReceiversArgs) -> anyhow::Result<()> {
     while let Some(line) = commands.next_line().await? {
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Snapshot) => Reply::Snapshot(local_snapshot(&fleet)?),
-            Ok(Request::Collect(step)) => Reply::Tally(WireTally::from(&fleet.collect(step))),
+            Ok(Request::Collect(step)) => Reply::Tally(fleet.collect(step)),
             Ok(Request::Stop) => break,
             Err(e) => bail!("unreadable command `{line}`: {e}"),
         };

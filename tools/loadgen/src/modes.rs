@@ -10,11 +10,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::time::{Instant, sleep};
 
-use crate::cli::{Endpoint, IdleArgs, RunArgs};
+use crate::cli::{Endpoint, IdleArgs, Observe, RunArgs, Target};
 use crate::crew::Crew;
 use crate::host::{self, CpuTicks};
 use crate::publisher::{Publisher, PublisherConfig};
-use crate::report::{self, IdleRow, RunSetting, StepInputs, StepRow};
+use crate::report::{self, IdleRow, Opened, RunSetting, StepInputs, StepRow};
 
 /// How long to wait for the gateway's /readyz.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -64,34 +64,29 @@ impl Gateway {
     }
 }
 
-/// `loadgen run`.
+/// What both modes start with: a ready gateway, its RSS before, and the connections opened.
 ///
 /// # Errors
-/// When the gateway is not ready, no connection opens, or a load process fails before the
-/// first step; later failures cut the run short and are reported with the rows so far.
-pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
-    args.validate()?;
-    let deadline = Instant::now() + Duration::from_secs(args.target.max_secs);
-    let endpoint = Endpoint::try_loopback(&args.target.url)?;
-    let admin = Endpoint::try_loopback(&args.observe.admin_url)?;
+/// When the gateway is not ready, a load process fails to start, or not one connection opens.
+async fn open(
+    target: &Target,
+    observe: &Observe,
+    connections: usize,
+    groups: usize,
+) -> anyhow::Result<(Crew, Gateway, Opened)> {
+    let admin = Endpoint::try_loopback(&observe.admin_url)?;
     wait_ready(&admin).await?;
     let prior_connections = prior_connections(&admin).await;
     let gateway = Gateway {
-        pid: args.observe.gateway_pid,
+        pid: observe.gateway_pid,
     };
+    if gateway.pid.is_none() {
+        eprintln!("loadgen: without --gateway-pid there is no RSS to report");
+    }
     let rss_before = gateway.rss();
-
-    eprintln!(
-        "loadgen: opening {} connections over {} groups",
-        args.connections, args.groups
-    );
-    let (mut crew, connect) = Crew::open(
-        &args.target,
-        args.connections,
-        args.groups,
-        args.observe.conns_per_process,
-    )
-    .await?;
+    eprintln!("loadgen: opening {connections} connections over {groups} groups");
+    let (crew, connect) =
+        Crew::open(target, connections, groups, observe.conns_per_process).await?;
     eprintln!(
         "loadgen: {} ready, {} failed in {:.1} s",
         connect.ok,
@@ -105,6 +100,28 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
             report::reasons(&connect.failed)
         );
     }
+    let opened = Opened {
+        connections,
+        groups,
+        processes: crew.processes(),
+        connect,
+        rss_before_kib: rss_before,
+        prior_connections,
+    };
+    Ok((crew, gateway, opened))
+}
+
+/// `loadgen run`.
+///
+/// # Errors
+/// When the gateway is not ready, no connection opens, or a load process fails before the
+/// first step; later failures cut the run short and are reported with the rows so far.
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
+    args.validate()?;
+    let deadline = Instant::now() + Duration::from_secs(args.target.max_secs);
+    let endpoint = Endpoint::try_loopback(&args.target.url)?;
+    let (mut crew, gateway, opened) =
+        open(&args.target, &args.observe, args.connections, args.groups).await?;
     sleep(SETTLE_BEFORE_STEPS).await;
     let rss_connected = gateway.rss();
     let initial_members: u64 = crew
@@ -167,22 +184,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
         }
     }
     let rss_after = gateway.rss();
-    let processes = crew.processes();
     crew.close().await;
     Ok(Report::Run {
         setting: RunSetting {
-            connections: args.connections,
-            groups: args.groups,
+            opened,
             payload_bytes: args.payload_bytes,
             step_secs: args.step_secs,
             drain_secs: args.drain_secs,
-            processes,
             lanes: publisher.lanes(),
-            connect,
-            rss_before_kib: rss_before,
             rss_connected_kib: rss_connected,
             rss_after_kib: rss_after,
-            prior_connections,
             cut_short,
         },
         steps,
@@ -254,61 +265,30 @@ async fn run_step(
 /// When the gateway is not ready or a load process fails.
 pub(crate) async fn idle(args: IdleArgs) -> anyhow::Result<Report> {
     args.validate()?;
-    let admin = Endpoint::try_loopback(&args.observe.admin_url)?;
-    wait_ready(&admin).await?;
-    let prior_connections = prior_connections(&admin).await;
-    let gateway = Gateway {
-        pid: args.observe.gateway_pid,
-    };
-    if gateway.pid.is_none() {
-        eprintln!("loadgen: without --gateway-pid there is no RSS to report");
-    }
-    let rss_before = gateway.rss();
-    eprintln!("loadgen: opening {} idle connections", args.connections);
-    let (mut crew, connect) = Crew::open(
-        &args.target,
-        args.connections,
-        args.groups,
-        args.observe.conns_per_process,
-    )
-    .await?;
-    eprintln!(
-        "loadgen: {} ready, {} failed in {:.1} s; settling {} s",
-        connect.ok,
-        connect.failed_total(),
-        connect.secs,
-        args.settle_secs
-    );
-    if connect.ok == 0 {
-        crew.close().await;
-        bail!(
-            "no connection could be opened: {}",
-            report::reasons(&connect.failed)
-        );
-    }
+    let (mut crew, gateway, opened) =
+        open(&args.target, &args.observe, args.connections, args.groups).await?;
+    eprintln!("loadgen: settling {} s", args.settle_secs);
     let cpu_start = gateway.cpu();
     let settle = Duration::from_secs(args.settle_secs);
     sleep(settle).await;
     let cpu_end = gateway.cpu();
     let rss_held = gateway.rss();
     let snapshot = crew.snapshot().await;
-    let processes = crew.processes();
     crew.close().await;
     sleep(SETTLE_AFTER_CLOSE).await;
     let rss_after_close = gateway.rss();
     let snapshot = snapshot.context("reading the load processes")?;
     let ticks_per_sec = host::clock_ticks_per_second() as f64;
     Ok(Report::Idle(IdleRow {
-        connections: args.connections,
-        groups: args.groups,
-        processes,
-        kib_per_connection: report::kib_per_connection(rss_before, rss_held, snapshot.live),
-        connect,
+        kib_per_connection: report::kib_per_connection(
+            opened.rss_before_kib,
+            rss_held,
+            snapshot.live,
+        ),
+        opened,
         settle_secs: args.settle_secs,
-        rss_before_kib: rss_before,
         rss_held_kib: rss_held,
         rss_after_close_kib: rss_after_close,
-        prior_connections,
         gateway_idle_cpu_pct: since(cpu_end, cpu_start).map(|ticks| {
             ticks.total() as f64 / ticks_per_sec / settle.as_secs_f64().max(1.0) * 100.0
         }),

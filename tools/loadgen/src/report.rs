@@ -185,40 +185,10 @@ impl StepRow {
     }
 }
 
-/// The setting of a `run`, for the report's heading.
+/// What `run` and `idle` both report: the connections asked for and how opening them went.
+/// Flattened into their JSON, so its fields stand beside theirs.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct RunSetting {
-    /// Connections asked for.
-    pub(crate) connections: usize,
-    /// Groups.
-    pub(crate) groups: usize,
-    /// Event size, in bytes.
-    pub(crate) payload_bytes: usize,
-    /// Publishing per step, in seconds.
-    pub(crate) step_secs: u64,
-    /// Drain per step, in seconds.
-    pub(crate) drain_secs: u64,
-    /// Load processes.
-    pub(crate) processes: usize,
-    /// Publisher lanes.
-    pub(crate) lanes: usize,
-    /// How connecting went.
-    pub(crate) connect: ConnectReport,
-    /// Gateway RSS before connecting, in KiB.
-    pub(crate) rss_before_kib: Option<u64>,
-    /// Gateway RSS with the connections held, before publishing, in KiB.
-    pub(crate) rss_connected_kib: Option<u64>,
-    /// Gateway RSS after the last step, in KiB.
-    pub(crate) rss_after_kib: Option<u64>,
-    /// Connections the gateway had accepted before this run (from /metrics).
-    pub(crate) prior_connections: Option<u64>,
-    /// Why the run stopped before its last step, if it did.
-    pub(crate) cut_short: Option<String>,
-}
-
-/// What `idle` measured.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct IdleRow {
+pub(crate) struct Opened {
     /// Connections asked for.
     pub(crate) connections: usize,
     /// Groups joined (0: none).
@@ -227,16 +197,57 @@ pub(crate) struct IdleRow {
     pub(crate) processes: usize,
     /// How connecting went.
     pub(crate) connect: ConnectReport,
-    /// Seconds of settling before the reading.
-    pub(crate) settle_secs: u64,
     /// Gateway RSS with no connections from this run, in KiB.
     pub(crate) rss_before_kib: Option<u64>,
+    /// Connections the gateway had accepted before this run (from /metrics).
+    pub(crate) prior_connections: Option<u64>,
+}
+
+impl Opened {
+    /// The report's lines on connecting and on a gateway that served connections before.
+    fn connect_lines(&self) -> String {
+        let mut out = format!("- {}\n", connect_line(&self.connect, self.processes));
+        if let Some(note) = reused_note(self.prior_connections) {
+            let _ = writeln!(out, "- {note}");
+        }
+        out
+    }
+}
+
+/// The setting of a `run`, for the report's heading.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RunSetting {
+    /// Connections, groups, processes, RSS before.
+    #[serde(flatten)]
+    pub(crate) opened: Opened,
+    /// Event size, in bytes.
+    pub(crate) payload_bytes: usize,
+    /// Publishing per step, in seconds.
+    pub(crate) step_secs: u64,
+    /// Drain per step, in seconds.
+    pub(crate) drain_secs: u64,
+    /// Publisher lanes.
+    pub(crate) lanes: usize,
+    /// Gateway RSS with the connections held, before publishing, in KiB.
+    pub(crate) rss_connected_kib: Option<u64>,
+    /// Gateway RSS after the last step, in KiB.
+    pub(crate) rss_after_kib: Option<u64>,
+    /// Why the run stopped before its last step, if it did.
+    pub(crate) cut_short: Option<String>,
+}
+
+/// What `idle` measured.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct IdleRow {
+    /// Connections, groups, processes, RSS before.
+    #[serde(flatten)]
+    pub(crate) opened: Opened,
+    /// Seconds of settling before the reading.
+    pub(crate) settle_secs: u64,
     /// Gateway RSS with the connections held and settled, in KiB.
     pub(crate) rss_held_kib: Option<u64>,
     /// Gateway RSS after closing them, in KiB.
     pub(crate) rss_after_close_kib: Option<u64>,
-    /// Connections the gateway had accepted before this run (from /metrics).
-    pub(crate) prior_connections: Option<u64>,
     /// `(held - before) / connected`, in KiB.
     pub(crate) kib_per_connection: Option<f64>,
     /// Gateway CPU while the connections sat idle, in % of one core.
@@ -263,27 +274,25 @@ pub(crate) fn kib_per_connection(
 pub(crate) fn run_markdown(setting: &RunSetting, rows: &[StepRow]) -> String {
     let mut out = String::new();
     let s = setting;
+    let o = &s.opened;
     let _ = writeln!(
         out,
         "## loadgen run: {} connections in {} groups, {}-byte events, {} s steps + {} s drain\n",
-        s.connections, s.groups, s.payload_bytes, s.step_secs, s.drain_secs
+        o.connections, o.groups, s.payload_bytes, s.step_secs, s.drain_secs
     );
-    let _ = writeln!(out, "- {}", connect_line(&s.connect, s.processes));
-    let held = s.connect.ok;
+    out.push_str(&o.connect_lines());
+    let held = o.connect.ok;
     let _ = writeln!(
         out,
         "- gateway RSS: {} before connecting, {} with {held} connections ({} KiB each), {} after the last step",
-        kib(s.rss_before_kib),
+        kib(o.rss_before_kib),
         kib(s.rss_connected_kib),
         opt(
-            kib_per_connection(s.rss_before_kib, s.rss_connected_kib, held),
+            kib_per_connection(o.rss_before_kib, s.rss_connected_kib, held),
             1
         ),
         kib(s.rss_after_kib),
     );
-    if let Some(note) = reused_note(s.prior_connections) {
-        let _ = writeln!(out, "- {note}");
-    }
     let _ = writeln!(
         out,
         "- publisher: {} lanes (one request in flight per lane)",
@@ -385,12 +394,9 @@ pub(crate) fn idle_markdown(row: &IdleRow) -> String {
     let _ = writeln!(
         out,
         "## loadgen idle: {} connections, {} groups, {} s settling\n",
-        row.connections, row.groups, row.settle_secs
+        row.opened.connections, row.opened.groups, row.settle_secs
     );
-    let _ = writeln!(out, "- {}", connect_line(&row.connect, row.processes));
-    if let Some(note) = reused_note(row.prior_connections) {
-        let _ = writeln!(out, "- {note}");
-    }
+    out.push_str(&row.opened.connect_lines());
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -400,8 +406,8 @@ pub(crate) fn idle_markdown(row: &IdleRow) -> String {
     let _ = writeln!(
         out,
         "| {} | {} | {} | {} | {} | {} |",
-        row.connect.ok,
-        kib(row.rss_before_kib),
+        row.opened.connect.ok,
+        kib(row.opened.rss_before_kib),
         kib(row.rss_held_kib),
         kib(row.rss_after_close_kib),
         opt(row.kib_per_connection, 1),
@@ -555,18 +561,20 @@ mod tests {
         });
         assert!(row.meets_objective);
         let setting = RunSetting {
-            connections: 1,
-            groups: 1,
+            opened: Opened {
+                connections: 1,
+                groups: 1,
+                processes: 1,
+                connect: ConnectReport::default(),
+                rss_before_kib: None,
+                prior_connections: Some(0),
+            },
             payload_bytes: 300,
             step_secs: 10,
             drain_secs: 3,
-            processes: 1,
             lanes: 1,
-            connect: ConnectReport::default(),
-            rss_before_kib: None,
             rss_connected_kib: None,
             rss_after_kib: None,
-            prior_connections: Some(0),
             cut_short: None,
         };
         let text = run_markdown(&setting, &[row.clone(), row]);

@@ -457,24 +457,18 @@ mod tests {
                 "{record}"
             );
         }
-        check(
-            &event(r#"{"lg": {"s":4, "t":3, "n":2, "g":1}}"#),
-            Incoming::Delivery(Some(Stamp {
-                g: 1,
-                n: 2,
-                t: 3,
-                s: 4,
-            })),
-        );
-        check(
-            &event(r#"{"l\u0067":{"g":1,"n":2,"t":3,"s":4}}"#),
-            Incoming::Delivery(Some(Stamp {
-                g: 1,
-                n: 2,
-                t: 3,
-                s: 4,
-            })),
-        );
+        let stamp = Stamp {
+            g: 1,
+            n: 2,
+            t: 3,
+            s: 4,
+        };
+        for payload in [
+            r#"{"lg": {"s":4, "t":3, "n":2, "g":1}}"#,
+            r#"{"l\u0067":{"g":1,"n":2,"t":3,"s":4}}"#,
+        ] {
+            check(&event(payload), Incoming::Delivery(Some(stamp)));
+        }
         check(
             &event(r#"{"lg":{"g":-1,"n":2,"t":3,"s":4}}"#),
             Incoming::Other,
@@ -495,23 +489,18 @@ mod tests {
             let record = event(&format!(
                 r#"{{ {lead} , "lg" : {{"g":5,"n":6,"t":7,"s":8}},"pad":"x"}}"#
             ));
-            let expected = Incoming::Delivery(Some(Stamp {
+            let stamp = Stamp {
                 g: 5,
                 n: 6,
                 t: 7,
                 s: 8,
-            }));
-            assert_eq!(Incoming::parse_json(&record), expected, "{record}");
+            };
             assert_eq!(
-                stamp_fast(&record),
-                Some(Stamp {
-                    g: 5,
-                    n: 6,
-                    t: 7,
-                    s: 8
-                }),
+                Incoming::parse_json(&record),
+                Incoming::Delivery(Some(stamp)),
                 "{record}"
             );
+            assert_eq!(stamp_fast(&record), Some(stamp), "{record}");
         }
     }
 

@@ -70,8 +70,9 @@ impl Order {
     }
 }
 
-/// What one step's deliveries added up to, on some set of connections.
-#[derive(Debug, Clone)]
+/// What one step's deliveries added up to, on some set of connections; it crosses the pipe
+/// between load processes as JSON, each histogram as its recorded buckets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StepTally {
     /// First copies (in order or reordered).
     pub(crate) delivered: u64,
@@ -86,9 +87,11 @@ pub(crate) struct StepTally {
     /// Deliveries stamped for a group the connection did not join.
     pub(crate) misrouted: u64,
     /// Latency of first copies, in microseconds.
+    #[serde(with = "buckets")]
     pub(crate) latency: Histogram<u64>,
     /// How late the load process's runtime woke a 5 ms timer, in microseconds: when this is
     /// near the latency, the tool and not the gateway made the deliveries late.
+    #[serde(with = "buckets")]
     pub(crate) tool_lag: Histogram<u64>,
 }
 
@@ -163,50 +166,6 @@ impl StepTally {
     }
 }
 
-/// A `StepTally` as it crosses a pipe between load processes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct WireTally {
-    delivered: u64,
-    duplicates: u64,
-    reordered: u64,
-    late: u64,
-    unstamped: u64,
-    misrouted: u64,
-    /// Histogram buckets as (highest equivalent value, count).
-    latency: Vec<(u64, u64)>,
-    tool_lag: Vec<(u64, u64)>,
-}
-
-impl From<&StepTally> for WireTally {
-    fn from(tally: &StepTally) -> Self {
-        Self {
-            delivered: tally.delivered,
-            duplicates: tally.duplicates,
-            reordered: tally.reordered,
-            late: tally.late,
-            unstamped: tally.unstamped,
-            misrouted: tally.misrouted,
-            latency: buckets(&tally.latency),
-            tool_lag: buckets(&tally.tool_lag),
-        }
-    }
-}
-
-impl From<WireTally> for StepTally {
-    fn from(wire: WireTally) -> Self {
-        Self {
-            delivered: wire.delivered,
-            duplicates: wire.duplicates,
-            reordered: wire.reordered,
-            late: wire.late,
-            unstamped: wire.unstamped,
-            misrouted: wire.misrouted,
-            latency: from_buckets(&wire.latency),
-            tool_lag: from_buckets(&wire.tool_lag),
-        }
-    }
-}
-
 /// Open tallies by step, for one shard of connections.
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
@@ -267,19 +226,33 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3).unwrap_or_else(|_| unreachable!())
 }
 
-fn buckets(histogram: &Histogram<u64>) -> Vec<(u64, u64)> {
-    histogram
-        .iter_recorded()
-        .map(|v| (v.value_iterated_to(), v.count_at_value()))
-        .collect()
-}
+/// A histogram on the wire: its recorded buckets as (highest equivalent value, count).
+mod buckets {
+    use hdrhistogram::Histogram;
+    use serde::{Deserialize, Deserializer, Serializer};
 
-fn from_buckets(buckets: &[(u64, u64)]) -> Histogram<u64> {
-    let mut histogram = new_histogram();
-    for (value, count) in buckets {
-        histogram.saturating_record_n((*value).clamp(1, MAX_LATENCY_MICROS), *count);
+    use super::{MAX_LATENCY_MICROS, new_histogram};
+
+    pub(super) fn serialize<S: Serializer>(
+        histogram: &Histogram<u64>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            histogram
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value())),
+        )
     }
-    histogram
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Histogram<u64>, D::Error> {
+        let mut histogram = new_histogram();
+        for (value, count) in Vec::<(u64, u64)>::deserialize(deserializer)? {
+            histogram.saturating_record_n(value.clamp(1, MAX_LATENCY_MICROS), count);
+        }
+        Ok(histogram)
+    }
 }
 
 #[cfg(test)]
@@ -352,8 +325,8 @@ mod tests {
             a.record(I, ms * 1000);
         }
         a.record(D, 0);
-        let json = serde_json::to_string(&WireTally::from(&a)).unwrap();
-        let b: StepTally = serde_json::from_str::<WireTally>(&json).unwrap().into();
+        let json = serde_json::to_string(&a).unwrap();
+        let b: StepTally = serde_json::from_str(&json).unwrap();
         assert_eq!((b.delivered, b.duplicates), (100, 1));
         assert!((b.latency_ms(0.5) - a.latency_ms(0.5)).abs() < 0.1);
         let mut total = StepTally::default();

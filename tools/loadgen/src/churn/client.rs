@@ -117,17 +117,8 @@ pub(super) async fn connect_tcp(
 }
 
 impl Conn {
-    /// TCP and the WebSocket upgrade.
+    /// TCP and the WebSocket upgrade; `recv_buffer` sets the socket's receive buffer.
     pub(super) async fn upgrade(
-        plan: &Plan,
-        target: SocketAddr,
-        n: usize,
-        token: &str,
-    ) -> Result<Self, String> {
-        Self::upgrade_with(plan, target, n, token, None).await
-    }
-
-    pub(super) async fn upgrade_with(
         plan: &Plan,
         target: SocketAddr,
         n: usize,
@@ -167,24 +158,9 @@ impl Conn {
         }
     }
 
-    /// TCP, upgrade and SignalR handshake.
-    pub(super) async fn open(
-        plan: &Plan,
-        target: SocketAddr,
-        n: usize,
-        token: &str,
-    ) -> Result<Self, String> {
-        Self::open_with(plan, target, n, token, None).await
-    }
-
-    pub(super) async fn open_with(
-        plan: &Plan,
-        target: SocketAddr,
-        n: usize,
-        token: &str,
-        recv_buffer: Option<u32>,
-    ) -> Result<Self, String> {
-        let mut conn = Self::upgrade_with(plan, target, n, token, recv_buffer).await?;
+    /// The SignalR handshake on an upgraded connection.
+    pub(super) async fn handshake(self) -> Result<Self, String> {
+        let mut conn = self;
         conn.send_text("{\"protocol\":\"json\",\"version\":1}\u{1e}")
             .await
             .map_err(io("handshake"))?;

@@ -242,7 +242,7 @@ async fn churn_one(plan: &Plan, n: usize, kind: Kind, seed: u64) -> Result<Strin
             return Ok(hold_then_drop(stream, HALF_HOLD).await);
         }
         Kind::HalfHandshake => {
-            let conn = Conn::upgrade(plan, target, n, &token).await?;
+            let conn = Conn::upgrade(plan, target, n, &token, None).await?;
             let mut stream = conn.stream;
             let half = ws::client_frame(ws::OPCODE_TEXT, b"{\"protocol\":\"json\",", conn.mask);
             stream.write_all(&half).await.map_err(io("send"))?;
@@ -250,7 +250,10 @@ async fn churn_one(plan: &Plan, n: usize, kind: Kind, seed: u64) -> Result<Strin
         }
         _ => {}
     }
-    let mut conn = Conn::open(plan, target, n, &token).await?;
+    let mut conn = Conn::upgrade(plan, target, n, &token, None)
+        .await?
+        .handshake()
+        .await?;
     let joined = conn.join(group, None, "1").await?;
     match kind {
         Kind::Clean | Kind::Reset | Kind::Drop => {
@@ -330,8 +333,10 @@ async fn churn_one(plan: &Plan, n: usize, kind: Kind, seed: u64) -> Result<Strin
         Kind::PingFlood => {
             // A connection of its own with a small receive buffer, so that pongs back up.
             drop(conn);
-            let mut conn =
-                Conn::open_with(plan, target, n, &token, Some(FLOOD_RECV_BUFFER)).await?;
+            let mut conn = Conn::upgrade(plan, target, n, &token, Some(FLOOD_RECV_BUFFER))
+                .await?
+                .handshake()
+                .await?;
             conn.join(group, None, "1").await?;
             let outcome = match timeout(FLOOD_HOLD, flood_pings(&mut conn)).await {
                 Ok(e) => format!("server closed (send failed: {:?})", e.kind()),

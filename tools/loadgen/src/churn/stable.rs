@@ -108,7 +108,10 @@ pub(super) async fn stable_client(
     let connecting = async {
         let _permit = permits.acquire().await.map_err(|_| "closed".to_owned())?;
         let token = plan.token(&format!("soak-stable-{i}"), group)?;
-        let mut conn = Conn::open(&plan, plan.target(i), i, &token).await?;
+        let mut conn = Conn::upgrade(&plan, plan.target(i), i, &token, None)
+            .await?
+            .handshake()
+            .await?;
         conn.join(group, None, "1").await?;
         Ok::<_, String>(conn)
     };
