@@ -86,38 +86,34 @@ fn each_broken_rule_is_named() {
         &with(ASSIGNMENT, "source", r#""robot""#),
         Err("field `source`: unknown variant `robot`, expected `auto` or `manual`"),
     );
-    check(
-        &with(
-            RECOMMENDATION,
-            "generatedAt",
-            r#""2025-11-08T12:34:56+02:00""#,
+    for (generated_at, rule) in [
+        (
+            "2025-11-08T12:34:56+02:00",
+            "is not in UTC with a `Z` suffix",
         ),
-        Err("field `generatedAt`: `2025-11-08T12:34:56+02:00` is not in UTC with a `Z` suffix"),
-    );
-    check(
-        &with(
-            RECOMMENDATION,
-            "generatedAt",
-            r#""2025-11-08T12:34:56+00:00""#,
+        (
+            "2025-11-08T12:34:56+00:00",
+            "is not in UTC with a `Z` suffix",
         ),
-        Err("field `generatedAt`: `2025-11-08T12:34:56+00:00` is not in UTC with a `Z` suffix"),
-    );
-    check(
-        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08 12:34:56Z""#),
-        Err(
-            "field `generatedAt`: `2025-11-08 12:34:56Z` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z",
+        ("2025-11-08T12:34:56z", "is not in UTC with a `Z` suffix"),
+        (
+            "2025-11-08 12:34:56Z",
+            "is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z",
         ),
-    );
-    check(
-        &with(RECOMMENDATION, "generatedAt", r#""2025-11-08T12:34:56z""#),
-        Err("field `generatedAt`: `2025-11-08T12:34:56z` is not in UTC with a `Z` suffix"),
-    );
-    check(
-        &with(RECOMMENDATION, "generatedAt", r#""yesterday""#),
-        Err(
-            "field `generatedAt`: `yesterday` is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z",
+        (
+            "yesterday",
+            "is not an ISO 8601 timestamp like 2025-11-08T12:34:56Z",
         ),
-    );
+    ] {
+        check(
+            &with(
+                RECOMMENDATION,
+                "generatedAt",
+                &format!("\"{generated_at}\""),
+            ),
+            Err(&format!("field `generatedAt`: `{generated_at}` {rule}")),
+        );
+    }
     check(
         &with(ASSIGNMENT, "endUtc", r#""2025-11-08T14:00:00Z""#),
         Err("field `endUtc`: must be after startUtc"),
