@@ -384,27 +384,26 @@ fn sizes_are_read_in_bytes_or_binary_units() {
     }
 }
 
+/// `args` fail clap's value validation, and the error says `reason`.
+fn check_value_refused(args: &[&str], reason: &str) {
+    let error = parse_error(args);
+    assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+    assert!(error.to_string().contains(reason), "{error}");
+}
+
 #[test]
 fn a_size_flag_that_does_not_parse_is_a_clap_error() {
-    let error = parse_error(&["--max-message-size", "lots"]);
-    assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
-    assert!(
-        error
-            .to_string()
-            .contains("`lots` is not a size like 32768, 32KiB or 1MiB"),
-        "{error}"
+    check_value_refused(
+        &["--max-message-size", "lots"],
+        "`lots` is not a size like 32768, 32KiB or 1MiB",
     );
 }
 
 #[test]
 fn an_unknown_algorithm_is_a_clap_error() {
-    let error = parse_error(&["--jwt-algorithm", "none"]);
-    assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
-    assert!(
-        error
-            .to_string()
-            .contains("unsupported algorithm `none`; use HS256, RS256 or ES256"),
-        "{error}"
+    check_value_refused(
+        &["--jwt-algorithm", "none"],
+        "unsupported algorithm `none`; use HS256, RS256 or ES256",
     );
 }
 

@@ -45,6 +45,11 @@ fn completed(id: &str, outcome: Outcome) -> HubAction {
     }
 }
 
+/// A join without a position, completed.
+fn joined(id: &str, group: Group) -> HubAction {
+    completed(id, Outcome::Join { group, after: None })
+}
+
 fn dispatch(region: &str) -> Group {
     Group::try_dispatch(region).unwrap()
 }
@@ -62,13 +67,7 @@ fn a_dispatcher_joins_and_leaves_a_region_in_its_token() {
     check(
         &dispatcher(),
         r#"{"type":1,"invocationId":"1","target":"JoinDispatchGroup","arguments":["west"]}"#,
-        completed(
-            "1",
-            Outcome::Join {
-                group: dispatch("west"),
-                after: None,
-            },
-        ),
+        joined("1", dispatch("west")),
     );
     check(
         &dispatcher(),
@@ -77,53 +76,32 @@ fn a_dispatcher_joins_and_leaves_a_region_in_its_token() {
     );
 }
 
-#[test]
-fn a_contractor_joins_and_leaves_its_own_group() {
+/// Joins and leaves the contractor's own group, naming it by `contractor_id`.
+fn check_join_and_leave_own_group(contractor_id: &str) {
     check(
         &contractor(),
         &format!(
-            r#"{{"type":1,"invocationId":"1","target":"JoinContractorGroup","arguments":["{CONTRACTOR_ID}"]}}"#
+            r#"{{"type":1,"invocationId":"1","target":"JoinContractorGroup","arguments":["{contractor_id}"]}}"#
         ),
-        completed(
-            "1",
-            Outcome::Join {
-                group: own_group(),
-                after: None,
-            },
-        ),
+        joined("1", own_group()),
     );
     check(
         &contractor(),
         &format!(
-            r#"{{"type":1,"invocationId":"2","target":"LeaveContractorGroup","arguments":["{CONTRACTOR_ID}"]}}"#
+            r#"{{"target":"LeaveContractorGroup","arguments":["{contractor_id}"],"invocationId":"2","type":1}}"#
         ),
         completed("2", Outcome::Leave(own_group())),
     );
 }
 
 #[test]
+fn a_contractor_joins_and_leaves_its_own_group() {
+    check_join_and_leave_own_group(CONTRACTOR_ID);
+}
+
+#[test]
 fn a_contractor_id_in_upper_case_names_the_same_group() {
-    let upper = CONTRACTOR_ID.to_uppercase();
-    check(
-        &contractor(),
-        &format!(
-            r#"{{"target":"JoinContractorGroup","arguments":["{upper}"],"invocationId":"0","type":1}}"#
-        ),
-        completed(
-            "0",
-            Outcome::Join {
-                group: own_group(),
-                after: None,
-            },
-        ),
-    );
-    check(
-        &contractor(),
-        &format!(
-            r#"{{"target":"LeaveContractorGroup","arguments":["{upper}"],"invocationId":"1","type":1}}"#
-        ),
-        completed("1", Outcome::Leave(own_group())),
-    );
+    check_join_and_leave_own_group(&CONTRACTOR_ID.to_uppercase());
 }
 
 #[test]
@@ -136,13 +114,7 @@ fn method_names_match_in_any_case() {
         check(
             &dispatcher(),
             &format!(r#"{{"type":1,"invocationId":"1","target":"{target}","arguments":["east"]}}"#),
-            completed(
-                "1",
-                Outcome::Join {
-                    group: dispatch("east"),
-                    after: None,
-                },
-            ),
+            joined("1", dispatch("east")),
         );
     }
     check(
@@ -245,13 +217,7 @@ fn a_join_takes_an_optional_position_to_resume_from() {
     check(
         &dispatcher(),
         r#"{"type":1,"invocationId":"2","target":"JoinDispatchGroup","arguments":["west",null]}"#,
-        completed(
-            "2",
-            Outcome::Join {
-                group: dispatch("west"),
-                after: None,
-            },
-        ),
+        joined("2", dispatch("west")),
     );
     check(
         &dispatcher(),

@@ -282,54 +282,59 @@ mod decode {
         check(r#"{"type":262}"#, Err(ProtocolError::UnknownType(262)));
     }
 
+    /// Every one of `records` is refused as malformed, for `reason`.
+    fn check_refused(records: &[&str], reason: &str) {
+        for record in records {
+            check(record, malformed(reason));
+        }
+    }
+
     #[test]
     fn an_invocation_id_that_is_not_a_non_empty_string_is_refused() {
-        let refused = || malformed("'invocationId' must be a non-empty string");
-        check(
-            r#"{"type":1,"invocationId":1,"target":"T","arguments":[]}"#,
-            refused(),
-        );
-        check(
-            r#"{"type":1,"invocationId":"","target":"T","arguments":[]}"#,
-            refused(),
-        );
-        check(
-            r#"{"type":1,"invocationId":["1"],"target":"T","arguments":[]}"#,
-            refused(),
+        check_refused(
+            &[
+                r#"{"type":1,"invocationId":1,"target":"T","arguments":[]}"#,
+                r#"{"type":1,"invocationId":"","target":"T","arguments":[]}"#,
+                r#"{"type":1,"invocationId":["1"],"target":"T","arguments":[]}"#,
+            ],
+            "'invocationId' must be a non-empty string",
         );
     }
 
     #[test]
     fn a_target_that_is_not_a_non_empty_string_is_refused() {
-        let refused = || malformed("'target' must be a non-empty string");
-        check(r#"{"type":1,"arguments":[]}"#, refused());
-        check(r#"{"type":1,"target":"","arguments":[]}"#, refused());
-        check(r#"{"type":1,"target":7,"arguments":[]}"#, refused());
-        check(r#"{"type":4,"target":null,"arguments":[]}"#, refused());
+        check_refused(
+            &[
+                r#"{"type":1,"arguments":[]}"#,
+                r#"{"type":1,"target":"","arguments":[]}"#,
+                r#"{"type":1,"target":7,"arguments":[]}"#,
+                r#"{"type":4,"target":null,"arguments":[]}"#,
+            ],
+            "'target' must be a non-empty string",
+        );
     }
 
     #[test]
     fn arguments_that_are_not_an_array_are_refused() {
-        let refused = || malformed("'arguments' must be an array");
-        check(r#"{"type":1,"target":"T"}"#, refused());
-        check(r#"{"type":1,"target":"T","arguments":null}"#, refused());
-        check(r#"{"type":1,"target":"T","arguments":"west"}"#, refused());
-        check(
-            r#"{"type":1,"target":"T","arguments":{"0":"west"}}"#,
-            refused(),
+        check_refused(
+            &[
+                r#"{"type":1,"target":"T"}"#,
+                r#"{"type":1,"target":"T","arguments":null}"#,
+                r#"{"type":1,"target":"T","arguments":"west"}"#,
+                r#"{"type":1,"target":"T","arguments":{"0":"west"}}"#,
+            ],
+            "'arguments' must be an array",
         );
     }
 
     #[test]
     fn stream_ids_that_are_not_strings_are_refused() {
-        let refused = || malformed("'streamIds' must be an array of strings");
-        check(
-            r#"{"type":1,"target":"T","arguments":[],"streamIds":[1]}"#,
-            refused(),
-        );
-        check(
-            r#"{"type":1,"target":"T","arguments":[],"streamIds":"1"}"#,
-            refused(),
+        check_refused(
+            &[
+                r#"{"type":1,"target":"T","arguments":[],"streamIds":[1]}"#,
+                r#"{"type":1,"target":"T","arguments":[],"streamIds":"1"}"#,
+            ],
+            "'streamIds' must be an array of strings",
         );
     }
 
