@@ -183,38 +183,70 @@ fn hmac_key_from(public_key: &str) -> EncodingKey {
     EncodingKey::from_secret(&read_fixture(public_key))
 }
 
+/// A gateway pinned to an asymmetric algorithm, and the key pair it is tested with.
+struct Asymmetric {
+    algorithm: Algorithm,
+    flag: &'static str,
+    public_key: &'static str,
+    private_key: fn() -> EncodingKey,
+}
+
+const RS256: Asymmetric = Asymmetric {
+    algorithm: Algorithm::RS256,
+    flag: "RS256",
+    public_key: "rs256-test-public.pem",
+    private_key: rsa_private_key,
+};
+
+const ES256: Asymmetric = Asymmetric {
+    algorithm: Algorithm::ES256,
+    flag: "ES256",
+    public_key: "es256-test-public.pem",
+    private_key: ec_private_key,
+};
+
+/// The gateway accepts a token signed with its algorithm and private key.
+async fn check_accepts_its_tokens(pinned: &Asymmetric) {
+    let gateway = asymmetric_gateway(pinned.flag, pinned.public_key).await;
+    let token = sign(
+        pinned.algorithm,
+        &(pinned.private_key)(),
+        &west_dispatcher(),
+    );
+    accepted(&gateway, &token).await;
+}
+
+/// The gateway refuses an HS256 token whose secret is its own public key file.
+async fn check_refuses_hs256_with_its_public_key(pinned: &Asymmetric) {
+    let gateway = asymmetric_gateway(pinned.flag, pinned.public_key).await;
+    let key = hmac_key_from(pinned.public_key);
+    assert_wrong_algorithm(&gateway, Algorithm::HS256, &key).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs256_gateway_accepts_rs256_tokens() {
-    let gateway = asymmetric_gateway("RS256", "rs256-test-public.pem").await;
-    let token = sign(Algorithm::RS256, &rsa_private_key(), &west_dispatcher());
-    accepted(&gateway, &token).await;
+    check_accepts_its_tokens(&RS256).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs256_gateway_refuses_hs256_token_signed_with_its_public_key() {
-    let gateway = asymmetric_gateway("RS256", "rs256-test-public.pem").await;
-    let key = hmac_key_from("rs256-test-public.pem");
-    assert_wrong_algorithm(&gateway, Algorithm::HS256, &key).await;
+    check_refuses_hs256_with_its_public_key(&RS256).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_gateway_accepts_es256_tokens() {
-    let gateway = asymmetric_gateway("ES256", "es256-test-public.pem").await;
-    let token = sign(Algorithm::ES256, &ec_private_key(), &west_dispatcher());
-    accepted(&gateway, &token).await;
+    check_accepts_its_tokens(&ES256).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_gateway_refuses_hs256_token_signed_with_its_public_key() {
-    let gateway = asymmetric_gateway("ES256", "es256-test-public.pem").await;
-    let key = hmac_key_from("es256-test-public.pem");
-    assert_wrong_algorithm(&gateway, Algorithm::HS256, &key).await;
+    check_refuses_hs256_with_its_public_key(&ES256).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_gateway_refuses_rs256_tokens() {
-    let gateway = asymmetric_gateway("ES256", "es256-test-public.pem").await;
-    assert_wrong_algorithm(&gateway, Algorithm::RS256, &rsa_private_key()).await;
+    let gateway = asymmetric_gateway(ES256.flag, ES256.public_key).await;
+    assert_wrong_algorithm(&gateway, RS256.algorithm, &(RS256.private_key)()).await;
 }
 
 const ISSUER: &str = "https://login.example";

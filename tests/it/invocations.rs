@@ -129,44 +129,37 @@ async fn non_blocking_join_sends_nothing_back_but_joins() {
     gateway.publish_and_expect(&mut client, "west").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_invocation_completes_with_an_error() {
+/// A dispatcher sends `record`; it completes as invocation `id` with `error`, and the
+/// connection stays usable.
+async fn check_refused_record(record: &str, id: &str, error: &str) {
     let (gateway, mut client) = gateway_with_dispatcher(&[], &["west"]).await;
-    client
-        .send_records(&[
-            r#"{"type":4,"invocationId":"s1","target":"JoinDispatchGroup","arguments":["west"]}"#,
-        ])
-        .await;
+    client.send_records(&[record]).await;
     let completion = client.next_message().await;
     assert_eq!(
         completion,
-        json!({
-            "type": 3,
-            "invocationId": "s1",
-            "error": "The client attempted to invoke the non-streaming 'JoinDispatchGroup' method with a streaming invocation."
-        })
+        json!({"type": 3, "invocationId": id, "error": error})
     );
     assert_still_usable(&gateway, &mut client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_invocation_completes_with_an_error() {
+    check_refused_record(
+        r#"{"type":4,"invocationId":"s1","target":"JoinDispatchGroup","arguments":["west"]}"#,
+        "s1",
+        "The client attempted to invoke the non-streaming 'JoinDispatchGroup' method with a streaming invocation.",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invocation_with_client_streams_completes_with_an_error() {
-    let (gateway, mut client) = gateway_with_dispatcher(&[], &["west"]).await;
-    client
-        .send_records(&[
-            r#"{"type":1,"invocationId":"1","target":"JoinDispatchGroup","arguments":["west"],"streamIds":["0"]}"#,
-        ])
-        .await;
-    let completion = client.next_message().await;
-    assert_eq!(
-        completion,
-        json!({
-            "type": 3,
-            "invocationId": "1",
-            "error": "Client sent 1 stream(s), Hub method expects 0."
-        })
-    );
-    assert_still_usable(&gateway, &mut client).await;
+    check_refused_record(
+        r#"{"type":1,"invocationId":"1","target":"JoinDispatchGroup","arguments":["west"],"streamIds":["0"]}"#,
+        "1",
+        "Client sent 1 stream(s), Hub method expects 0.",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,48 +30,48 @@ async fn assert_gateway_still_serves(gateway: &TestGateway) {
     gateway.publish_and_expect(&mut client, "west").await;
 }
 
+/// On a fresh gateway, `garbage` after the handshake closes the connection with `error` and
+/// `code`, and the gateway still serves others.
+async fn check_closed_for(garbage: &str, error: &str, code: u16) {
+    let gateway = start_gateway(&[]).await;
+    let closed = send_after_handshake(&gateway, garbage).await;
+    assert_protocol_close(&closed, error, code);
+    assert_gateway_still_serves(&gateway).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_that_is_not_json_closes_the_connection_with_1008_and_no_reconnect() {
-    let gateway = start_gateway(&[]).await;
-    let closed = send_after_handshake(&gateway, "not json\u{1e}").await;
-    assert_protocol_close(
-        &closed,
+    check_closed_for(
+        "not json\u{1e}",
         "malformed message: a message must be a JSON object",
         1008,
-    );
-    assert_gateway_still_serves(&gateway).await;
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_with_a_string_type_closes_the_connection_with_1008_and_no_reconnect() {
-    let gateway = start_gateway(&[]).await;
-    let closed = send_after_handshake(&gateway, "{\"type\":\"x\"}\u{1e}").await;
-    assert_protocol_close(&closed, "message has no numeric 'type'", 1008);
-    assert_gateway_still_serves(&gateway).await;
+    check_closed_for(
+        "{\"type\":\"x\"}\u{1e}",
+        "message has no numeric 'type'",
+        1008,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_of_an_unknown_type_closes_the_connection_with_1008_and_no_reconnect() {
-    let gateway = start_gateway(&[]).await;
-    let closed = send_after_handshake(&gateway, "{\"type\":99}\u{1e}").await;
-    assert_protocol_close(&closed, "unknown message type 99", 1008);
-    assert_gateway_still_serves(&gateway).await;
+    check_closed_for("{\"type\":99}\u{1e}", "unknown message type 99", 1008).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invocation_without_arguments_closes_the_connection_with_1008() {
-    let gateway = start_gateway(&[]).await;
-    let closed = send_after_handshake(
-        &gateway,
+    check_closed_for(
         "{\"type\":1,\"invocationId\":\"0\",\"target\":\"JoinDispatchGroup\"}\u{1e}",
-    )
-    .await;
-    assert_protocol_close(
-        &closed,
         "malformed message: 'arguments' must be an array",
         1008,
-    );
-    assert_gateway_still_serves(&gateway).await;
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,17 +11,11 @@ use publisher_lib::contract::Event;
 use publisher_lib::{Publisher, PublisherConfig};
 use serde_json::json;
 
-async fn replica(redis: &RedisServer) -> TestGateway {
-    let gateway = start_gateway(&["--redis-url", &redis.url()]).await;
-    gateway.wait_readyz(StatusCode::OK).await;
-    gateway
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_published_on_one_replica_reaches_a_client_of_another() {
     let redis = RedisServer::start().await;
-    let a = replica(&redis).await;
-    let b = replica(&redis).await;
+    let a = TestGateway::start_ready(&redis.url(), &[]).await;
+    let b = TestGateway::start_ready(&redis.url(), &[]).await;
     let mut client = a.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 
@@ -39,7 +33,7 @@ async fn an_event_published_on_one_replica_reaches_a_client_of_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_published_with_publisher_lib_reaches_subscribed_clients() {
     let redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
+    let gateway = TestGateway::start_ready(&redis.url(), &[]).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 
@@ -57,7 +51,7 @@ async fn an_event_published_with_publisher_lib_reaches_subscribed_clients() {
 /// an event published after that.
 async fn recovers_after_an_outage(outage: Duration) {
     let mut redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
+    let gateway = TestGateway::start_ready(&redis.url(), &[]).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 
@@ -101,7 +95,7 @@ async fn after_a_long_redis_outage_the_gateway_recovers_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_turns_readiness_false_and_publishes_fail_until_it_thaws() {
     let redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
+    let gateway = TestGateway::start_ready(&redis.url(), &[]).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 
@@ -142,7 +136,7 @@ async fn a_frozen_redis_turns_readiness_false_and_publishes_fail_until_it_thaws(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_joining_at_once_each_get_their_own_groups_events() {
     let redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
+    let gateway = TestGateway::start_ready(&redis.url(), &[]).await;
     let regions: Vec<String> = (0..40).map(|i| format!("burst-{i}")).collect();
     let mut clients = Vec::new();
     // One user per client: a single user's connections are limited (--max-connections-per-user).
@@ -179,9 +173,7 @@ async fn a_tls_redis_is_used_through_a_rediss_url_and_the_configured_authority()
     let redis = RedisServer::start_tls(&dir).await;
     let url = format!("rediss://127.0.0.1:{}", redis.port());
     let ca = dir.join("ca.pem");
-    let gateway =
-        start_gateway(&["--redis-url", &url, "--redis-ca-file", ca.to_str().unwrap()]).await;
-    gateway.wait_readyz(StatusCode::OK).await;
+    let gateway = TestGateway::start_ready(&url, &["--redis-ca-file", ca.to_str().unwrap()]).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
 
@@ -249,8 +241,7 @@ async fn behind_sentinel_the_gateway_and_publisher_follow_a_failover_to_the_prom
     .await;
 
     let url = format!("redis+sentinel://127.0.0.1:{}/primary", sentinel.port());
-    let gateway = start_gateway(&["--redis-url", &url]).await;
-    gateway.wait_readyz(StatusCode::OK).await;
+    let gateway = TestGateway::start_ready(&url, &[]).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     client.join_dispatch("1", "west").await;
     let publisher = Publisher::new(PublisherConfig::new(url.as_str())).unwrap();

@@ -159,23 +159,17 @@ async fn a_forged_position_ahead_of_the_head_cannot_reset_the_group_in_memory() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_position_ahead_of_the_head_cannot_reset_the_group_in_redis() {
     let redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
+    let gateway = TestGateway::start_ready(&redis.url(), &[]).await;
     a_forged_position_changes_nothing_for_the_others(&gateway).await;
     let stored = redis.cli(&["HGET", "rt:{/dispatch/west}:pos", "seq"]).await;
     assert_eq!(stored.trim(), "6", "the stored head");
 }
 
-async fn replica(redis: &RedisServer) -> TestGateway {
-    let gateway = start_gateway(&["--redis-url", &redis.url()]).await;
-    gateway.wait_readyz(StatusCode::OK).await;
-    gateway
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_replica_from_the_redis_history() {
     let redis = RedisServer::start().await;
-    let a = replica(&redis).await;
-    let b = replica(&redis).await;
+    let a = TestGateway::start_ready(&redis.url(), &[]).await;
+    let b = TestGateway::start_ready(&redis.url(), &[]).await;
     let claims = dispatcher("d-1", &["west"]);
     let mut client = a.connect(&claims).await;
     let head = client.join_dispatch("1", "west").await;
@@ -196,8 +190,8 @@ async fn a_client_resumes_on_another_replica_from_the_redis_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_subscription_was_cut_fills_the_gap_before_delivering_further() {
     let redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
-    let other = replica(&redis).await;
+    let gateway = TestGateway::start_ready(&redis.url(), &[]).await;
+    let other = TestGateway::start_ready(&redis.url(), &[]).await;
     let mut client = gateway.connect(&dispatcher("d-1", &["west"])).await;
     let head = client.join_dispatch("1", "west").await;
     let epoch = head["epoch"].as_str().unwrap().to_owned();
@@ -222,7 +216,7 @@ async fn a_replica_whose_subscription_was_cut_fills_the_gap_before_delivering_fu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_cursor_is_ahead_of_a_rewound_history_starts_a_new_epoch() {
     let redis = RedisServer::start().await;
-    let gateway = replica(&redis).await;
+    let gateway = TestGateway::start_ready(&redis.url(), &[]).await;
     let claims = dispatcher("d-1", &["west"]);
     let mut client = gateway.connect(&claims).await;
     let head = client.join_dispatch("1", "west").await;

@@ -139,6 +139,16 @@ pub struct TestGateway {
 }
 
 impl TestGateway {
+    /// Starts a gateway on the Redis at `redis_url` with `extra_args`, and waits until its
+    /// `/readyz` says it is ready: the opening of every test with a real Redis.
+    pub async fn start_ready(redis_url: &str, extra_args: &[&str]) -> Self {
+        let mut args = vec!["--redis-url", redis_url];
+        args.extend_from_slice(extra_args);
+        let gateway = start_gateway(&args).await;
+        gateway.wait_readyz(StatusCode::OK).await;
+        gateway
+    }
+
     /// Where the hub and the publish endpoint listen.
     pub fn public_addr(&self) -> SocketAddr {
         self.public
