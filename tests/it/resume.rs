@@ -39,25 +39,35 @@ async fn expect_in_order(client: &mut WsClient, expected: &[String], epoch: &str
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_comes_back_with_its_position_gets_what_it_missed_then_live_events() {
-    let gateway = start_gateway(&[]).await;
+/// `d-1` joins `/dispatch/west` on `first`, sees two events and goes; three more are published
+/// on `first`; it comes back on `back_on` with its position, is told `recovered` with the head,
+/// and receives the three it missed, then live ones, in order.
+async fn check_comes_back(first: &TestGateway, back_on: &TestGateway) {
     let claims = dispatcher("d-1", &["west"]);
-    let mut first = gateway.connect(&claims).await;
-    let head = first.join_dispatch("1", "west").await;
-    let epoch = head["epoch"].as_str().unwrap().to_owned();
-    let seen = publish_many(&gateway, "west", 2).await;
-    expect_in_order(&mut first, &seen, &epoch, 0).await;
-    drop(first);
+    let mut client = first.connect(&claims).await;
+    let head = client.join_dispatch("1", "west").await;
+    let epoch = head["epoch"]
+        .as_str()
+        .expect("the join names its epoch")
+        .to_owned();
+    let seen = publish_many(first, "west", 2).await;
+    expect_in_order(&mut client, &seen, &epoch, 0).await;
+    drop(client);
 
-    let missed = publish_many(&gateway, "west", 3).await;
-    let mut back = gateway.connect(&claims).await;
+    let missed = publish_many(first, "west", 3).await;
+    let mut back = back_on.connect(&claims).await;
     let result = join_after(&mut back, "1", "west", &json!({"epoch": epoch, "seq": 2})).await;
     assert_eq!(result["recovered"], true, "{result}");
     assert_eq!(result["seq"], 5, "{result}");
-    let live = publish_many(&gateway, "west", 1).await;
+    let live = publish_many(first, "west", 2).await;
     expect_in_order(&mut back, &missed, &epoch, 2).await;
     expect_in_order(&mut back, &live, &epoch, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_comes_back_with_its_position_gets_what_it_missed_then_live_events() {
+    let gateway = start_gateway(&[]).await;
+    check_comes_back(&gateway, &gateway).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,21 +180,7 @@ async fn a_client_resumes_on_another_replica_from_the_redis_history() {
     let redis = RedisServer::start().await;
     let a = TestGateway::start_ready(&redis.url(), &[]).await;
     let b = TestGateway::start_ready(&redis.url(), &[]).await;
-    let claims = dispatcher("d-1", &["west"]);
-    let mut client = a.connect(&claims).await;
-    let head = client.join_dispatch("1", "west").await;
-    let epoch = head["epoch"].as_str().unwrap().to_owned();
-    let seen = publish_many(&a, "west", 2).await;
-    expect_in_order(&mut client, &seen, &epoch, 0).await;
-    drop(client);
-
-    let missed = publish_many(&a, "west", 3).await;
-    let mut back = b.connect(&claims).await;
-    let result = join_after(&mut back, "1", "west", &json!({"epoch": epoch, "seq": 2})).await;
-    assert_eq!(result["recovered"], true, "{result}");
-    let live = publish_many(&a, "west", 2).await;
-    expect_in_order(&mut back, &missed, &epoch, 2).await;
-    expect_in_order(&mut back, &live, &epoch, 5).await;
+    check_comes_back(&a, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
