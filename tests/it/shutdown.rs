@@ -73,10 +73,10 @@ async fn shutdown_without_clients_finishes_cleanly() {
     let admin = gateway.admin_addr();
     gateway.stop().await;
     // The admin listener is closed once the gateway has stopped.
-    assert!(
-        tokio::net::TcpStream::connect(admin).await.is_err(),
-        "admin listener still open"
-    );
+    let refused = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect_err("admin listener still open");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -369,6 +369,10 @@ fn a_prefix_may_not_contain_hash_tag_braces() {
     assert_eq!(check_prefix(DEFAULT_PREFIX), Ok(()));
     assert_eq!(check_prefix("staging:rt:"), Ok(()));
     for prefix in ["rt{", "}rt:", "{x}:"] {
-        assert!(check_prefix(prefix).is_err(), "for {prefix:?}");
+        assert_eq!(
+            check_prefix(prefix),
+            Err("must not contain '{' or '}' (they delimit the hash tag)"),
+            "for {prefix:?}"
+        );
     }
 }
