@@ -1,7 +1,8 @@
 //! Harness for the system tests: in-process gateways on port 0 (`test_gateway`), a raw SignalR
 //! client (`client`, `records`), tokens (`tokens`), contract events (`events`), raw HTTP
-//! (`http`), `redis-server` processes (`redis_server`) and [`within`], which turns a hang into a
-//! failure that says what was awaited.
+//! (`http`), `redis-server` processes and clusters (the `redis-harness` crate, shared with
+//! publisher-lib's tests) and [`within`], which turns a hang into a failure that says what was
+//! awaited.
 //!
 //! Everything here panics on failure with a message naming what went wrong: it only ever runs
 //! inside tests.
@@ -14,7 +15,6 @@ mod client;
 mod events;
 mod http;
 mod records;
-mod redis_server;
 mod test_gateway;
 mod tokens;
 
@@ -28,11 +28,11 @@ pub use crate::client::{Closed, Refusal, WsClient};
 pub use crate::events::recommendation_ready;
 pub use crate::http::HeldRequest;
 pub use crate::records::{joined, parse_event, parse_positioned_event, split_records};
-pub use crate::redis_server::RedisServer;
 pub use crate::test_gateway::{
     GatewayBuilder, TestGateway, gateway_with_dispatcher, start_gateway,
 };
 pub use crate::tokens::{contractor, dispatcher, hs256_token, sign, unix_now};
+pub use redis_harness::{RedisCluster, RedisServer};
 
 /// The HS256 secret every test gateway verifies user tokens with (test-only, 32+ bytes).
 pub const TEST_SECRET: &str = "e2e-test-jwt-secret-never-use-in-production";

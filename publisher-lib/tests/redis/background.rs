@@ -68,7 +68,7 @@ async fn background_publisher_retries_across_a_redis_restart() {
     assert_eq!(key_of(&receive(&mut stream, 1).await[0].1), before);
     drop(stream);
 
-    server.stop();
+    server.kill();
     let keys: Vec<String> = (0..EVENTS)
         .map(|_| background.try_publish(recommendation("west")).unwrap())
         .collect();

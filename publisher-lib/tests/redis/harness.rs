@@ -1,15 +1,14 @@
-//! What every test here shares: a `redis-server` per test on a free loopback port (never
-//! 6379, killed on drop), a subscriber like one gateway replica, the event fixtures and small
-//! Redis command helpers. Every wait is bounded by [`DEADLINE`].
+//! What every test here shares: a `redis-server` per test (the workspace's `redis-harness`:
+//! a free loopback port, never 6379, killed on drop), a subscriber like one gateway replica, the
+//! event fixtures and small Redis command helpers. Every wait is bounded by [`DEADLINE`].
 
 use std::future::Future;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use publisher_lib::contract::{Envelope, Event, Group, Position, ValidationError};
 use publisher_lib::{PublishError, Publisher, PublisherConfig};
+pub(crate) use redis_harness::RedisServer;
 use uuid::Uuid;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(10);
@@ -17,93 +16,6 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(10);
 pub(crate) const RECOMMENDATION: &str = r#"{"type":"RecommendationReady","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","requestId":"0b1c2d3e-4f50-4a6b-9c8d-0e1f2a3b4c5d","region":"west","configVersion":3,"generatedAt":"2025-11-08T12:34:56Z"}"#;
 
 pub(crate) const JOB_ASSIGNED: &str = r#"{"type":"JobAssigned","jobId":"7d9f4f3e-1c2b-4d5e-8f60-123456789abc","contractorId":"a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d","assignmentId":"11111111-2222-4333-8444-555555555555","startUtc":"2025-11-09T08:00:00Z","endUtc":"2025-11-09T10:00:00Z","region":"west","source":"manual","auditId":"99999999-8888-4777-8666-555555555555"}"#;
-
-/// A `redis-server` child process on a free port; killed on drop.
-pub(crate) struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    pub(crate) async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        assert_ne!(port, 6379, "tests must never touch the default redis");
-        let mut server = Self {
-            child: spawn_redis_server(port, &[]),
-            port,
-        };
-        server.wait_until_ready().await;
-        server
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn wait_until_ready(&mut self) {
-        let client = redis::Client::open(self.url()).unwrap();
-        let started = tokio::time::Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("redis-server exited early: {status}");
-            }
-            if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
-                let pong: redis::RedisResult<String> =
-                    redis::cmd("PING").query_async(&mut connection).await;
-                if pong.as_deref() == Ok("PONG") {
-                    return;
-                }
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "redis-server on port {} did not answer PING within {DEADLINE:?}",
-                self.port
-            );
-            // Polling interval while waiting for the server to accept connections, not a
-            // synchronisation sleep: readiness is decided by PING answering.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Starts a new `redis-server` on the same port after [`RedisServer::stop`].
-    pub(crate) async fn restart(&mut self) {
-        self.restart_with(&[]).await;
-    }
-
-    /// Like [`RedisServer::restart`], with extra `redis-server` arguments.
-    pub(crate) async fn restart_with(&mut self, extra: &[&str]) {
-        self.stop();
-        self.child = spawn_redis_server(self.port, extra);
-        self.wait_until_ready().await;
-    }
-
-    pub(crate) fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A `redis-server` child on `port`, without persistence, with `extra` arguments.
-fn spawn_redis_server(port: u16, extra: &[&str]) -> Child {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed")
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Awaits `future`, failing the test if it takes longer than `limit`.
 pub(crate) async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {

@@ -143,7 +143,7 @@ async fn stopped_redis_fails_fast_with_a_typed_error() {
     let mut server = RedisServer::start().await;
     let (publisher, event) = published_once(&server, Duration::from_secs(1)).await;
 
-    server.stop();
+    server.kill();
     let error = within(
         Duration::from_secs(5),
         "publish to a stopped redis",
@@ -159,7 +159,7 @@ async fn stopped_redis_fails_fast_with_a_typed_error() {
 async fn publisher_recovers_when_redis_comes_back() {
     let mut server = RedisServer::start().await;
     let (publisher, event) = published_once(&server, Duration::from_millis(500)).await;
-    server.stop();
+    server.kill();
     let error = publisher.publish(&event).await.unwrap_err();
     assert_redis_away(&error);
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{DEADLINE, within};
+use crate::{DEADLINE, free_port, within};
 
 /// A `redis-server` started for one test on a free loopback port, killed when dropped. Never the
 /// server on 6379.
@@ -189,6 +189,14 @@ impl RedisServer {
         self.spawn().await;
     }
 
+    /// Kills the server and starts it again on the same port with `extra` arguments instead of
+    /// those it had (e.g. an ACL that refuses a command).
+    pub async fn restart_with(&mut self, extra: &[&str]) {
+        self.kill();
+        self.extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        self.spawn().await;
+    }
+
     async fn spawn(&mut self) {
         let port = self.port.to_string();
         let mut command = std::process::Command::new("redis-server");
@@ -236,6 +244,8 @@ impl RedisServer {
                     if answers_ping(&port, tls.as_deref()).await {
                         return;
                     }
+                    // Polling interval of a condition checked on the server, not a
+                    // synchronisation sleep: readiness is decided by PING answering.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             },
@@ -243,14 +253,6 @@ impl RedisServer {
         )
         .await;
     }
-}
-
-/// A port that was free a moment ago on the loopback interface.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Whether a redis-server on `port` answers PING (through redis-cli, which speaks TLS too).
