@@ -33,7 +33,8 @@ use crate::contract::{Group, Position};
 ///
 /// `KEYS`: position hash, history stream, idempotency key. `ARGV`: channel, candidate epoch,
 /// envelope without position, history size, history TTL in seconds, idempotency window in
-/// seconds. Returns `{epoch, seq, duplicate (0|1), subscribers}`.
+/// seconds, and optionally `SPUBLISH` (Redis Cluster; `PUBLISH` otherwise). Returns
+/// `{epoch, seq, duplicate (0|1), subscribers}`.
 pub const PUBLISH_SCRIPT: &str = include_str!("history/publish.lua");
 
 /// The read script (Lua), as `docs/redis-contract.md` shows it.
@@ -79,6 +80,26 @@ pub(crate) struct Limits {
     pub(crate) idempotency_window: Duration,
 }
 
+/// Which publish command the publish script runs (its optional `ARGV[7]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PubSub {
+    /// `PUBLISH`: one server (or Sentinel); every subscriber of the channel receives it.
+    Classic,
+    /// `SPUBLISH`: a Redis Cluster, where the channel is a sharded channel in the slot of the
+    /// group's keys; `SSUBSCRIBE` subscribers of that slot's shard receive it.
+    Sharded,
+}
+
+impl PubSub {
+    /// The command's name, as the script expects it.
+    pub(crate) fn command(self) -> &'static str {
+        match self {
+            Self::Classic => "PUBLISH",
+            Self::Sharded => "SPUBLISH",
+        }
+    }
+}
+
 /// What the publish script did in one group.
 #[derive(Debug, Clone)]
 pub(crate) struct Appended {
@@ -89,7 +110,7 @@ pub(crate) struct Appended {
 
 /// Runs the publish script for `group`: assigns a position to `envelope` (a plain envelope, see
 /// [`crate::contract::Envelope::encode`]), appends and PUBLISHes it, unless `key` was already
-/// published to this group within the idempotency window.
+/// published to this group within the idempotency window; `pubsub` names the publish command.
 pub(crate) async fn append<C: redis::aio::ConnectionLike>(
     connection: &mut C,
     prefix: &str,
@@ -97,6 +118,7 @@ pub(crate) async fn append<C: redis::aio::ConnectionLike>(
     key: &str,
     envelope: &[u8],
     limits: Limits,
+    pubsub: PubSub,
 ) -> redis::RedisResult<Appended> {
     let channel = group.channel(prefix);
     let (epoch, seq, duplicate, subscribers): (String, u64, u8, u64) = PUBLISH
@@ -109,6 +131,7 @@ pub(crate) async fn append<C: redis::aio::ConnectionLike>(
         .arg(limits.history_size)
         .arg(seconds(limits.history_ttl))
         .arg(seconds(limits.idempotency_window))
+        .arg(pubsub.command())
         .invoke_async(connection)
         .await?;
     Ok(Appended {

@@ -22,12 +22,26 @@
 //! showed the default retry count giving up for good after a 12 s outage. Behind Sentinel
 //! ([`crate::target`]) a failed call drops the manager, and the next call asks the Sentinels for
 //! the current master again.
+//!
+//! # Redis Cluster
+//!
+//! With a `redis+cluster://` URL the shared connection is one
+//! [`redis::cluster_async::ClusterConnection`] instead (a multiplexed connection per node that
+//! routes each script call to the master of its group's slot and follows `MOVED`, `ASK`,
+//! `TRYAGAIN` and failovers itself), and the publish script uses `SPUBLISH`: the group's
+//! channel is a sharded channel in the same slot as its keys (the `{<group>}` hash tag), so the
+//! script runs unchanged on that slot's master. While a master fails over, calls to its slots
+//! fail with [`PublishError::Timeout`] (or [`PublishError::Unreachable`]) until its replica is
+//! promoted; retrying under the same idempotency key is safe.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterConfig;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use uuid::Uuid;
 
 use crate::contract::{
@@ -50,8 +64,9 @@ pub const DEFAULT_MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PublisherConfig {
-    /// Redis URL, e.g. `redis://127.0.0.1:6379`, `rediss://...` or
-    /// `redis+sentinel://host:26379/<master>` (see [`crate::target`]).
+    /// Redis URL, e.g. `redis://127.0.0.1:6379`, `rediss://...`,
+    /// `redis+sentinel://host:26379/<master>` or `redis+cluster://host:7000,host:7001` (see
+    /// [`crate::target`]).
     pub url: String,
     /// For TLS URLs: the authority (PEM) that signed the server's certificate, when it is not
     /// one of the system roots.
@@ -140,26 +155,76 @@ impl PublisherConfig {
 #[derive(Clone)]
 pub struct Publisher {
     connection: Arc<SharedConnection>,
+    /// `SPUBLISH` on a Redis Cluster, `PUBLISH` otherwise.
+    pubsub: history::PubSub,
     prefix: String,
     publish_timeout: Duration,
     limits: Limits,
 }
 
-/// The one connection manager all clones share, built on first use from the target.
+/// The one connection all clones share, built on first use from the target.
 struct SharedConnection {
     target: RedisTarget,
     config: ConnectionManagerConfig,
-    current: Mutex<Option<ConnectionManager>>,
+    cluster_config: ClusterConfig,
+    current: Mutex<Option<Connection>>,
+}
+
+/// A connection to one server (reconnecting by itself) or to a Redis Cluster.
+#[derive(Clone)]
+enum Connection {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Server(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Server(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Server(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
 }
 
 impl SharedConnection {
-    async fn get(&self) -> Result<ConnectionManager, redis::RedisError> {
-        if let Some(manager) = self.lock().as_ref() {
-            return Ok(manager.clone());
+    async fn get(&self) -> Result<Connection, redis::RedisError> {
+        if let Some(connection) = self.lock().as_ref() {
+            return Ok(connection.clone());
         }
-        let client = self.target.client().await?;
-        let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
-        Ok(self.lock().get_or_insert(manager).clone())
+        let connection = match self.target.cluster_client() {
+            Some(cluster) => Connection::Cluster(
+                cluster
+                    .get_async_connection_with_config(self.cluster_config.clone())
+                    .await?,
+            ),
+            None => {
+                let client = self.target.client().await?;
+                Connection::Server(ConnectionManager::new_lazy_with_config(
+                    client,
+                    self.config.clone(),
+                )?)
+            }
+        };
+        Ok(self.lock().get_or_insert(connection).clone())
     }
 
     /// After a failure behind Sentinel: the next call resolves the master again.
@@ -169,7 +234,7 @@ impl SharedConnection {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Connection>> {
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -283,12 +348,22 @@ impl Publisher {
             .set_response_timeout(Some(config.response_timeout))
             .set_number_of_retries(usize::MAX)
             .set_max_delay(config.max_reconnect_delay);
+        let cluster_config = ClusterConfig::new()
+            .set_connection_timeout(config.connect_timeout)
+            .set_response_timeout(config.response_timeout);
+        let pubsub = if target.is_cluster() {
+            history::PubSub::Sharded
+        } else {
+            history::PubSub::Classic
+        };
         Ok(Self {
             connection: Arc::new(SharedConnection {
                 target,
                 config: manager_config,
+                cluster_config,
                 current: Mutex::new(None),
             }),
+            pubsub,
             prefix: config.prefix,
             publish_timeout: config.publish_timeout,
             limits: Limits {
@@ -363,13 +438,21 @@ impl Publisher {
         let envelope = Envelope::encode(id, kind, now_micros(), json);
         let limits = self.limits;
         let prefix = self.prefix.as_str();
+        let pubsub = self.pubsub;
         let appended = self
             .run(|mut connection| async move {
                 let mut appended = Vec::with_capacity(groups.len());
                 for group in groups {
-                    let outcome =
-                        history::append(&mut connection, prefix, &group, key, &envelope, limits)
-                            .await?;
+                    let outcome = history::append(
+                        &mut connection,
+                        prefix,
+                        &group,
+                        key,
+                        &envelope,
+                        limits,
+                        pubsub,
+                    )
+                    .await?;
                     appended.push((group, outcome));
                 }
                 Ok(appended)
@@ -445,13 +528,16 @@ impl Publisher {
     }
 
     /// PUBLISHes `message` on `channel`, outside the contract (a gateway's health round trip),
-    /// and returns how many subscribers received it.
+    /// and returns how many subscribers received it. On a Redis Cluster it is an `SPUBLISH` on
+    /// the sharded channel `channel` (routed to the master of its slot), which only `SSUBSCRIBE`
+    /// subscribers receive.
     ///
     /// # Errors
     /// As [`Publisher::read_history`].
     pub async fn publish_raw(&self, channel: &str, message: &[u8]) -> Result<u64, PublishError> {
+        let command = self.pubsub.command();
         self.run(|mut connection| async move {
-            redis::cmd("PUBLISH")
+            redis::cmd(command)
                 .arg(channel)
                 .arg(message)
                 .query_async::<u64>(&mut connection)
@@ -461,10 +547,11 @@ impl Publisher {
     }
 
     /// Runs `call` on the shared connection under the publish timeout; a failure behind
-    /// Sentinel forgets the master.
+    /// Sentinel forgets the master. A cluster connection is kept: it reconnects to each node
+    /// and refreshes its slot map by itself.
     async fn run<T, F, Fut>(&self, call: F) -> Result<T, PublishError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let call = async {

@@ -10,14 +10,22 @@
 //!   listed Sentinels for the master of `<master-name>`. The user and password are the master's;
 //!   Sentinels that require a password of their own take `?sentinel_password=...`.
 //!   `rediss+sentinel://` speaks TLS to the Sentinels and to the master.
+//! - `redis+cluster://[user[:password]@]host:port[,host:port...]`: a Redis Cluster, found through
+//!   the listed seed nodes (any live one will do; the client learns the others and follows slot
+//!   moves and failovers itself). `rediss+cluster://` speaks TLS to every node. No database and
+//!   no parameters: a cluster has only database 0. Such a target has no single server
+//!   ([`RedisTarget::client`] refuses); it hands out a [`ClusterClient`] instead
+//!   ([`RedisTarget::cluster_client`]), and pub/sub on it is sharded (`SPUBLISH`, `SSUBSCRIBE`).
 
 use std::fmt;
 use std::sync::Arc;
 
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{ConnectionAddr, IntoConnectionInfo, ProtocolVersion, RedisError, TlsCertificates};
 
-/// A Redis server or Sentinel-monitored master, resolved to a client on each connect.
+/// A Redis server, Sentinel-monitored master or Redis Cluster, resolved to a client on each
+/// connect.
 #[derive(Clone)]
 pub struct RedisTarget {
     inner: Arc<Inner>,
@@ -28,6 +36,10 @@ enum Inner {
     Sentinel {
         client: tokio::sync::Mutex<SentinelClient>,
         master: String,
+    },
+    Cluster {
+        client: ClusterClient,
+        seeds: usize,
     },
 }
 
@@ -56,6 +68,10 @@ impl RedisTarget {
             sentinel(rest, false, certificates(), protocol)?
         } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
             sentinel(rest, true, certificates(), protocol)?
+        } else if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            cluster(rest, false, ca_pem.map(|_| certificates()), protocol)?
+        } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+            cluster(rest, true, ca_pem.map(|_| certificates()), protocol)?
         } else {
             let info = url.into_connection_info()?;
             let settings = info.redis_settings().clone().set_protocol(protocol);
@@ -75,12 +91,33 @@ impl RedisTarget {
     /// A client for the server to use now: the one server, or the master the Sentinels name.
     ///
     /// # Errors
-    /// When no Sentinel answers or none knows the master.
+    /// When no Sentinel answers or none knows the master, and always for a Redis Cluster, which
+    /// has no single server (use [`RedisTarget::cluster_client`]).
     pub async fn client(&self) -> Result<redis::Client, RedisError> {
         match &*self.inner {
             Inner::Server(client) => Ok(client.clone()),
             Inner::Sentinel { client, .. } => client.lock().await.async_get_client().await,
+            Inner::Cluster { .. } => Err(invalid(
+                "a redis cluster has no single server: connect with RedisTarget::cluster_client",
+            )),
         }
+    }
+
+    /// For a `redis+cluster://` or `rediss+cluster://` URL, the cluster client (seed nodes,
+    /// credentials, TLS and protocol as the URL and [`RedisTarget::parse`] gave them); `None`
+    /// for any other target. Its connections route each command to the master of its slot and
+    /// follow `MOVED`, `ASK` and failovers on their own.
+    pub fn cluster_client(&self) -> Option<&ClusterClient> {
+        match &*self.inner {
+            Inner::Cluster { client, .. } => Some(client),
+            _ => None,
+        }
+    }
+
+    /// Whether this target is a Redis Cluster (its pub/sub is sharded: `SPUBLISH`,
+    /// `SSUBSCRIBE`).
+    pub fn is_cluster(&self) -> bool {
+        matches!(&*self.inner, Inner::Cluster { .. })
     }
 
     /// Whether the server can change between connects (Sentinel), so a connection that fails
@@ -102,6 +139,7 @@ impl fmt::Debug for RedisTarget {
                 )
             }
             Inner::Sentinel { master, .. } => write!(f, "RedisTarget::Sentinel({master})"),
+            Inner::Cluster { seeds, .. } => write!(f, "RedisTarget::Cluster({seeds} seeds)"),
         }
     }
 }
@@ -209,6 +247,52 @@ fn sentinel(
     })
 }
 
+/// Builds a cluster client from what follows `redis+cluster://`: `[userinfo@]host:port,...`.
+/// `certificates` is the authority to trust (TLS only); without it the system roots are used.
+fn cluster(
+    rest: &str,
+    tls: bool,
+    certificates: Option<TlsCertificates>,
+    protocol: ProtocolVersion,
+) -> Result<Inner, RedisError> {
+    let (userinfo, hosts) = match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, rest),
+    };
+    let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
+    if hosts.contains(['/', '?', '#']) {
+        return Err(invalid(
+            "a cluster URL names seed nodes (host:port,...) only: no database, no parameters",
+        ));
+    }
+    let scheme = if tls { "rediss" } else { "redis" };
+    let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    let mut nodes = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Err(invalid("a cluster URL needs at least one host:port"));
+        }
+        // Each seed goes through the redis crate's own parser (credentials decoded there).
+        let info = format!("{scheme}://{userinfo}{host}").into_connection_info()?;
+        if !matches!(
+            info.addr(),
+            ConnectionAddr::Tcp(..) | ConnectionAddr::TcpTls { .. }
+        ) {
+            return Err(invalid("a cluster seed must be host:port"));
+        }
+        nodes.push(info);
+    }
+    let seeds = nodes.len();
+    let mut builder = ClusterClientBuilder::new(nodes).use_protocol(protocol);
+    if let (true, Some(certificates)) = (tls, certificates) {
+        builder = builder.certs(certificates);
+    }
+    Ok(Inner::Cluster {
+        client: builder.build()?,
+        seeds,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +324,42 @@ mod tests {
             "redis+sentinel://127.0.0.1:26379",
             "redis+sentinel://127.0.0.1:26379/",
             "redis+sentinel://127.0.0.1:26379/m?color=blue",
+        ] {
+            assert!(parse(url).is_err(), "{url} was accepted");
+        }
+    }
+
+    #[test]
+    fn cluster_urls_name_seed_nodes_and_hand_out_a_cluster_client() {
+        for url in [
+            "redis+cluster://127.0.0.1:7000",
+            "redis+cluster://user:s%40cret@127.0.0.1:7000,127.0.0.1:7001,[::1]:7002/",
+            "rediss+cluster://127.0.0.1:7000,127.0.0.1:7001",
+        ] {
+            let target = parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(target.is_cluster(), "{url}");
+            assert!(target.cluster_client().is_some(), "{url}");
+            assert!(!target.follows_failover(), "{url}");
+            assert!(!format!("{target:?}").contains("cret"), "{target:?}");
+        }
+        let target = parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").expect("valid");
+        assert_eq!(format!("{target:?}"), "RedisTarget::Cluster(2 seeds)");
+        assert!(!parse("redis://127.0.0.1:7000").expect("valid").is_cluster());
+    }
+
+    #[tokio::test]
+    async fn a_cluster_target_has_no_single_server() {
+        let target = parse("redis+cluster://127.0.0.1:7000").expect("valid");
+        assert!(target.client().await.is_err());
+    }
+
+    #[test]
+    fn cluster_urls_without_seeds_or_with_a_database_are_refused() {
+        for url in [
+            "redis+cluster://",
+            "redis+cluster://127.0.0.1:7000,",
+            "redis+cluster://127.0.0.1:7000/1",
+            "redis+cluster://127.0.0.1:7000?x=1",
         ] {
             assert!(parse(url).is_err(), "{url} was accepted");
         }

@@ -40,8 +40,9 @@ struct Cli {
     /// The event as JSON; read from stdin when absent or `-`.
     event: Option<String>,
 
-    /// Publish straight to this Redis: redis://127.0.0.1:6379, rediss://... (TLS) or
-    /// redis+sentinel://host:26379/MASTER.
+    /// Publish straight to this Redis: redis://127.0.0.1:6379, rediss://... (TLS),
+    /// redis+sentinel://host:26379/MASTER or a Redis Cluster's seed nodes,
+    /// redis+cluster://host:7000,host:7001 (rediss+cluster:// for TLS).
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
 

@@ -8,6 +8,7 @@
 
 mod background;
 mod cli;
+mod cluster;
 mod harness;
 mod history;
 mod keys;
