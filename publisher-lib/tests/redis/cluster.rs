@@ -452,3 +452,120 @@ async fn a_busy_groups_master_killed_and_replaced_loses_and_repeats_nothing() {
     assert_history_holds_exactly(&publisher, "busy", &traffic).await;
     assert_history_holds_exactly(&publisher, &calm_region, &calm_traffic).await;
 }
+
+#[tokio::test]
+async fn a_busy_groups_slot_moved_to_a_node_added_mid_stream_loses_and_repeats_nothing() {
+    let mut cluster = RedisCluster::start().await;
+    let publisher = cluster_publisher(&cluster);
+    let channel = Group::try_dispatch("busy")
+        .unwrap()
+        .channel(publisher_lib::DEFAULT_PREFIX);
+    let slot = cluster.slot_of(&channel).await;
+
+    let mut busy = Running::start(&publisher, "busy");
+    busy.acknowledged(30, "publishes before the new node").await;
+    let added = cluster.add_node().await;
+    busy.acknowledged(30, "publishes after the new node joined")
+        .await;
+    cluster.migrate_slot(slot, added).await;
+    busy.acknowledged(30, "publishes after the move to the new node")
+        .await;
+    let traffic = busy.stop().await;
+
+    report("slot moved to a new node", &traffic);
+    assert_eq!(cluster.master_of_slot(slot).await, added);
+    assert_eq!(cluster.masters().await.len(), 4);
+    assert_history_holds_exactly(&publisher, "busy", &traffic).await;
+}
+
+/// The publisher's permissions on a cluster: `docs/redis-contract.md`'s publisher user plus
+/// `+spublish` and `+cluster|slots` (the client reads the slot map with it).
+const CLUSTER_PUBLISHER_ACL: &[&str] = &[
+    "ACL",
+    "SETUSER",
+    "realtime-publisher",
+    "on",
+    ">publisher-secret",
+    "resetkeys",
+    "resetchannels",
+    "~rt:*",
+    "&rt:*",
+    "-@all",
+    "+spublish",
+    "+ping",
+    "+hello",
+    "+evalsha",
+    "+eval",
+    "+script|load",
+    "+get",
+    "+set",
+    "+del",
+    "+hget",
+    "+hset",
+    "+hincrby",
+    "+xadd",
+    "+xrange",
+    "+expire",
+    "+cluster|slots",
+];
+
+#[tokio::test]
+async fn an_acl_user_in_the_cluster_url_publishes_with_the_documented_permissions() {
+    let cluster = RedisCluster::start().await;
+    // ACL users are per node: a cluster operator creates them on every node.
+    for port in cluster.live_ports() {
+        assert!(
+            cluster
+                .cli(port, CLUSTER_PUBLISHER_ACL)
+                .await
+                .starts_with("OK")
+        );
+    }
+    let event = event(JOB_ASSIGNED);
+    let (_subscriber, mut pushes) = ssubscribe(&cluster, &event.groups()).await;
+    let url = cluster.url().replace(
+        "redis+cluster://",
+        "redis+cluster://realtime-publisher:publisher-secret@",
+    );
+    let publisher = Publisher::new(PublisherConfig::new(url.clone())).unwrap();
+
+    let receipt = within(
+        DEADLINE,
+        "a publish as the ACL user",
+        publisher.publish(&event),
+    )
+    .await
+    .unwrap();
+    assert_eq!(receipt.deliveries.len(), 2);
+    assert_eq!(
+        receipt_ids(&receive_sharded(&mut pushes, 2).await),
+        [receipt.id; 2]
+    );
+    let head = publisher
+        .read_history(&event.groups()[0], None)
+        .await
+        .unwrap()
+        .head;
+    assert_eq!(head.seq, 1);
+
+    let wrong = Publisher::new(PublisherConfig::new(
+        url.replace("publisher-secret", "nope"),
+    ))
+    .unwrap();
+    let error = within(
+        DEADLINE,
+        "a publish with a wrong password",
+        wrong.publish(&event),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{error:?}").contains("WRONGPASS")
+            || format!("{error:?}").contains("AuthenticationFailed"),
+        "{error:?}"
+    );
+}
+
+fn receipt_ids(received: &[(String, Envelope)]) -> Vec<uuid::Uuid> {
+    received.iter().map(|(_, envelope)| envelope.id).collect()
+}
