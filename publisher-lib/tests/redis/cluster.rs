@@ -569,3 +569,50 @@ async fn an_acl_user_in_the_cluster_url_publishes_with_the_documented_permission
 fn receipt_ids(received: &[(String, Envelope)]) -> Vec<uuid::Uuid> {
     received.iter().map(|(_, envelope)| envelope.id).collect()
 }
+
+#[tokio::test]
+async fn a_tls_cluster_url_publishes_over_tls_to_every_node() {
+    let dir = std::env::temp_dir().join(format!("cluster-tls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = RedisCluster::start_tls(&dir).await;
+    let url = cluster.url();
+    assert!(url.starts_with("rediss+cluster://"), "{url}");
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let publisher =
+        Publisher::new(PublisherConfig::new(url.clone()).with_ca_certificate(ca)).unwrap();
+
+    // Groups on every master: each publish reaches the master of its slot over TLS.
+    let mut masters = BTreeSet::new();
+    for i in 0..12 {
+        let region = format!("region{i}");
+        let receipt = within(
+            DEADLINE,
+            "a publish over TLS",
+            publisher.publish(&recommendation(&region)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(receipt.deliveries[0].position.seq, 1);
+        masters.insert(
+            cluster
+                .master_of_key(
+                    &receipt.deliveries[0]
+                        .group
+                        .channel(publisher_lib::DEFAULT_PREFIX),
+                )
+                .await,
+        );
+    }
+    assert_eq!(masters.len(), 3, "the groups are spread over every master");
+
+    // Without the test authority the nodes' certificates are not trusted.
+    let untrusting = Publisher::new(PublisherConfig::new(url)).unwrap();
+    assert!(
+        untrusting
+            .publish(&recommendation("region0"))
+            .await
+            .is_err()
+    );
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}

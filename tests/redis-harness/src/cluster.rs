@@ -26,6 +26,8 @@ const SLOTS: usize = 16384;
 pub struct RedisCluster {
     /// Holds every node's `nodes.conf` and is named on every node's command line.
     dir: PathBuf,
+    /// With TLS: the folder holding `ca.pem`, `server.pem` and `server.key`.
+    tls: Option<PathBuf>,
     nodes: Vec<Node>,
 }
 
@@ -70,6 +72,18 @@ impl RedisCluster {
     /// Starts 6 nodes and makes them a cluster of 3 masters, each with one replica
     /// (`redis-cli --cluster create ... --cluster-replicas 1`), then waits until it has settled.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// As [`RedisCluster::start`], every node speaking only TLS (clients, replication and the
+    /// cluster bus), with a certificate for 127.0.0.1 signed by a test authority generated in
+    /// `dir` (`ca.pem` is what clients must trust).
+    pub async fn start_tls(dir: &std::path::Path) -> Self {
+        crate::server::make_certificates(dir);
+        Self::start_with(Some(dir.to_owned())).await
+    }
+
+    async fn start_with(tls: Option<PathBuf>) -> Self {
         static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "redis-cluster-{}-{}",
@@ -79,6 +93,7 @@ impl RedisCluster {
         std::fs::create_dir_all(&dir).expect("create the cluster's folder");
         let mut cluster = Self {
             dir,
+            tls,
             nodes: Vec::new(),
         };
         for _ in 0..6 {
@@ -86,6 +101,7 @@ impl RedisCluster {
         }
         let addresses: Vec<String> = cluster.nodes.iter().map(|n| address(n.port)).collect();
         let output = Command::new("redis-cli")
+            .args(tls_args(cluster.tls.as_deref()))
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -115,31 +131,42 @@ impl RedisCluster {
             .collect()
     }
 
-    /// `redis+cluster://127.0.0.1:<port>,...` naming every node started (the publisher's
-    /// cluster URL; a killed seed is skipped by the client).
+    /// `redis+cluster://127.0.0.1:<port>,...` (`rediss+cluster://` with TLS) naming every node
+    /// started (the publisher's cluster URL; a killed seed is skipped by the client).
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.nodes.iter().map(|n| address(n.port)).collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}+cluster://{}", seeds.join(","))
     }
 
-    /// `redis://127.0.0.1:<port>` for every live node (seed nodes for a cluster client).
+    /// `redis://127.0.0.1:<port>` (`rediss://` with TLS) for every live node (seed nodes for a
+    /// cluster client).
     pub fn node_urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.live_ports()
             .into_iter()
-            .map(|port| format!("redis://{}", address(port)))
+            .map(|port| format!("{scheme}://{}", address(port)))
             .collect()
     }
 
     /// Runs `redis-cli` against the node on `port` and returns its standard output (raw: one
     /// reply element a line).
     pub async fn cli(&self, port: u16, args: &[&str]) -> String {
-        cli(port, args).await
+        cli(self.tls.as_deref(), port, args).await
     }
 
     /// The cluster as a live node sees it.
     pub async fn topology(&self) -> Vec<ClusterNode> {
         let port = *self.live_ports().first().expect("a live node");
-        parse_nodes(&cli(port, &["CLUSTER", "NODES"]).await)
+        parse_nodes(&self.cli(port, &["CLUSTER", "NODES"]).await)
     }
 
     /// The client ports of the masters that serve slots.
@@ -155,7 +182,7 @@ impl RedisCluster {
     /// The hash slot of `key` (its hash tag's, when it has one).
     pub async fn slot_of(&self, key: &str) -> u16 {
         let port = *self.live_ports().first().expect("a live node");
-        cli(port, &["CLUSTER", "KEYSLOT", key])
+        self.cli(port, &["CLUSTER", "KEYSLOT", key])
             .await
             .trim()
             .parse()
@@ -202,7 +229,7 @@ impl RedisCluster {
             FAILOVER_DEADLINE,
             async {
                 loop {
-                    if cli(replica, &["ROLE"]).await.starts_with("master") {
+                    if self.cli(replica, &["ROLE"]).await.starts_with("master") {
                         return;
                     }
                     poll_interval().await;
@@ -250,23 +277,25 @@ impl RedisCluster {
     pub async fn start_migration(&self, slot: u16, to: u16) -> SlotMigration {
         let from = self.master_of_slot(slot).await;
         assert_ne!(from, to, "slot {slot} is already on {to}");
-        let from_id = cli(from, &["CLUSTER", "MYID"]).await.trim().to_owned();
-        let to_id = cli(to, &["CLUSTER", "MYID"]).await.trim().to_owned();
+        let from_id = self.cli(from, &["CLUSTER", "MYID"]).await.trim().to_owned();
+        let to_id = self.cli(to, &["CLUSTER", "MYID"]).await.trim().to_owned();
         let slot_text = slot.to_string();
         expect_ok(
-            &cli(
-                to,
-                &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
-            )
-            .await,
+            &self
+                .cli(
+                    to,
+                    &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+                )
+                .await,
             "SETSLOT IMPORTING",
         );
         expect_ok(
-            &cli(
-                from,
-                &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
-            )
-            .await,
+            &self
+                .cli(
+                    from,
+                    &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+                )
+                .await,
             "SETSLOT MIGRATING",
         );
         SlotMigration {
@@ -274,6 +303,7 @@ impl RedisCluster {
             from,
             to,
             to_id,
+            tls: self.tls.clone(),
         }
     }
 
@@ -283,6 +313,7 @@ impl RedisCluster {
         let existing = *self.live_ports().first().expect("a live node");
         let port = self.spawn_node().await;
         let output = tokio::process::Command::new("redis-cli")
+            .args(tls_args(self.tls.as_deref()))
             .args(["--cluster", "add-node", &address(port), &address(existing)])
             .stdin(Stdio::null())
             .output()
@@ -318,13 +349,13 @@ impl RedisCluster {
         let live: BTreeSet<u16> = self.live_ports().into_iter().collect();
         let mut agreed: Option<Vec<ClusterNode>> = None;
         for &port in &live {
-            let info = cli(port, &["CLUSTER", "INFO"]).await;
+            let info = self.cli(port, &["CLUSTER", "INFO"]).await;
             if !info.contains("cluster_state:ok")
                 || !info.contains(&format!("cluster_slots_ok:{SLOTS}"))
             {
                 return false;
             }
-            let text = cli(port, &["CLUSTER", "NODES"]).await;
+            let text = self.cli(port, &["CLUSTER", "NODES"]).await;
             // Nodes still in their handshake are not known yet.
             if text.contains("handshake") || text.contains("noaddr") {
                 return false;
@@ -348,7 +379,7 @@ impl RedisCluster {
                 Some(first) if *first == view => {}
                 Some(_) => return false,
             }
-            let role = cli(port, &["ROLE"]).await;
+            let role = self.cli(port, &["ROLE"]).await;
             if role.starts_with("slave") && !role.contains("connected") {
                 return false;
             }
@@ -360,8 +391,22 @@ impl RedisCluster {
     async fn spawn_node(&mut self) -> u16 {
         let port = free_port();
         let bus_port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &port.to_string()]),
+            Some(dir) => command
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .args(["--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem")),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--cluster-enabled", "yes"])
             // The bus port is chosen too: port + 10000 may be taken or past 65535.
@@ -392,7 +437,7 @@ impl RedisCluster {
         within(
             DEADLINE,
             async {
-                while !cli(port, &["PING"]).await.starts_with("PONG") {
+                while !self.cli(port, &["PING"]).await.starts_with("PONG") {
                     poll_interval().await;
                 }
             },
@@ -410,9 +455,14 @@ pub struct SlotMigration {
     from: u16,
     to: u16,
     to_id: String,
+    tls: Option<PathBuf>,
 }
 
 impl SlotMigration {
+    async fn cli(&self, port: u16, args: &[&str]) -> String {
+        cli(self.tls.as_deref(), port, args).await
+    }
+
     /// The port of the master the slot is leaving.
     pub fn from(&self) -> u16 {
         self.from
@@ -438,7 +488,7 @@ impl SlotMigration {
             "KEYS",
         ];
         args.extend(keys);
-        let reply = cli(self.from, &args).await;
+        let reply = self.cli(self.from, &args).await;
         // NOKEY: none of them was there (expired, or moved already).
         assert!(
             reply.starts_with("OK") || reply.starts_with("NOKEY"),
@@ -453,7 +503,9 @@ impl SlotMigration {
             DEADLINE,
             async {
                 loop {
-                    let keys = cli(self.from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]).await;
+                    let keys = self
+                        .cli(self.from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                        .await;
                     let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
                     if keys.is_empty() {
                         return;
@@ -473,11 +525,20 @@ impl SlotMigration {
         self.move_all_keys().await;
         let slot = self.slot.to_string();
         let node = ["CLUSTER", "SETSLOT", &slot, "NODE", &self.to_id];
-        expect_ok(&cli(self.to, &node).await, "SETSLOT NODE on the target");
-        expect_ok(&cli(self.from, &node).await, "SETSLOT NODE on the source");
+        expect_ok(
+            &self.cli(self.to, &node).await,
+            "SETSLOT NODE on the target",
+        );
+        expect_ok(
+            &self.cli(self.from, &node).await,
+            "SETSLOT NODE on the source",
+        );
         for master in cluster.masters().await {
             if master != self.from && master != self.to {
-                expect_ok(&cli(master, &node).await, "SETSLOT NODE on another master");
+                expect_ok(
+                    &self.cli(master, &node).await,
+                    "SETSLOT NODE on another master",
+                );
             }
         }
         cluster
@@ -503,8 +564,9 @@ fn address(port: u16) -> String {
 }
 
 /// `redis-cli -p <port> <args>`'s standard output (empty when the node does not answer).
-async fn cli(port: u16, args: &[&str]) -> String {
+async fn cli(tls: Option<&std::path::Path>, port: u16, args: &[&str]) -> String {
     let output = tokio::process::Command::new("redis-cli")
+        .args(tls_args(tls))
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
@@ -512,6 +574,14 @@ async fn cli(port: u16, args: &[&str]) -> String {
         .await
         .expect("redis-cli runs");
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// What `redis-cli` needs to speak TLS to the nodes.
+fn tls_args(tls: Option<&std::path::Path>) -> Vec<std::ffi::OsString> {
+    match tls {
+        None => Vec::new(),
+        Some(dir) => vec!["--tls".into(), "--cacert".into(), dir.join("ca.pem").into()],
+    }
 }
 
 fn expect_ok(reply: &str, what: &str) {
