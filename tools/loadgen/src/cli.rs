@@ -34,6 +34,9 @@ pub(crate) enum Mode {
     /// Publish a steady stream of events into Redis through publisher-lib's background
     /// publisher, riding out Redis outages, and print what was published (the chaos tests).
     PublishStream(crate::stream::StreamArgs),
+    /// Publish N events into Redis through publisher-lib's `Publisher` from C tasks and report
+    /// publishes/s, latency and whether every group's history holds every event (no gateway).
+    PublishBench(crate::bench::BenchArgs),
     /// The soak's load: stable clients that must lose nothing, a publish stream into Redis,
     /// and connection churn with abrupt closes and hostile inputs (tools/soak).
     Churn(crate::churn::ChurnArgs),

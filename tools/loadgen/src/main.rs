@@ -16,9 +16,10 @@
 //! `idle`), `crew` (this process and child load processes), `fleet` (the connections),
 //! `ws` (client WebSocket framing), `publisher` (paced HTTP lanes), `signalr` (the protocol
 //! subset), `tally` (loss, duplicates, reordering, latency), `host` (/proc, clock, rlimit),
-//! `report` (rows and markdown); `stream` (`publish-stream`) and `churn` (the soak's load)
-//! stand apart.
+//! `report` (rows and markdown); `stream` (`publish-stream`), `bench` (`publish-bench`, the
+//! publisher-lib path alone) and `churn` (the soak's load) stand apart.
 
+mod bench;
 mod churn;
 mod cli;
 mod crew;
@@ -72,6 +73,8 @@ async fn run() -> ExitCode {
         Mode::PublishStream(args) => return stream::main(args).await,
         // Bounded by its own phases plus a deadline; it reports on stdout itself.
         Mode::Churn(args) => return churn::main(args).await,
+        // Bounded by its own --max-secs; it reports on stdout itself.
+        Mode::PublishBench(args) => return bench::main(args).await,
         mode => Cli { mode },
     };
     if let Err(e) = host::raise_nofile_limit() {
@@ -81,14 +84,18 @@ async fn run() -> ExitCode {
         Mode::Run(args) => (args.target.max_secs, args.observe.json),
         Mode::Idle(args) => (args.target.max_secs, args.observe.json),
         Mode::Receivers(args) => (args.target.max_secs, false),
-        Mode::PublishStream(_) | Mode::Churn(_) => unreachable!("handled above"),
+        Mode::PublishStream(_) | Mode::Churn(_) | Mode::PublishBench(_) => {
+            unreachable!("handled above")
+        }
     };
     let work = async {
         match cli.mode {
             Mode::Run(args) => modes::run(args).await.map(Some),
             Mode::Idle(args) => modes::idle(args).await.map(Some),
             Mode::Receivers(args) => crew::serve(args).await.map(|()| None),
-            Mode::PublishStream(_) | Mode::Churn(_) => unreachable!("handled above"),
+            Mode::PublishStream(_) | Mode::Churn(_) | Mode::PublishBench(_) => {
+                unreachable!("handled above")
+            }
         }
     };
     let limit = Duration::from_secs(max_secs) + HARD_DEADLINE_SLACK;

@@ -169,7 +169,8 @@ fn progress(line: &serde_json::Value) {
     eprintln!("{}", serde_json::json!({ "progress": line }));
 }
 
-fn check_loopback(url: &str) -> anyhow::Result<()> {
+/// Refuses a Redis URL that is not `redis://` or `rediss://` on a loopback host.
+pub(crate) fn check_loopback(url: &str) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url).with_context(|| format!("not a URL: {url}"))?;
     ensure!(
         matches!(parsed.scheme(), "redis" | "rediss"),
