@@ -184,10 +184,40 @@ pub(crate) async fn read<C: redis::aio::ConnectionLike>(
 
 /// A candidate epoch: a UUID v4 in simple form (32 lowercase hex characters).
 fn new_epoch() -> String {
-    Uuid::new_v4().simple().to_string()
+    random_uuid().simple().to_string()
+}
+
+/// A UUID v4 from the thread's random generator (a CSPRNG seeded by the OS), not from
+/// `Uuid::new_v4`, which makes a `getrandom` system call for every id: two per publish here.
+pub(crate) fn random_uuid() -> Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// Whole seconds for EXPIRE and SET EX, at least 1 (0 is an error there).
 fn seconds(duration: Duration) -> u64 {
     duration.as_secs().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_random_version_4_uuids() {
+        let a = random_uuid();
+        let b = random_uuid();
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert_eq!(id.get_version(), Some(uuid::Version::Random));
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        let epoch = new_epoch();
+        assert_eq!(epoch.len(), 32);
+        assert!(
+            epoch
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_ne!(epoch, new_epoch());
+    }
 }

@@ -434,7 +434,7 @@ impl Publisher {
         key: &str,
     ) -> Result<PublishReceipt, PublishError> {
         check_idempotency_key(key).map_err(PublishError::Invalid)?;
-        let id = Uuid::new_v4();
+        let id = history::random_uuid();
         let envelope = Envelope::encode(id, kind, now_micros(), json);
         let limits = self.limits;
         let prefix = self.prefix.as_str();
