@@ -36,6 +36,13 @@ async fn valid_event_is_accepted_with_202_and_its_groups() {
     let gateway = start_gateway(&[]).await;
     let (status, body) = gateway.publish(&job_assigned().to_string()).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    // The answer's keys in the order the endpoint has always written them.
+    assert!(
+        body.starts_with(r#"{"duplicate":false,"groups":["/dispatch/west","#)
+            && body.contains(r#"],"positions":[{"epoch":""#)
+            && body.ends_with(r#"}],"type":"JobAssigned"}"#),
+        "{body}"
+    );
     let body: Value = serde_json::from_str(&body).expect("JSON");
     let contractor_group = format!("/contractor/{CONTRACTOR}");
     assert_eq!(body["type"], "JobAssigned");
