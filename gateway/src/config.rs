@@ -161,8 +161,9 @@ pub struct ListenConfig {
 pub struct RedisConfig {
     /// Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or
     /// `redis+sentinel://[user:password@]host:port[,host:port...]/<master>` to follow a Sentinel
-    /// failover); switches from the in-process broker to Redis pub/sub so several replicas share
-    /// publications. Needs Redis 6 or later (RESP3).
+    /// failover, or `redis+cluster://[user:password@]host:port[,host:port...]` for a Redis
+    /// Cluster over sharded pub/sub); switches from the in-process broker to Redis pub/sub so
+    /// several replicas share publications. Needs Redis 6 or later (RESP3), 7 for a cluster.
     #[arg(long = "redis-url", env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub url: Option<Secret>,
     /// PEM file of the certificate authority that signed the Redis server's certificate, for
@@ -610,12 +611,14 @@ impl Config {
                 "redis+unix://",
                 "redis+sentinel://",
                 "rediss+sentinel://",
+                "redis+cluster://",
+                "rediss+cluster://",
             ]
             .iter()
             .any(|scheme| url.0.starts_with(scheme))
         {
             problems.push(
-                "--redis-url must start with redis://, rediss://, redis+unix://, redis+sentinel:// or rediss+sentinel://".to_owned(),
+                "--redis-url must start with redis://, rediss://, redis+unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://".to_owned(),
             );
         }
         if self.listen.public == self.listen.admin && self.listen.public.port() != 0 {

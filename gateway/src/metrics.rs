@@ -28,6 +28,7 @@ const PUBLISH_TO_DELIVERY: &str = "gateway_publish_to_delivery_seconds";
 const BROKER_UP: &str = "gateway_broker_up";
 const BROKER_RECONNECT_ATTEMPTS: &str = "gateway_broker_reconnect_attempts_total";
 const BROKER_RECONNECTS: &str = "gateway_broker_reconnects_total";
+const BROKER_RESUBSCRIBES: &str = "gateway_broker_resubscribes_total";
 const BROKER_OUTAGE: &str = "gateway_broker_outage_seconds";
 const BROKER_MESSAGES_DROPPED: &str = "gateway_broker_messages_dropped_total";
 const BROKER_DUPLICATES: &str = "gateway_broker_duplicates_dropped_total";
@@ -131,6 +132,10 @@ fn describe() {
     describe_counter!(
         BROKER_RECONNECTS,
         "broker subscriber reconnections that succeeded"
+    );
+    describe_counter!(
+        BROKER_RESUBSCRIBES,
+        "cluster channels subscribed again after a node dropped them (their slot moved)"
     );
     describe_histogram!(
         BROKER_OUTAGE,
@@ -237,6 +242,11 @@ pub fn slow_consumers_closed(count: usize) {
 /// The broker subscriber will try to connect again.
 pub fn broker_reconnect_attempt() {
     counter!(BROKER_RECONNECT_ATTEMPTS).increment(1);
+}
+
+/// A cluster channel dropped by its node (slot moved) is subscribed again.
+pub fn broker_resubscribed() {
+    counter!(BROKER_RESUBSCRIBES).increment(1);
 }
 
 /// The broker subscriber is connected again after `down`.

@@ -9,6 +9,7 @@
 //! variant of the same enum.
 
 pub mod history;
+mod link;
 pub mod memory;
 pub mod redis;
 mod repair;

@@ -16,6 +16,7 @@
 //! replica's cursor is read, so fan-out still gets each event once and in order. This file
 //! keeps only the connection: subscribing, reconnecting, probing, decoding.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
@@ -25,13 +26,12 @@ use publisher_lib::backoff::Backoff;
 use publisher_lib::contract::{Envelope, EventKind, Group, Position};
 use publisher_lib::target::RedisTarget;
 use publisher_lib::{PublishError, Publisher, PublisherConfig};
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior, timeout};
+use redis::{PushInfo, Value};
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::link::{Control, Link, Pushes, sharded_probe};
 use super::repair::{CursorReader, Cursors, Reading, RepairResults};
 use super::{
     BrokerError, Fanout, History, HistorySettings, Publication, Published, SubscriptionRequest,
@@ -46,11 +46,11 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_INTERVAL_UNHEALTHY: Duration = Duration::from_millis(200);
 /// Without a successful round trip for this long, the broker reports unhealthy.
 const PROBE_GRACE: Duration = Duration::from_secs(3);
-/// Bound on connecting and on one publish.
+/// Bound on one publish.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Bound on one (UN)SUBSCRIBE: on RESP3 its reply queues behind the messages already in flight,
-/// which took over a second under a flood here.
-const SUBSCRIBE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// On a cluster, a session whose round trip has failed this long is rebuilt: a node may have
+/// failed over without the connection noticing.
+const CLUSTER_REBUILD_AFTER: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 1000;
 /// First and longest pause between reconnection attempts (each drawn from its second half).
@@ -127,7 +127,7 @@ impl RedisBroker {
         let (cursors, repairs) = Cursors::new(fanout, Arc::new(broker.clone()), shutdown);
         let supervisor = Supervisor {
             broker: broker.clone(),
-            health_channel: format!("{}health:{}", settings.prefix, uuid::Uuid::new_v4()),
+            health_base: format!("{}health:{}", settings.prefix, uuid::Uuid::new_v4()),
             desired: Wanted::default(),
             cursors,
             tasks: shutdown.background().clone(),
@@ -248,7 +248,8 @@ fn describe(error: &PublishError) -> String {
 /// The task that owns the subscriber connection.
 struct Supervisor {
     broker: RedisBroker,
-    health_channel: String,
+    /// Names this replica's health channels (one, or one per cluster master).
+    health_base: String,
     /// Every group this replica wants, with the generation that asked for it.
     desired: Wanted,
     /// Where each subscribed group's delivery stands, and what waits behind a repair.
@@ -302,39 +303,6 @@ impl Supervisor {
         }
     }
 
-    /// Opens a subscriber connection whose messages land in a bounded buffer.
-    async fn connect(&self) -> Result<(MultiplexedConnection, mpsc::Receiver<PushInfo>), String> {
-        let (tx, rx) = mpsc::channel(self.buffer);
-        let dropped = self.dropped.clone();
-        // Called by the connection's reader for every push; it must never block. Other pushes
-        // (subscribe confirmations) are answered through the commands themselves. When the
-        // connection ends the reader drops this closure, closing the buffer.
-        let sender = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
-            if push.kind == PushKind::Message
-                && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(push)
-            {
-                dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::broker_message_dropped();
-            }
-            Ok(())
-        };
-        let config = AsyncConnectionConfig::new()
-            .set_push_sender(sender)
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(None);
-        let connect = async {
-            let client = self.broker.target.client().await?;
-            client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-        };
-        match timeout(COMMAND_TIMEOUT * 2, connect).await {
-            Ok(Ok(connection)) => Ok((connection, rx)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("connecting timed out".to_owned()),
-        }
-    }
-
     /// One connection's life: connect, subscribe everything, then serve until it ends.
     async fn session(
         &mut self,
@@ -342,9 +310,10 @@ impl Supervisor {
         repairs: &mut RepairResults,
         down_since: &mut Option<Instant>,
     ) -> Session {
-        let (mut connection, mut messages) = tokio::select! {
+        let open = Link::open(&self.broker.target, self.buffer, self.dropped.clone());
+        let (mut link, pushes) = tokio::select! {
             () = self.stop.cancelled() => return Session::Stopped,
-            connected = self.connect() => match connected {
+            connected = open => match connected {
                 Ok(connected) => connected,
                 Err(error) => {
                     tracing::debug!(%error, "redis subscriber cannot connect");
@@ -352,17 +321,31 @@ impl Supervisor {
                 }
             },
         };
+        let Pushes {
+            mut messages,
+            mut control,
+            overflowed,
+        } = pushes;
+        let health = match link.health_channels(&self.health_base).await {
+            Ok(health) => health,
+            Err(error) => {
+                tracing::debug!(%error, "redis subscriber cannot name its health channels");
+                return Session::Failed;
+            }
+        };
         let mut channels: Vec<String> = self
             .desired
             .groups()
             .map(|g| g.channel(&self.broker.prefix))
             .collect();
-        channels.push(self.health_channel.clone());
+        channels.extend(health.iter().cloned());
         for batch in channels.chunks(RESUBSCRIBE_BATCH) {
-            if subscribe(&mut connection, batch.to_vec()).await.is_err() {
+            if let Err(error) = link.subscribe(batch.to_vec()).await {
+                tracing::debug!(%error, "redis subscriber cannot subscribe");
                 return Session::Failed;
             }
         }
+        let probes = link.probe_connection();
         if let Some(since) = down_since.take() {
             metrics::broker_reconnected(since.elapsed());
             tracing::info!(
@@ -376,7 +359,9 @@ impl Supervisor {
         }
         let mut probe = tokio::time::interval(PROBE_INTERVAL_UNHEALTHY);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_round_trip: Option<Instant> = None;
+        // Each health channel's last round trip; healthy while every one is recent.
+        let mut round_trips: HashMap<String, Instant> = HashMap::new();
+        let session_start = Instant::now();
         let mut last_probe: Option<Instant> = None;
         let mut dropped_reported = self.dropped.load(Ordering::Relaxed);
         loop {
@@ -392,13 +377,26 @@ impl Supervisor {
                         metrics::envelope_rejected("malformed");
                         continue;
                     };
-                    if channel == self.health_channel.as_bytes() {
-                        last_round_trip = Some(Instant::now());
-                        self.set_healthy(true);
+                    if let Some(name) = health.iter().find(|h| h.as_bytes() == channel) {
+                        round_trips.insert(name.clone(), Instant::now());
+                        if round_trips.len() == health.len() {
+                            self.set_healthy(true);
+                        }
                     } else {
                         self.deliver(channel, payload);
                     }
                 }
+                Some(event) = control.recv() => match event {
+                    Control::Disconnected => {
+                        tracing::warn!("redis subscriber connection lost");
+                        return Session::Lost;
+                    }
+                    Control::Unsubscribed(channel) => {
+                        if let Err(()) = self.resubscribe(&mut link, &health, &channel).await {
+                            return Session::Lost;
+                        }
+                    }
+                },
                 Some(repair) = repairs.recv() => self.cursors.finish(repair),
                 request = requests.recv() => {
                     let Some(request) = request else {
@@ -412,19 +410,30 @@ impl Supervisor {
                         };
                         batch.push(next);
                     }
-                    if let Err(()) = self.apply(&mut connection, batch).await {
+                    if let Err(()) = self.apply(&mut link, batch).await {
                         return Session::Lost;
                     }
                 }
                 _ = probe.tick() => {
-                    if last_round_trip.is_none_or(|at| at.elapsed() > PROBE_GRACE) {
+                    let stale = round_trips.len() < health.len()
+                        || round_trips.values().any(|at| at.elapsed() > PROBE_GRACE);
+                    if stale {
                         self.set_healthy(false);
+                    }
+                    let failing_since = round_trips.values().min().copied().unwrap_or(session_start);
+                    if overflowed.load(Ordering::Relaxed)
+                        || (link.is_cluster() && stale && failing_since.elapsed() > CLUSTER_REBUILD_AFTER)
+                    {
+                        tracing::warn!("redis subscriber session rebuilt: its round trip failed");
+                        return Session::Lost;
                     }
                     if !self.broker.is_healthy()
                         || last_probe.is_none_or(|at| at.elapsed() >= PROBE_INTERVAL)
                     {
                         last_probe = Some(Instant::now());
-                        self.send_probe();
+                        for channel in &health {
+                            self.send_probe(probes.clone(), channel.clone());
+                        }
                     }
                     let dropped = self.dropped.load(Ordering::Relaxed);
                     if dropped != dropped_reported {
@@ -442,11 +451,7 @@ impl Supervisor {
 
     /// Applies a batch of requests in order: consecutive subscribes share one SUBSCRIBE.
     /// Fails when Redis refused or did not answer (the session must be rebuilt).
-    async fn apply(
-        &mut self,
-        connection: &mut MultiplexedConnection,
-        batch: Vec<SubscriptionRequest>,
-    ) -> Result<(), ()> {
+    async fn apply(&mut self, link: &mut Link, batch: Vec<SubscriptionRequest>) -> Result<(), ()> {
         let mut channels = Vec::new();
         let mut acks = Vec::new();
         for request in batch {
@@ -461,17 +466,48 @@ impl Supervisor {
                     acks.push(ack);
                 }
                 SubscriptionRequest::Unsubscribe { group, generation } => {
-                    flush_subscribes(connection, &mut channels, &mut acks).await?;
+                    flush_subscribes(link, &mut channels, &mut acks).await?;
                     if self.desired.release(&group, generation) {
                         self.cursors.forget(&group);
-                        let channel = group.channel(&self.broker.prefix);
-                        let _ = timeout(SUBSCRIBE_COMMAND_TIMEOUT, connection.unsubscribe(channel))
-                            .await;
+                        link.unsubscribe(group.channel(&self.broker.prefix)).await;
                     }
                 }
             }
         }
-        flush_subscribes(connection, &mut channels, &mut acks).await
+        flush_subscribes(link, &mut channels, &mut acks).await
+    }
+
+    /// A cluster node unsubscribed `channel` by itself (its slot moved): subscribes it again
+    /// where it now lives when it is still wanted, and reads what its group may have missed
+    /// meanwhile. Fails when the subscribe did (the session must be rebuilt).
+    async fn resubscribe(
+        &mut self,
+        link: &mut Link,
+        health: &[String],
+        channel: &[u8],
+    ) -> Result<(), ()> {
+        let Ok(name) = std::str::from_utf8(channel) else {
+            return Ok(());
+        };
+        let group = Group::from_channel(&self.broker.prefix, name)
+            .filter(|group| self.desired.contains(group));
+        if group.is_none() && !health.iter().any(|h| h == name) {
+            // Our own unsubscribe's confirmation, or a group left since.
+            return Ok(());
+        }
+        metrics::broker_resubscribed();
+        if let Err(error) = link.subscribe(vec![name.to_owned()]).await {
+            tracing::warn!(channel = name, %error, "a moved channel could not be subscribed again");
+            return Err(());
+        }
+        tracing::info!(
+            channel = name,
+            "a channel moved with its slot; subscribed again"
+        );
+        if let Some(group) = group {
+            self.cursors.resubscribed(&group);
+        }
+        Ok(())
     }
 
     /// Records a request while disconnected and answers it with `outcome`.
@@ -482,15 +518,26 @@ impl Supervisor {
     }
 
     /// PUBLISHes a probe on the health channel without holding up the subscriber loop.
-    fn send_probe(&self) {
+    fn send_probe(
+        &self,
+        cluster: Option<redis::cluster_async::ClusterConnection>,
+        channel: String,
+    ) {
         let publisher = self.broker.publisher.clone();
-        let channel = self.health_channel.clone();
         // A probe that cannot be sent simply never comes back, which is what readiness measures.
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
+            let send = async {
+                match cluster {
+                    Some(connection) => sharded_probe(connection, channel).await,
+                    None => {
+                        let _ = publisher.publish_raw(&channel, b"probe").await;
+                    }
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => {}
-                _ = publisher.publish_raw(&channel, b"probe") => {}
+                () = send => {}
             }
         });
     }
@@ -560,28 +607,16 @@ enum Session {
     Failed,
 }
 
-/// SUBSCRIBEs `channels`, bounded in time.
-async fn subscribe(
-    connection: &mut MultiplexedConnection,
-    channels: Vec<String>,
-) -> Result<(), BrokerError> {
-    match timeout(SUBSCRIBE_COMMAND_TIMEOUT, connection.subscribe(channels)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-        Err(_) => Err(BrokerError::Unavailable("subscribe timed out".to_owned())),
-    }
-}
-
 /// Subscribes the pending `channels` and answers their joins; fails when Redis did not.
 async fn flush_subscribes(
-    connection: &mut MultiplexedConnection,
+    link: &mut Link,
     channels: &mut Vec<String>,
     acks: &mut Vec<tokio::sync::oneshot::Sender<Result<(), BrokerError>>>,
 ) -> Result<(), ()> {
     if channels.is_empty() {
         return Ok(());
     }
-    let outcome = subscribe(connection, std::mem::take(channels)).await;
+    let outcome = link.subscribe(std::mem::take(channels)).await;
     let failed = outcome.is_err();
     for ack in acks.drain(..) {
         let _ = ack.send(outcome.clone());

@@ -133,6 +133,19 @@ impl Cursors {
         }
     }
 
+    /// `group`'s subscription was made again (its cluster slot moved): what was published
+    /// meanwhile is only in the history, so its order reads it before delivering further.
+    pub(super) fn resubscribed(&mut self, group: &Group) {
+        let Some(after) = self
+            .sequencers
+            .get_mut(group)
+            .and_then(Sequencer::reconnected)
+        else {
+            return;
+        };
+        self.read(group.clone(), after);
+    }
+
     /// A read finished: its group's sequencer delivers what it filled and what waited.
     pub(super) fn finish(&mut self, result: RepairResult) {
         let RepairResult {
