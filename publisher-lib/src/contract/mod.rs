@@ -10,6 +10,7 @@ mod event;
 mod group;
 mod keys;
 mod position;
+mod shard;
 mod validate;
 
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};
@@ -20,6 +21,7 @@ pub use keys::{
     MAX_IDEMPOTENCY_KEY_LEN, check_idempotency_key, check_prefix,
 };
 pub use position::Position;
+pub use shard::shard_of;
 pub use validate::{MAX_EVENT_BYTES, ValidationError};
 
 #[cfg(test)]
