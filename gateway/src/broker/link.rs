@@ -102,7 +102,7 @@ impl Link {
             Ok(())
         };
         let connect = async {
-            match target.cluster() {
+            match target.cluster_client() {
                 Some(cluster) => {
                     let config = redis::cluster::ClusterConfig::new()
                         .set_push_sender(sender)
