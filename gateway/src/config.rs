@@ -163,7 +163,9 @@ pub struct RedisConfig {
     /// `redis+sentinel://[user:password@]host:port[,host:port...]/<master>` to follow a Sentinel
     /// failover, or `redis+cluster://[user:password@]host:port[,host:port...]` for a Redis
     /// Cluster over sharded pub/sub); switches from the in-process broker to Redis pub/sub so
-    /// several replicas share publications. Needs Redis 6 or later (RESP3), 7 for a cluster.
+    /// several replicas share publications. Several URLs separated by spaces spread the groups
+    /// over as many independent servers (every replica and publisher must list the same ones in
+    /// the same order). Needs Redis 6 or later (RESP3), 7 for a cluster.
     #[arg(long = "redis-url", env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub url: Option<Secret>,
     /// PEM file of the certificate authority that signed the Redis server's certificate, for
@@ -604,21 +606,24 @@ impl Config {
         if let Err(rule) = contract::check_prefix(&self.redis.prefix) {
             problems.push(format!("--redis-prefix {rule}"));
         }
+        let schemes = [
+            "redis://",
+            "rediss://",
+            "redis+unix://",
+            "redis+sentinel://",
+            "rediss+sentinel://",
+            "redis+cluster://",
+            "rediss+cluster://",
+        ];
         if let Some(url) = &self.redis.url
-            && ![
-                "redis://",
-                "rediss://",
-                "redis+unix://",
-                "redis+sentinel://",
-                "rediss+sentinel://",
-                "redis+cluster://",
-                "rediss+cluster://",
-            ]
-            .iter()
-            .any(|scheme| url.0.starts_with(scheme))
+            && (url.0.split_whitespace().next().is_none()
+                || !url
+                    .0
+                    .split_whitespace()
+                    .all(|url| schemes.iter().any(|scheme| url.starts_with(scheme))))
         {
             problems.push(
-                "--redis-url must start with redis://, rediss://, redis+unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://".to_owned(),
+                "--redis-url must be one or more URLs (separated by spaces) starting with redis://, rediss://, redis+unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://".to_owned(),
             );
         }
         if self.listen.public == self.listen.admin && self.listen.public.port() != 0 {

@@ -171,6 +171,25 @@ fn a_prefix_with_hash_tag_braces_is_refused() {
 }
 
 #[test]
+fn redis_urls_name_a_server_a_sentinel_a_cluster_or_several_servers() {
+    for url in [
+        "redis://127.0.0.1:6379",
+        "rediss+sentinel://h1:26379,h2:26379/primary",
+        "redis+cluster://h1:7000,h2:7001",
+        "redis://h1:6379 redis://h2:6379  rediss://h3:6380",
+    ] {
+        check(&["--jwt-secret", SECRET, "--redis-url", url], Ok(()));
+    }
+    let refused = "--redis-url must be one or more URLs (separated by spaces) starting with redis://, rediss://, redis+unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://";
+    for url in ["http://h1:6379", "redis://h1:6379 h2:6379", "  "] {
+        check(
+            &["--jwt-secret", SECRET, "--redis-url", url],
+            Err(&[refused]),
+        );
+    }
+}
+
+#[test]
 fn admission_limits_must_leave_room_for_one_and_proxies_must_be_addresses() {
     check(
         &[

@@ -100,8 +100,8 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
             &shutdown,
         ),
         Some(url) => broker::Broker::Redis(
-            broker::redis::RedisBroker::start(
-                broker::redis::RedisSettings {
+            broker::shards::RedisShards::start(
+                &broker::redis::RedisSettings {
                     url: url.expose().to_owned(),
                     ca_pem: keys.redis_ca,
                     prefix: config.redis.prefix.clone(),

@@ -13,6 +13,7 @@ mod link;
 pub mod memory;
 pub mod redis;
 mod repair;
+pub mod shards;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -103,8 +104,9 @@ pub enum BrokerError {
 pub enum Broker {
     /// In-process delivery: one replica, no Redis.
     Memory(memory::MemoryBroker),
-    /// Redis pub/sub: every replica receives what any publisher sends.
-    Redis(redis::RedisBroker),
+    /// Redis pub/sub: every replica receives what any publisher sends (on one server, a
+    /// cluster, or groups spread over several servers).
+    Redis(shards::RedisShards),
 }
 
 impl Broker {
@@ -320,6 +322,12 @@ impl Subscriptions {
             .tx
             .send(SubscriptionRequest::Unsubscribe { group, generation })
             .await;
+    }
+
+    /// Passes `request` on as it is, waiting for room: a router between the registry and the
+    /// brokers of several servers. A stopped broker drops it (a subscribe then fails).
+    pub async fn forward(&self, request: SubscriptionRequest) {
+        let _ = self.tx.send(request).await;
     }
 
     /// Asks the broker to unsubscribe without awaiting (usable from `Drop`): when the channel
