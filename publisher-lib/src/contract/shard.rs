@@ -68,6 +68,23 @@ mod tests {
     }
 
     #[test]
+    fn groups_land_where_the_documented_vectors_say() {
+        // docs/redis-contract.md lists these for publishers in other languages.
+        let contractor = Group::try_contractor("a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d")
+            .expect("valid contractor id");
+        assert_eq!(fnv1a_64(b"/dispatch/west"), 0x597b_da61_1415_778e);
+        for (group, expected) in [
+            (dispatch("west"), [0, 1, 1, 3, 4]),
+            (dispatch("east"), [0, 1, 1, 1, 1]),
+            (dispatch("north"), [0, 0, 0, 0, 4]),
+            (contractor, [0, 1, 1, 1, 1]),
+        ] {
+            let got: Vec<usize> = (1..=5).map(|servers| shard_of(&group, servers)).collect();
+            assert_eq!(got, expected, "{group}");
+        }
+    }
+
+    #[test]
     fn one_server_holds_everything_and_none_means_zero() {
         assert_eq!(shard_of(&dispatch("west"), 1), 0);
         assert_eq!(shard_of(&dispatch("west"), 0), 0);
