@@ -169,17 +169,36 @@ fn progress(line: &serde_json::Value) {
     eprintln!("{}", serde_json::json!({ "progress": line }));
 }
 
-/// Refuses a Redis URL that is not `redis://` or `rediss://` on a loopback host.
-pub(crate) fn check_loopback(url: &str) -> anyhow::Result<()> {
-    let parsed = reqwest::Url::parse(url).with_context(|| format!("not a URL: {url}"))?;
+/// Accepts `redis://`, `rediss://`, `redis+cluster://` and `rediss+cluster://` URLs (several,
+/// separated by spaces, for independent servers) whose every host is loopback.
+pub(crate) fn check_loopback(urls: &str) -> anyhow::Result<()> {
     ensure!(
-        matches!(parsed.scheme(), "redis" | "rediss"),
-        "--redis-url must be redis:// or rediss://"
+        urls.split_whitespace().next().is_some(),
+        "--redis-url is empty"
     );
-    match parsed.host_str() {
-        Some("127.0.0.1" | "localhost" | "[::1]" | "::1") => Ok(()),
-        other => bail!("--redis-url must point to loopback, not {other:?}"),
+    for url in urls.split_whitespace() {
+        let (scheme, rest) = url
+            .split_once("://")
+            .with_context(|| format!("not a URL: {url}"))?;
+        ensure!(
+            matches!(
+                scheme,
+                "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
+            ),
+            "--redis-url must be redis://, rediss://, redis+cluster:// or rediss+cluster://"
+        );
+        let hosts = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
+        let hosts = hosts.split(['/', '?']).next().unwrap_or_default();
+        for host in hosts.split(',') {
+            let parsed = reqwest::Url::parse(&format!("redis://{host}"))
+                .with_context(|| format!("not a host:port: {host}"))?;
+            match parsed.host_str() {
+                Some("127.0.0.1" | "localhost" | "[::1]" | "::1") => {}
+                other => bail!("--redis-url must point to loopback, not {other:?}"),
+            }
+        }
     }
+    Ok(())
 }
 
 /// Counts `publisher_events_dropped_total` by its `reason` label (the only counter read here).
@@ -277,5 +296,32 @@ impl metrics::Recorder for DropCounter {
         _: &metrics::Metadata<'_>,
     ) -> metrics::Histogram {
         metrics::Histogram::noop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_redis_urls_are_accepted() {
+        for url in [
+            "redis://127.0.0.1:6390",
+            "rediss://user:pw@localhost:6390/0",
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+            "redis://127.0.0.1:1 redis://[::1]:2",
+        ] {
+            assert!(check_loopback(url).is_ok(), "{url}");
+        }
+        for (url, why) in [
+            ("redis://10.0.0.1:6390", "loopback"),
+            ("redis+cluster://127.0.0.1:7000,10.0.0.2:7001", "loopback"),
+            ("http://127.0.0.1:6390", "must be redis://"),
+            ("127.0.0.1:6390", "not a URL"),
+            (" ", "empty"),
+        ] {
+            let error = check_loopback(url).expect_err(url).to_string();
+            assert!(error.contains(why), "{url}: {error}");
+        }
     }
 }
