@@ -46,7 +46,7 @@ use uuid::Uuid;
 
 use crate::contract::{
     DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, DEFAULT_IDEMPOTENCY_WINDOW, DEFAULT_PREFIX,
-    Envelope, Event, EventKind, Group, Position, ValidationError, check_idempotency_key,
+    Envelope, Event, EventKind, Group, Position, ValidationError, check_idempotency_key, shard_of,
 };
 use crate::history::{self, HistoryRead, Limits};
 use crate::target::RedisTarget;
@@ -66,7 +66,9 @@ pub const DEFAULT_MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 pub struct PublisherConfig {
     /// Redis URL, e.g. `redis://127.0.0.1:6379`, `rediss://...`,
     /// `redis+sentinel://host:26379/<master>` or `redis+cluster://host:7000,host:7001` (see
-    /// [`crate::target`]).
+    /// [`crate::target`]). Several URLs separated by spaces spread the groups over as many
+    /// independent servers ([`shard_of`]); every publisher and gateway must list the same
+    /// servers in the same order.
     pub url: String,
     /// For TLS URLs: the authority (PEM) that signed the server's certificate, when it is not
     /// one of the system roots.
@@ -151,20 +153,23 @@ impl PublisherConfig {
     }
 }
 
-/// Publishes events to Redis. Cheap to clone; clones share one connection.
+/// Publishes events to Redis. Cheap to clone; clones share one connection per server.
 #[derive(Clone)]
 pub struct Publisher {
-    connection: Arc<SharedConnection>,
-    /// `SPUBLISH` on a Redis Cluster, `PUBLISH` otherwise.
-    pubsub: history::PubSub,
+    /// One per Redis URL of the configuration (several: each group lives on the one
+    /// [`shard_of`] names).
+    shards: Arc<[SharedConnection]>,
     prefix: String,
     publish_timeout: Duration,
     limits: Limits,
 }
 
-/// The one connection all clones share, built on first use from the target.
+/// The one connection to one server (or cluster) that all clones share, built on first use
+/// from the target.
 struct SharedConnection {
     target: RedisTarget,
+    /// `SPUBLISH` on a Redis Cluster, `PUBLISH` otherwise.
+    pubsub: history::PubSub,
     config: ConnectionManagerConfig,
     cluster_config: ClusterConfig,
     current: Mutex<Option<Connection>>,
@@ -337,12 +342,6 @@ impl Publisher {
     /// # Errors
     /// [`PublishError::InvalidUrl`] when the URL cannot be parsed.
     pub fn new(config: PublisherConfig) -> Result<Self, PublishError> {
-        let target = RedisTarget::parse(
-            &config.url,
-            config.ca_certificate.as_deref(),
-            redis::ProtocolVersion::RESP2,
-        )
-        .map_err(PublishError::InvalidUrl)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
@@ -351,19 +350,35 @@ impl Publisher {
         let cluster_config = ClusterConfig::new()
             .set_connection_timeout(config.connect_timeout)
             .set_response_timeout(config.response_timeout);
-        let pubsub = if target.is_cluster() {
-            history::PubSub::Sharded
-        } else {
-            history::PubSub::Classic
-        };
-        Ok(Self {
-            connection: Arc::new(SharedConnection {
+        let mut shards = Vec::new();
+        for url in config.url.split_whitespace() {
+            let target = RedisTarget::parse(
+                url,
+                config.ca_certificate.as_deref(),
+                redis::ProtocolVersion::RESP2,
+            )
+            .map_err(PublishError::InvalidUrl)?;
+            let pubsub = if target.is_cluster() {
+                history::PubSub::Sharded
+            } else {
+                history::PubSub::Classic
+            };
+            shards.push(SharedConnection {
                 target,
-                config: manager_config,
-                cluster_config,
+                pubsub,
+                config: manager_config.clone(),
+                cluster_config: cluster_config.clone(),
                 current: Mutex::new(None),
-            }),
-            pubsub,
+            });
+        }
+        if shards.is_empty() {
+            return Err(PublishError::InvalidUrl(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no redis url",
+            ))));
+        }
+        Ok(Self {
+            shards: Arc::from(shards),
             prefix: config.prefix,
             publish_timeout: config.publish_timeout,
             limits: Limits {
@@ -438,26 +453,30 @@ impl Publisher {
         let envelope = Envelope::encode(id, kind, now_micros(), json);
         let limits = self.limits;
         let prefix = self.prefix.as_str();
-        let pubsub = self.pubsub;
-        let appended = self
-            .run(|mut connection| async move {
-                let mut appended = Vec::with_capacity(groups.len());
-                for group in groups {
-                    let outcome = history::append(
+        let mut appended = Vec::with_capacity(groups.len());
+        // One script call per group, each on the server that holds the group; in a row on one
+        // server, they share its connection.
+        for group in groups {
+            let shard = self.shard(&group);
+            let pubsub = shard.pubsub;
+            let envelope = &envelope;
+            let outcome = self
+                .run(shard, |mut connection| async move {
+                    history::append(
                         &mut connection,
                         prefix,
                         &group,
                         key,
-                        &envelope,
+                        envelope,
                         limits,
                         pubsub,
                     )
-                    .await?;
-                    appended.push((group, outcome));
-                }
-                Ok(appended)
-            })
-            .await?;
+                    .await
+                    .map(|outcome| (group, outcome))
+                })
+                .await?;
+            appended.push(outcome);
+        }
         let deliveries = appended
             .into_iter()
             .map(|(group, outcome)| GroupDelivery {
@@ -521,7 +540,7 @@ impl Publisher {
     ) -> Result<HistoryRead, PublishError> {
         let limits = self.limits;
         let prefix = self.prefix.as_str();
-        self.run(|mut connection| async move {
+        self.run(self.shard(group), |mut connection| async move {
             history::read(&mut connection, prefix, group, after, ahead, limits).await
         })
         .await
@@ -530,13 +549,14 @@ impl Publisher {
     /// PUBLISHes `message` on `channel`, outside the contract (a gateway's health round trip),
     /// and returns how many subscribers received it. On a Redis Cluster it is an `SPUBLISH` on
     /// the sharded channel `channel` (routed to the master of its slot), which only `SSUBSCRIBE`
-    /// subscribers receive.
+    /// subscribers receive. With several servers it goes to the first.
     ///
     /// # Errors
     /// As [`Publisher::read_history`].
     pub async fn publish_raw(&self, channel: &str, message: &[u8]) -> Result<u64, PublishError> {
-        let command = self.pubsub.command();
-        self.run(|mut connection| async move {
+        let shard = &self.shards[0];
+        let command = shard.pubsub.command();
+        self.run(shard, |mut connection| async move {
             redis::cmd(command)
                 .arg(channel)
                 .arg(message)
@@ -549,13 +569,13 @@ impl Publisher {
     /// Runs `call` on the shared connection under the publish timeout; a failure behind
     /// Sentinel forgets the master. A cluster connection is kept: it reconnects to each node
     /// and refreshes its slot map by itself.
-    async fn run<T, F, Fut>(&self, call: F) -> Result<T, PublishError>
+    async fn run<T, F, Fut>(&self, shard: &SharedConnection, call: F) -> Result<T, PublishError>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let call = async {
-            let connection = self.connection.get().await?;
+            let connection = shard.get().await?;
             call(connection).await
         };
         let outcome = match tokio::time::timeout(self.publish_timeout, call).await {
@@ -563,8 +583,16 @@ impl Publisher {
             Ok(Err(e)) => PublishError::from_redis(e, self.publish_timeout),
             Err(_) => PublishError::Timeout(self.publish_timeout),
         };
-        self.connection.forget();
+        shard.forget();
         Err(outcome)
+    }
+
+    /// The server that holds `group`.
+    fn shard(&self, group: &Group) -> &SharedConnection {
+        if self.shards.len() == 1 {
+            return &self.shards[0];
+        }
+        &self.shards[shard_of(group, self.shards.len())]
     }
 }
 
@@ -573,7 +601,10 @@ impl fmt::Debug for Publisher {
         f.debug_struct("Publisher")
             .field("prefix", &self.prefix)
             .field("publish_timeout", &self.publish_timeout)
-            .field("target", &self.connection.target)
+            .field(
+                "targets",
+                &self.shards.iter().map(|s| &s.target).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }

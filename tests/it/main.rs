@@ -13,6 +13,7 @@ mod protocol_errors;
 mod publish_http;
 mod redis;
 mod resume;
+mod shards;
 mod shutdown;
 mod slow_consumer;
 mod tidy;

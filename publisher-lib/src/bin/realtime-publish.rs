@@ -42,7 +42,8 @@ struct Cli {
 
     /// Publish straight to this Redis: redis://127.0.0.1:6379, rediss://... (TLS),
     /// redis+sentinel://host:26379/MASTER or a Redis Cluster's seed nodes,
-    /// redis+cluster://host:7000,host:7001 (rediss+cluster:// for TLS).
+    /// redis+cluster://host:7000,host:7001 (rediss+cluster:// for TLS); several URLs
+    /// separated by spaces for groups spread over independent servers.
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
 

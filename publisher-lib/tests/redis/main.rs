@@ -13,3 +13,4 @@ mod harness;
 mod history;
 mod keys;
 mod publish;
+mod shards;
