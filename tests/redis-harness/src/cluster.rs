@@ -394,16 +394,15 @@ impl RedisCluster {
         let mut command = Command::new("redis-server");
         match &self.tls {
             None => command.args(["--port", &port.to_string()]),
-            Some(dir) => command
-                .args(["--port", "0", "--tls-port", &port.to_string()])
-                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
-                .args(["--tls-auth-clients", "no"])
-                .arg("--tls-cert-file")
-                .arg(dir.join("server.pem"))
-                .arg("--tls-key-file")
-                .arg(dir.join("server.key"))
-                .arg("--tls-ca-cert-file")
-                .arg(dir.join("ca.pem")),
+            Some(dir) => crate::tls_only(
+                command.args(["--tls-port", &port.to_string()]).args([
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                ]),
+                dir,
+            ),
         };
         let child = command
             .args(["--bind", "127.0.0.1"])

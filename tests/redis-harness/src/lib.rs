@@ -39,3 +39,19 @@ fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+/// Makes `command` (a `redis-server`) serve TLS only: no plain port, the certificate, key and
+/// authority from `dir` (`server.pem`, `server.key`, `ca.pem`), clients not asked for one.
+fn tls_only<'a>(
+    command: &'a mut std::process::Command,
+    dir: &std::path::Path,
+) -> &'a mut std::process::Command {
+    command
+        .args(["--port", "0", "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.join("server.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.join("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(dir.join("ca.pem"))
+}

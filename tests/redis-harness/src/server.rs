@@ -159,21 +159,7 @@ impl RedisServer {
         match &self.tls {
             None if self.sentinel_config.is_some() => &mut command,
             None => command.args(["--port", &port]),
-            Some(dir) => command
-                .args([
-                    "--port",
-                    "0",
-                    "--tls-port",
-                    &port,
-                    "--tls-auth-clients",
-                    "no",
-                ])
-                .arg("--tls-cert-file")
-                .arg(dir.join("server.pem"))
-                .arg("--tls-key-file")
-                .arg(dir.join("server.key"))
-                .arg("--tls-ca-cert-file")
-                .arg(dir.join("ca.pem")),
+            Some(dir) => crate::tls_only(command.args(["--tls-port", &port]), dir),
         };
         let child = command
             .stdout(std::process::Stdio::null())
