@@ -144,7 +144,17 @@ test("a node added and a busy group's slot moved to it mid-stream: every client 
     const from = await cluster.ownerOf(slot);
     await cluster.migrateSlot(slot, port);
     assert.equal(await cluster.ownerOf(slot), port);
-    return { port, slot, from, addAndMoveMs: Date.now() - started };
+    const addAndMoveMs = Date.now() - started;
+    // Readiness covers the new master too: each replica probes a health channel there.
+    const probed = await until(
+      "each gateway probes the new master",
+      async () => {
+        const channels = await cluster.node(port).command("PUBSUB", "SHARDCHANNELS", "rt:health:*");
+        return channels.length >= gateways.length && channels;
+      },
+      30_000,
+    );
+    return { port, slot, from, addAndMoveMs, healthChannelsOnNewMaster: probed.length, healthAfterMs: Date.now() - started };
   });
 });
 

@@ -254,7 +254,8 @@ async fn bounded<T>(
     }
 }
 
-/// Each master's first slot range in a `CLUSTER SLOTS` reply, by address.
+/// Each master's lowest slot range in a `CLUSTER SLOTS` reply, by address (the same range
+/// while the master keeps it, whatever order the reply lists ranges in).
 fn master_ranges(reply: &Value) -> HashMap<(String, i64), (u16, u16)> {
     let mut ranges = HashMap::new();
     let Value::Array(entries) = reply else {
@@ -280,7 +281,10 @@ fn master_ranges(reply: &Value) -> HashMap<(String, i64), (u16, u16)> {
         let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else {
             continue;
         };
-        ranges.entry((host, *port)).or_insert((start, end));
+        let lowest = ranges.entry((host, *port)).or_insert((start, end));
+        if start < lowest.0 {
+            *lowest = (start, end);
+        }
     }
     ranges
 }
@@ -355,7 +359,7 @@ mod tests {
     }
 
     #[test]
-    fn each_master_is_named_once_with_its_first_range() {
+    fn each_master_is_named_once_with_its_lowest_range() {
         let node = |port: i64| {
             Value::Array(vec![
                 Value::BulkString(b"127.0.0.1".to_vec()),
@@ -364,9 +368,9 @@ mod tests {
             ])
         };
         let reply = Value::Array(vec![
+            Value::Array(vec![Value::Int(5000), Value::Int(5000), node(7000)]),
             Value::Array(vec![Value::Int(0), Value::Int(99), node(7000), node(7003)]),
             Value::Array(vec![Value::Int(100), Value::Int(16383), node(7001)]),
-            Value::Array(vec![Value::Int(5000), Value::Int(5000), node(7000)]),
             Value::Int(3),
         ]);
         let ranges = master_ranges(&reply);

@@ -8,6 +8,7 @@
 //! Today the broker is the in-process loopback ([`memory`]); the Redis broker is the second
 //! variant of the same enum.
 
+mod health;
 pub mod history;
 mod link;
 pub mod memory;

@@ -16,7 +16,6 @@
 //! replica's cursor is read, so fan-out still gets each event once and in order. This file
 //! keeps only the connection: subscribing, reconnecting, probing, decoding.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
@@ -31,6 +30,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::health::RoundTrips;
 use super::link::{Control, Link, Pushes, sharded_probe};
 use super::repair::{CursorReader, Cursors, Reading, RepairResults};
 use super::{
@@ -51,6 +51,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// On a cluster, a session whose round trip has failed this long is rebuilt: a node may have
 /// failed over without the connection noticing.
 const CLUSTER_REBUILD_AFTER: Duration = Duration::from_secs(5);
+/// On a cluster, how often the masters are listed again, so a node added since the session
+/// began gets a health channel too.
+const CLUSTER_TOPOLOGY_CHECK: Duration = Duration::from_secs(10);
 /// Channels per SUBSCRIBE when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 1000;
 /// First and longest pause between reconnection attempts (each drawn from its second half).
@@ -326,7 +329,7 @@ impl Supervisor {
             mut control,
             overflowed,
         } = pushes;
-        let health = match link.health_channels(&self.health_base).await {
+        let health_channels = match link.health_channels(&self.health_base).await {
             Ok(health) => health,
             Err(error) => {
                 tracing::debug!(%error, "redis subscriber cannot name its health channels");
@@ -338,7 +341,7 @@ impl Supervisor {
             .groups()
             .map(|g| g.channel(&self.broker.prefix))
             .collect();
-        channels.extend(health.iter().cloned());
+        channels.extend(health_channels.iter().cloned());
         for batch in channels.chunks(RESUBSCRIBE_BATCH) {
             if let Err(error) = link.subscribe(batch.to_vec()).await {
                 tracing::debug!(%error, "redis subscriber cannot subscribe");
@@ -359,9 +362,9 @@ impl Supervisor {
         }
         let mut probe = tokio::time::interval(PROBE_INTERVAL_UNHEALTHY);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // Each health channel's last round trip; healthy while every one is recent.
-        let mut round_trips: HashMap<String, Instant> = HashMap::new();
-        let session_start = Instant::now();
+        // Healthy while every health channel's probe came back recently.
+        let mut health = RoundTrips::new(&health_channels, Instant::now());
+        let mut topology_checked = Instant::now();
         let mut last_probe: Option<Instant> = None;
         let mut dropped_reported = self.dropped.load(Ordering::Relaxed);
         loop {
@@ -377,9 +380,9 @@ impl Supervisor {
                         metrics::envelope_rejected("malformed");
                         continue;
                     };
-                    if let Some(name) = health.iter().find(|h| h.as_bytes() == channel) {
-                        round_trips.insert(name.clone(), Instant::now());
-                        if round_trips.len() == health.len() {
+                    if health.is_health(channel) {
+                        health.came_back(channel, Instant::now());
+                        if health.healthy(Instant::now(), PROBE_GRACE) {
                             self.set_healthy(true);
                         }
                     } else {
@@ -415,23 +418,27 @@ impl Supervisor {
                     }
                 }
                 _ = probe.tick() => {
-                    let stale = round_trips.len() < health.len()
-                        || round_trips.values().any(|at| at.elapsed() > PROBE_GRACE);
-                    if stale {
+                    let now = Instant::now();
+                    if !health.healthy(now, PROBE_GRACE) {
                         self.set_healthy(false);
                     }
-                    let failing_since = round_trips.values().min().copied().unwrap_or(session_start);
                     if overflowed.load(Ordering::Relaxed)
-                        || (link.is_cluster() && stale && failing_since.elapsed() > CLUSTER_REBUILD_AFTER)
+                        || (link.is_cluster() && health.longest_silence(now) > CLUSTER_REBUILD_AFTER)
                     {
                         tracing::warn!("redis subscriber session rebuilt: its round trip failed");
                         return Session::Lost;
+                    }
+                    if link.is_cluster() && topology_checked.elapsed() >= CLUSTER_TOPOLOGY_CHECK {
+                        topology_checked = now;
+                        if let Err(()) = self.follow_masters(&mut link, &mut health).await {
+                            return Session::Lost;
+                        }
                     }
                     if !self.broker.is_healthy()
                         || last_probe.is_none_or(|at| at.elapsed() >= PROBE_INTERVAL)
                     {
                         last_probe = Some(Instant::now());
-                        for channel in &health {
+                        for channel in health.channels() {
                             self.send_probe(probes.clone(), channel.clone());
                         }
                     }
@@ -483,7 +490,7 @@ impl Supervisor {
     async fn resubscribe(
         &mut self,
         link: &mut Link,
-        health: &[String],
+        health: &RoundTrips,
         channel: &[u8],
     ) -> Result<(), ()> {
         let Ok(name) = std::str::from_utf8(channel) else {
@@ -491,7 +498,7 @@ impl Supervisor {
         };
         let group = Group::from_channel(&self.broker.prefix, name)
             .filter(|group| self.desired.contains(group));
-        if group.is_none() && !health.iter().any(|h| h == name) {
+        if group.is_none() && !health.is_health(channel) {
             // Our own unsubscribe's confirmation, or a group left since.
             return Ok(());
         }
@@ -515,6 +522,30 @@ impl Supervisor {
         if let Some(group) = self.desired.apply(request, outcome) {
             self.cursors.forget(&group);
         }
+    }
+
+    /// Lists the cluster's masters again and moves the health round trip to them: a master
+    /// added since (a slot of ours may have moved to it) gets a channel, a removed one loses
+    /// its. Fails when the new channel could not be subscribed (the session must be rebuilt).
+    async fn follow_masters(&self, link: &mut Link, health: &mut RoundTrips) -> Result<(), ()> {
+        let Ok(channels) = link.health_channels(&self.health_base).await else {
+            // Listing failed: the round trip itself tells whether the cluster is there.
+            return Ok(());
+        };
+        let (added, dropped) = health.replace(&channels, Instant::now());
+        for channel in dropped {
+            link.unsubscribe(channel).await;
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            channels = added.len(),
+            "the cluster's masters changed; probing the new ones"
+        );
+        link.subscribe(added).await.map_err(|error| {
+            tracing::warn!(%error, "a new master's health channel could not be subscribed");
+        })
     }
 
     /// PUBLISHes a probe on the health channel without holding up the subscriber loop.
