@@ -72,7 +72,14 @@ pub(super) fn kind(json: &[u8]) -> Result<EventKind, ValidationError> {
 }
 
 /// Reads the fields of one event, reporting the path of the first bad field.
+///
+/// A valid event is read once, without tracking paths (tracking keeps every key as a `String`
+/// while it reads: about 2% of a gateway's CPU per HTTP publish); only an event that fails is
+/// read again with tracking, for the field to name. Both readings accept the same input.
 pub(super) fn fields<T: DeserializeOwned>(json: &[u8]) -> Result<T, ValidationError> {
+    if let Ok(fields) = serde_json::from_slice(json) {
+        return Ok(fields);
+    }
     let mut de = serde_json::Deserializer::from_slice(json);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
