@@ -72,6 +72,8 @@ pub use contract::{
 };
 #[cfg(feature = "redis")]
 pub use history::{HistoryRead, PUBLISH_SCRIPT, READ_SCRIPT};
+#[cfg(feature = "deadpool")]
+pub use publisher::PoolSettings;
 #[cfg(feature = "redis")]
 pub use publisher::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_RECONNECT_DELAY, DEFAULT_PUBLISH_TIMEOUT,

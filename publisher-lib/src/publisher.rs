@@ -23,6 +23,20 @@
 //! ([`crate::target`]) a failed call drops the manager, and the next call asks the Sentinels for
 //! the current master again.
 //!
+//! # A backend's own deadpool pool (feature `deadpool`)
+//!
+//! A backend that already holds a `deadpool_redis::Pool` can publish through it with
+//! `Publisher::from_pool`: each script call (a publish to one group, a history read) takes a
+//! connection from the pool and returns it when the call ends. Everything else is the same:
+//! the script, duplicates, positions, [`PublishError`] and its [`PublishError::is_transient`],
+//! and `PoolSettings::publish_timeout` around the whole call, the wait for a connection
+//! included. The pool's own settings (its size, its wait, create and recycle timeouts, the
+//! connections' response timeout) are the backend's. It is not the default, because a pool is
+//! slower here: every `get()` recycles the connection with a `PING` round trip before the
+//! script runs, and a pooled connection carries one call at a time instead of every call in
+//! flight. `loadgen publish-bench --pool 8` measured about a third of the shared connection's
+//! rate (`docs/benchmarks.md`, "Publish path").
+//!
 //! # Redis Cluster
 //!
 //! With a `redis+cluster://` URL the shared connection is one
@@ -153,12 +167,92 @@ impl PublisherConfig {
     }
 }
 
-/// Publishes events to Redis. Cheap to clone; clones share one connection per server.
+/// What [`Publisher::from_pool`] needs besides the pool: [`PublisherConfig`] without what the
+/// pool already decides (the URL, TLS, connection timeouts). Build it with
+/// [`PoolSettings::new`] (or `default()`) and adjust fields.
+#[cfg(feature = "deadpool")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolSettings {
+    /// Channel prefix; channels are `<prefix>{<group>}`.
+    pub prefix: String,
+    /// Bound on one whole publish call, the wait for a pooled connection included; past it the
+    /// call fails with [`PublishError::Timeout`].
+    pub publish_timeout: Duration,
+    /// Events each group's history keeps (the stream is trimmed to exactly this many).
+    pub history_size: usize,
+    /// Time without publishes after which a group's position and history expire (whole
+    /// seconds, at least 1); the next publish then starts a new epoch.
+    pub history_ttl: Duration,
+    /// Time within which a publish under an already used idempotency key is acknowledged as a
+    /// duplicate without being appended or delivered (whole seconds, at least 1).
+    pub idempotency_window: Duration,
+}
+
+#[cfg(feature = "deadpool")]
+impl PoolSettings {
+    /// The default prefix, publish timeout, history bounds and idempotency window, the same
+    /// as [`PublisherConfig::new`]'s.
+    pub fn new() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            history_size: DEFAULT_HISTORY_SIZE,
+            history_ttl: DEFAULT_HISTORY_TTL,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+        }
+    }
+
+    /// Replaces the channel prefix.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Replaces the bound on one whole publish call.
+    #[must_use]
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// Replaces the number of events each group's history keeps.
+    #[must_use]
+    pub fn with_history_size(mut self, size: usize) -> Self {
+        self.history_size = size;
+        self
+    }
+
+    /// Replaces the time without publishes after which a group's history expires.
+    #[must_use]
+    pub fn with_history_ttl(mut self, ttl: Duration) -> Self {
+        self.history_ttl = ttl;
+        self
+    }
+
+    /// Replaces the window within which a repeated idempotency key is a duplicate.
+    #[must_use]
+    pub fn with_idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window = window;
+        self
+    }
+}
+
+#[cfg(feature = "deadpool")]
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Publishes events to Redis. Cheap to clone; clones share one connection per server (or the
+/// one pool given to `Publisher::from_pool`).
 #[derive(Clone)]
 pub struct Publisher {
     /// One per Redis URL of the configuration (several: each group lives on the one
-    /// [`shard_of`] names).
-    shards: Arc<[SharedConnection]>,
+    /// [`shard_of`] names), or the one pool.
+    shards: Arc<[Shard]>,
     prefix: String,
     publish_timeout: Duration,
     limits: Limits,
@@ -173,6 +267,107 @@ struct SharedConnection {
     config: ConnectionManagerConfig,
     cluster_config: ClusterConfig,
     current: Mutex<Option<Connection>>,
+}
+
+/// Where one server's connections come from.
+// Built once per server and never moved afterwards: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Shard {
+    /// The publisher's own shared connection.
+    Shared(SharedConnection),
+    /// A backend's pool: one connection per call, returned to the pool after it.
+    #[cfg(feature = "deadpool")]
+    Pool(deadpool_redis::Pool),
+}
+
+impl Shard {
+    /// `SPUBLISH` on a Redis Cluster, `PUBLISH` otherwise.
+    fn pubsub(&self) -> history::PubSub {
+        match self {
+            Self::Shared(shared) => shared.pubsub,
+            #[cfg(feature = "deadpool")]
+            Self::Pool(_) => history::PubSub::Classic,
+        }
+    }
+
+    /// A connection for one call.
+    async fn get(&self, timeout: Duration) -> Result<CallConnection, PublishError> {
+        match self {
+            Self::Shared(shared) => shared
+                .get()
+                .await
+                .map(CallConnection::Shared)
+                .map_err(|e| PublishError::from_redis(e, timeout)),
+            #[cfg(feature = "deadpool")]
+            Self::Pool(pool) => pool
+                .get()
+                .await
+                .map(CallConnection::Pooled)
+                .map_err(|e| PublishError::from_pool(e, timeout)),
+        }
+    }
+
+    /// After a failed call.
+    fn forget(&self) {
+        match self {
+            Self::Shared(shared) => shared.forget(),
+            // The pool recycles (or throws away) the connection itself.
+            #[cfg(feature = "deadpool")]
+            Self::Pool(_) => {}
+        }
+    }
+}
+
+impl fmt::Debug for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Shared(shared) => fmt::Debug::fmt(&shared.target, f),
+            #[cfg(feature = "deadpool")]
+            Self::Pool(pool) => f
+                .debug_struct("Pool")
+                .field("status", &pool.status())
+                .finish(),
+        }
+    }
+}
+
+/// The connection one call runs on.
+enum CallConnection {
+    Shared(Connection),
+    /// Back to the pool when dropped.
+    #[cfg(feature = "deadpool")]
+    Pooled(deadpool_redis::Connection),
+}
+
+impl ConnectionLike for CallConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Shared(connection) => connection.req_packed_command(cmd),
+            #[cfg(feature = "deadpool")]
+            Self::Pooled(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Shared(connection) => connection.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "deadpool")]
+            Self::Pooled(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Shared(connection) => connection.get_db(),
+            #[cfg(feature = "deadpool")]
+            Self::Pooled(connection) => connection.get_db(),
+        }
+    }
 }
 
 /// A connection to one server (reconnecting by itself) or to a Redis Cluster.
@@ -291,6 +486,13 @@ pub enum PublishError {
     /// Redis answered with an error.
     #[error("redis refused the publish")]
     Redis(#[source] redis::RedisError),
+    /// The backend's pool ([`Publisher::from_pool`]) gave no connection: it timed out (waiting
+    /// for a free connection, creating or recycling one: transient), was closed, or is
+    /// misconfigured (no runtime, a failing hook). A Redis that refuses or drops the pool's
+    /// new connection is [`PublishError::Unreachable`] instead, as without a pool.
+    #[cfg(feature = "deadpool")]
+    #[error("the redis connection pool gave no connection")]
+    Pool(#[source] deadpool_redis::PoolError),
 }
 
 impl PublishError {
@@ -302,15 +504,29 @@ impl PublishError {
             Self::Unreachable(_) => "unreachable",
             Self::Timeout(_) => "timeout",
             Self::Redis(_) => "redis",
+            #[cfg(feature = "deadpool")]
+            Self::Pool(_) => "pool",
         }
     }
 
     /// Whether trying the same publish again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Unreachable(_) | Self::Timeout(_) | Self::Redis(_)
-        )
+        match self {
+            Self::Unreachable(_) | Self::Timeout(_) | Self::Redis(_) => true,
+            Self::Invalid(_) | Self::InvalidUrl(_) => false,
+            #[cfg(feature = "deadpool")]
+            Self::Pool(error) => matches!(error, deadpool_redis::PoolError::Timeout(_)),
+        }
+    }
+
+    /// A pool's failure to give a connection: Redis's own errors (refused, dropped, timed out)
+    /// are mapped as on the shared connection.
+    #[cfg(feature = "deadpool")]
+    fn from_pool(error: deadpool_redis::PoolError, timeout: Duration) -> Self {
+        match error {
+            deadpool_redis::PoolError::Backend(error) => Self::from_redis(error, timeout),
+            other => Self::Pool(other),
+        }
     }
 
     fn from_redis(error: redis::RedisError, timeout: Duration) -> Self {
@@ -363,13 +579,13 @@ impl Publisher {
             } else {
                 history::PubSub::Classic
             };
-            shards.push(SharedConnection {
+            shards.push(Shard::Shared(SharedConnection {
                 target,
                 pubsub,
                 config: manager_config.clone(),
                 cluster_config: cluster_config.clone(),
                 current: Mutex::new(None),
-            });
+            }));
         }
         if shards.is_empty() {
             return Err(PublishError::InvalidUrl(redis::RedisError::from((
@@ -387,6 +603,34 @@ impl Publisher {
                 idempotency_window: config.idempotency_window,
             },
         })
+    }
+
+    /// A publisher that runs each script call on a connection from `pool`, a pool of one
+    /// Redis server (not a cluster) the backend already holds, and gives it back when the
+    /// call ends. Does no I/O.
+    ///
+    /// The shared connection of [`Publisher::new`] is faster: each `get()` recycles the
+    /// connection with a `PING` round trip, and a pooled connection carries one call at a
+    /// time (see the module docs). Use this to keep one Redis configuration and one set of
+    /// connections in a backend built around deadpool.
+    ///
+    /// A publish waits for a free connection, Redis's answer and any (re)connection the pool
+    /// makes, all within [`PoolSettings::publish_timeout`]; past it the call fails with
+    /// [`PublishError::Timeout`]. A Redis that is down gives [`PublishError::Unreachable`]
+    /// (or `Timeout`), and the next call after it is back succeeds without any action: the
+    /// pool drops broken connections when it recycles them and opens new ones.
+    #[cfg(feature = "deadpool")]
+    pub fn from_pool(pool: deadpool_redis::Pool, settings: PoolSettings) -> Self {
+        Self {
+            shards: Arc::from([Shard::Pool(pool)]),
+            prefix: settings.prefix,
+            publish_timeout: settings.publish_timeout,
+            limits: Limits {
+                history_size: settings.history_size,
+                history_ttl: settings.history_ttl,
+                idempotency_window: settings.idempotency_window,
+            },
+        }
     }
 
     /// The channel prefix in use.
@@ -458,7 +702,7 @@ impl Publisher {
         // server, they share its connection.
         for group in groups {
             let shard = self.shard(&group);
-            let pubsub = shard.pubsub;
+            let pubsub = shard.pubsub();
             let envelope = &envelope;
             let outcome = self
                 .run(shard, |mut connection| async move {
@@ -555,7 +799,7 @@ impl Publisher {
     /// As [`Publisher::read_history`].
     pub async fn publish_raw(&self, channel: &str, message: &[u8]) -> Result<u64, PublishError> {
         let shard = &self.shards[0];
-        let command = shard.pubsub.command();
+        let command = shard.pubsub().command();
         self.run(shard, |mut connection| async move {
             redis::cmd(command)
                 .arg(channel)
@@ -569,26 +813,32 @@ impl Publisher {
     /// Runs `call` on the shared connection under the publish timeout; a failure behind
     /// Sentinel forgets the master. A cluster connection is kept: it reconnects to each node
     /// and refreshes its slot map by itself.
-    async fn run<T, F, Fut>(&self, shard: &SharedConnection, call: F) -> Result<T, PublishError>
+    ///
+    /// With a pool, `call` takes the pooled connection and drops it when it ends, which gives it
+    /// back to the pool (a timed out call drops it too).
+    async fn run<T, F, Fut>(&self, shard: &Shard, call: F) -> Result<T, PublishError>
     where
-        F: FnOnce(Connection) -> Fut,
+        F: FnOnce(CallConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        let timeout = self.publish_timeout;
         let call = async {
-            let connection = shard.get().await?;
-            call(connection).await
+            let connection = shard.get(timeout).await?;
+            call(connection)
+                .await
+                .map_err(|e| PublishError::from_redis(e, timeout))
         };
-        let outcome = match tokio::time::timeout(self.publish_timeout, call).await {
+        let outcome = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => PublishError::from_redis(e, self.publish_timeout),
-            Err(_) => PublishError::Timeout(self.publish_timeout),
+            Ok(Err(e)) => e,
+            Err(_) => PublishError::Timeout(timeout),
         };
         shard.forget();
         Err(outcome)
     }
 
     /// The server that holds `group`.
-    fn shard(&self, group: &Group) -> &SharedConnection {
+    fn shard(&self, group: &Group) -> &Shard {
         if self.shards.len() == 1 {
             return &self.shards[0];
         }
@@ -601,10 +851,7 @@ impl fmt::Debug for Publisher {
         f.debug_struct("Publisher")
             .field("prefix", &self.prefix)
             .field("publish_timeout", &self.publish_timeout)
-            .field(
-                "targets",
-                &self.shards.iter().map(|s| &s.target).collect::<Vec<_>>(),
-            )
+            .field("targets", &self.shards.iter().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }

@@ -12,5 +12,6 @@ mod cluster;
 mod harness;
 mod history;
 mod keys;
+mod pool;
 mod publish;
 mod shards;
