@@ -16,6 +16,14 @@
 //! Sentinel). The gateway links the contract and `Publisher` (without the `cli` feature), so its
 //! HTTP endpoint publishes exactly as a backend does.
 //!
+//! A backend that already holds a `deadpool_redis::Pool` can build a `Publisher` from it with the
+//! `deadpool` feature (off by default): `Publisher::from_pool(pool, PoolSettings::new())` runs
+//! each script call on a connection from the pool, with the same script, receipts, errors and
+//! publish timeout. `Publisher::new`'s one shared multiplexed connection stays the default
+//! because it is about three to four times faster: a pooled `get()` costs a recycle round trip
+//! (`UNWATCH` + `PING`) per call and a pooled connection carries one call at a time
+//! (`docs/benchmarks.md`, "Publish path").
+//!
 //! ```no_run
 //! # #[cfg(feature = "redis")]
 //! # async fn publish() -> Result<(), Box<dyn std::error::Error>> {

@@ -14,7 +14,8 @@
 //! The scale-out issue asked for deadpool-redis. The redis-rs feasibility notes measured a
 //! deadpool checkout per publish at about 15k publishes/s, because every `get()` recycles the
 //! connection with a PING round trip, against about 50k/s for one multiplexed connection cloned
-//! per task. A `ConnectionManager` is such a multiplexed connection that also reconnects by
+//! per task; with this crate's publish script, `loadgen publish-bench` measured a pool of 8 at
+//! 24-33% of the shared connection's rate (`docs/benchmarks.md`). A `ConnectionManager` is such a multiplexed connection that also reconnects by
 //! itself, so the publisher holds exactly one and clones it per call (a cheap handle clone).
 //! What deadpool's wait/create/recycle timeouts would bound is bounded here by the manager's
 //! connection timeout, its response timeout and [`PublisherConfig::publish_timeout`] around the
@@ -32,10 +33,13 @@
 //! and `PoolSettings::publish_timeout` around the whole call, the wait for a connection
 //! included. The pool's own settings (its size, its wait, create and recycle timeouts, the
 //! connections' response timeout) are the backend's. It is not the default, because a pool is
-//! slower here: every `get()` recycles the connection with a `PING` round trip before the
-//! script runs, and a pooled connection carries one call at a time instead of every call in
-//! flight. `loadgen publish-bench --pool 8` measured about a third of the shared connection's
-//! rate (`docs/benchmarks.md`, "Publish path").
+//! slower here: every `get()` recycles the connection with an `UNWATCH` and a `PING`, a round
+//! trip before the script runs, and a pooled connection carries one call at a time where the
+//! shared one batches every call in flight into one write. `loadgen publish-bench --pool 8`
+//! measured 3,500-4,700 publishes/s against 12,500-16,600/s for the shared connection, at 3-4
+//! times the latency (`docs/benchmarks.md`, "Publish path"). Only a standalone pool is
+//! supported: deadpool's cluster pool pings every master on each `get()`, and its manager
+//! cannot set the timeouts.
 //!
 //! # Redis Cluster
 //!
@@ -287,23 +291,6 @@ impl Shard {
             Self::Shared(shared) => shared.pubsub,
             #[cfg(feature = "deadpool")]
             Self::Pool(_) => history::PubSub::Classic,
-        }
-    }
-
-    /// A connection for one call.
-    async fn get(&self, timeout: Duration) -> Result<CallConnection, PublishError> {
-        match self {
-            Self::Shared(shared) => shared
-                .get()
-                .await
-                .map(CallConnection::Shared)
-                .map_err(|e| PublishError::from_redis(e, timeout)),
-            #[cfg(feature = "deadpool")]
-            Self::Pool(pool) => pool
-                .get()
-                .await
-                .map(CallConnection::Pooled)
-                .map_err(|e| PublishError::from_pool(e, timeout)),
         }
     }
 
@@ -822,8 +809,22 @@ impl Publisher {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let timeout = self.publish_timeout;
+        // The connection is taken here, not in a helper `async fn` of `Shard`: one more level of
+        // nested futures overflows the auto-trait recursion limit in the gateway's tests.
         let call = async {
-            let connection = shard.get(timeout).await?;
+            let connection = match shard {
+                Shard::Shared(shared) => shared
+                    .get()
+                    .await
+                    .map(CallConnection::Shared)
+                    .map_err(|e| PublishError::from_redis(e, timeout))?,
+                #[cfg(feature = "deadpool")]
+                Shard::Pool(pool) => pool
+                    .get()
+                    .await
+                    .map(CallConnection::Pooled)
+                    .map_err(|e| PublishError::from_pool(e, timeout))?,
+            };
             call(connection)
                 .await
                 .map_err(|e| PublishError::from_redis(e, timeout))
