@@ -17,7 +17,7 @@
 //! HTTP endpoint publishes exactly as a backend does.
 //!
 //! A backend that already holds a `deadpool_redis::Pool` can build a `Publisher` from it with the
-//! `deadpool` feature (off by default): `Publisher::from_pool(pool, PoolSettings::new())` runs
+//! `deadpool` feature (off by default): `Publisher::from_pool(pool, PublisherConfig::new(url))` runs
 //! each script call on a connection from the pool, with the same script, receipts, errors and
 //! publish timeout. `Publisher::new`'s one shared multiplexed connection stays the default
 //! because it is about three to four times faster: a pooled `get()` costs a recycle round trip
@@ -80,8 +80,6 @@ pub use contract::{
 };
 #[cfg(feature = "redis")]
 pub use history::{HistoryRead, PUBLISH_SCRIPT, READ_SCRIPT};
-#[cfg(feature = "deadpool")]
-pub use publisher::PoolSettings;
 #[cfg(feature = "redis")]
 pub use publisher::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_RECONNECT_DELAY, DEFAULT_PUBLISH_TIMEOUT,

@@ -30,7 +30,7 @@
 //! `Publisher::from_pool`: each script call (a publish to one group, a history read) takes a
 //! connection from the pool and returns it when the call ends. Everything else is the same:
 //! the script, duplicates, positions, [`PublishError`] and its [`PublishError::is_transient`],
-//! and `PoolSettings::publish_timeout` around the whole call, the wait for a connection
+//! and `PublisherConfig::publish_timeout` around the whole call, the wait for a connection
 //! included. The pool's own settings (its size, its wait, create and recycle timeouts, the
 //! connections' response timeout) are the backend's. It is not the default, because a pool is
 //! slower here: every `get()` recycles the connection with an `UNWATCH` and a `PING`, a round
@@ -168,85 +168,6 @@ impl PublisherConfig {
     pub fn with_idempotency_window(mut self, window: Duration) -> Self {
         self.idempotency_window = window;
         self
-    }
-}
-
-/// What [`Publisher::from_pool`] needs besides the pool: [`PublisherConfig`] without what the
-/// pool already decides (the URL, TLS, connection timeouts). Build it with
-/// [`PoolSettings::new`] (or `default()`) and adjust fields.
-#[cfg(feature = "deadpool")]
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PoolSettings {
-    /// Channel prefix; channels are `<prefix>{<group>}`.
-    pub prefix: String,
-    /// Bound on one whole publish call, the wait for a pooled connection included; past it the
-    /// call fails with [`PublishError::Timeout`].
-    pub publish_timeout: Duration,
-    /// Events each group's history keeps (the stream is trimmed to exactly this many).
-    pub history_size: usize,
-    /// Time without publishes after which a group's position and history expire (whole
-    /// seconds, at least 1); the next publish then starts a new epoch.
-    pub history_ttl: Duration,
-    /// Time within which a publish under an already used idempotency key is acknowledged as a
-    /// duplicate without being appended or delivered (whole seconds, at least 1).
-    pub idempotency_window: Duration,
-}
-
-#[cfg(feature = "deadpool")]
-impl PoolSettings {
-    /// The default prefix, publish timeout, history bounds and idempotency window, the same
-    /// as [`PublisherConfig::new`]'s.
-    pub fn new() -> Self {
-        Self {
-            prefix: DEFAULT_PREFIX.to_owned(),
-            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
-            history_size: DEFAULT_HISTORY_SIZE,
-            history_ttl: DEFAULT_HISTORY_TTL,
-            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
-        }
-    }
-
-    /// Replaces the channel prefix.
-    #[must_use]
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// Replaces the bound on one whole publish call.
-    #[must_use]
-    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
-        self.publish_timeout = timeout;
-        self
-    }
-
-    /// Replaces the number of events each group's history keeps.
-    #[must_use]
-    pub fn with_history_size(mut self, size: usize) -> Self {
-        self.history_size = size;
-        self
-    }
-
-    /// Replaces the time without publishes after which a group's history expires.
-    #[must_use]
-    pub fn with_history_ttl(mut self, ttl: Duration) -> Self {
-        self.history_ttl = ttl;
-        self
-    }
-
-    /// Replaces the window within which a repeated idempotency key is a duplicate.
-    #[must_use]
-    pub fn with_idempotency_window(mut self, window: Duration) -> Self {
-        self.idempotency_window = window;
-        self
-    }
-}
-
-#[cfg(feature = "deadpool")]
-impl Default for PoolSettings {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -602,20 +523,23 @@ impl Publisher {
     /// connections in a backend built around deadpool.
     ///
     /// A publish waits for a free connection, Redis's answer and any (re)connection the pool
-    /// makes, all within [`PoolSettings::publish_timeout`]; past it the call fails with
+    /// makes, all within [`PublisherConfig::publish_timeout`]; past it the call fails with
     /// [`PublishError::Timeout`]. A Redis that is down gives [`PublishError::Unreachable`]
     /// (or `Timeout`), and the next call after it is back succeeds without any action: the
     /// pool drops broken connections when it recycles them and opens new ones.
     #[cfg(feature = "deadpool")]
-    pub fn from_pool(pool: deadpool_redis::Pool, settings: PoolSettings) -> Self {
+    ///
+    /// `config` gives the prefix, the publish timeout, the history bounds and the idempotency
+    /// window; its URL, certificate and connection timeouts are not used (the pool has its own).
+    pub fn from_pool(pool: deadpool_redis::Pool, config: PublisherConfig) -> Self {
         Self {
             shards: Arc::from([Shard::Pool(pool)]),
-            prefix: settings.prefix,
-            publish_timeout: settings.publish_timeout,
+            prefix: config.prefix,
+            publish_timeout: config.publish_timeout,
             limits: Limits {
-                history_size: settings.history_size,
-                history_ttl: settings.history_ttl,
-                idempotency_window: settings.idempotency_window,
+                history_size: config.history_size,
+                history_ttl: config.history_ttl,
+                idempotency_window: config.idempotency_window,
             },
         }
     }

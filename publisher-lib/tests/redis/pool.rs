@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
 use publisher_lib::contract::{Envelope, EventKind, Group, Position};
-use publisher_lib::{PoolSettings, PublishError, Publisher};
+use publisher_lib::{PublishError, Publisher, PublisherConfig};
 
 use crate::harness::*;
 
@@ -30,7 +30,7 @@ fn pool(server: &RedisServer, size: usize) -> deadpool_redis::Pool {
 fn pooled_publisher(server: &RedisServer, timeout: Duration) -> Publisher {
     Publisher::from_pool(
         pool(server, 2),
-        PoolSettings::new().with_publish_timeout(timeout),
+        PublisherConfig::new(server.url()).with_publish_timeout(timeout),
     )
 }
 
@@ -101,8 +101,10 @@ async fn the_same_key_twice_through_the_pool_is_delivered_once() {
 async fn the_history_reads_back_through_the_pool_and_matches_the_shared_connection() {
     let server = RedisServer::start().await;
     // A pool of one: every call waits for the one connection the previous call gave back.
-    let publisher =
-        Publisher::from_pool(pool(&server, 1), PoolSettings::new().with_history_size(5));
+    let publisher = Publisher::from_pool(
+        pool(&server, 1),
+        PublisherConfig::new(server.url()).with_history_size(5),
+    );
     let west = Group::try_dispatch("west").unwrap();
     let mut sent = Vec::new();
     for _ in 0..8 {
@@ -230,7 +232,7 @@ async fn a_stopped_redis_gives_a_transient_error_then_the_pool_recovers() {
 async fn an_exhausted_pool_is_a_transient_pool_timeout() {
     let server = RedisServer::start().await;
     let pool = pool(&server, 1);
-    let publisher = Publisher::from_pool(pool.clone(), PoolSettings::new());
+    let publisher = Publisher::from_pool(pool.clone(), PublisherConfig::new(server.url()));
     // The backend holds the pool's one connection elsewhere.
     let held = pool.get().await.unwrap();
 

@@ -32,7 +32,7 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use hdrhistogram::Histogram;
 use publisher_lib::contract::{Event, Group, RecommendationReady};
-use publisher_lib::{PoolSettings, Publisher, PublisherConfig};
+use publisher_lib::{Publisher, PublisherConfig};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use uuid::Uuid;
@@ -122,7 +122,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let pool = config
                 .create_pool(Some(deadpool_redis::Runtime::Tokio1))
                 .context("creating the deadpool-redis pool")?;
-            let settings = PoolSettings::new()
+            let settings = PublisherConfig::new(args.redis_url.clone())
                 .with_prefix(prefix.clone())
                 .with_publish_timeout(publish_timeout);
             Publisher::from_pool(pool, settings)
