@@ -77,7 +77,7 @@ fn the_doc_shows_the_scripts_the_publisher_runs_verbatim() {
 
 /// The `ACL SETUSER <user> ...` line of the permissions section, with its password placeholder
 /// replaced.
-fn documented_acl(user: &str, placeholder: &str, password: &str) -> Vec<String> {
+pub(crate) fn documented_acl(user: &str, placeholder: &str, password: &str) -> Vec<String> {
     let doc = std::fs::read_to_string(workspace_root().join("docs/redis-contract.md"))
         .expect("docs/redis-contract.md is readable");
     let line = doc

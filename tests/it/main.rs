@@ -1,6 +1,7 @@
 //! System tests.
 
 mod auth;
+mod cluster;
 mod contract_doc;
 mod docs;
 mod handshake;
