@@ -6,7 +6,8 @@
 //! one atomic script whose keys and channel share the group's cluster hash tag, so a subscriber
 //! never sees a sequence number the history does not hold. The read script returns a group's
 //! head and the history after a given position, for a client that resumes or a gateway replica
-//! that fills a gap. Only a replica's own delivery cursor ([`AheadOfHead::NewEpoch`]) may start
+//! that fills a gap. One publish script call may carry several events (for several groups, or
+//! the same group more than once): they run in order, exactly as so many calls in a row. Only a replica's own delivery cursor ([`AheadOfHead::NewEpoch`]) may start
 //! a new epoch when it is ahead of the head (the history was rewound); a client's position ahead
 //! of the head is answered "not recovered" and changes nothing, because a client can send any
 //! position.
@@ -31,10 +32,12 @@ use crate::contract::{Group, Position};
 
 /// The publish script (Lua), as `docs/redis-contract.md` shows it.
 ///
-/// `KEYS`: position hash, history stream, idempotency key. `ARGV`: channel, candidate epoch,
-/// envelope without position, history size, history TTL in seconds, idempotency window in
-/// seconds, and optionally `SPUBLISH` (Redis Cluster; `PUBLISH` otherwise). Returns
-/// `{epoch, seq, duplicate (0|1), subscribers}`.
+/// One event: `KEYS`: position hash, history stream, idempotency key. `ARGV`: channel,
+/// candidate epoch, envelope without position, history size, history TTL in seconds,
+/// idempotency window in seconds, and optionally `SPUBLISH` (Redis Cluster; `PUBLISH`
+/// otherwise). Returns `{epoch, seq, duplicate (0|1), subscribers}`. Several events in one
+/// call: three more keys per event, `ARGV[7]` required, then channel, candidate epoch and
+/// envelope per extra event; four values per event in the reply, in order.
 pub const PUBLISH_SCRIPT: &str = include_str!("history/publish.lua");
 
 /// The read script (Lua), as `docs/redis-contract.md` shows it.
@@ -108,6 +111,15 @@ pub(crate) struct Appended {
     pub(crate) subscribers: u64,
 }
 
+/// One event for the publish script: the group it goes to, its idempotency key and its plain
+/// envelope (see [`crate::contract::Envelope::encode`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Append<'a> {
+    pub(crate) group: &'a Group,
+    pub(crate) key: &'a str,
+    pub(crate) envelope: &'a [u8],
+}
+
 /// Runs the publish script for `group`: assigns a position to `envelope` (a plain envelope, see
 /// [`crate::contract::Envelope::encode`]), appends and PUBLISHes it, unless `key` was already
 /// published to this group within the idempotency window; `pubsub` names the publish command.
@@ -120,25 +132,68 @@ pub(crate) async fn append<C: redis::aio::ConnectionLike>(
     limits: Limits,
     pubsub: PubSub,
 ) -> redis::RedisResult<Appended> {
-    let channel = group.channel(prefix);
-    let (epoch, seq, duplicate, subscribers): (String, u64, u8, u64) = PUBLISH
-        .key(format!("{channel}:pos"))
-        .key(format!("{channel}:history"))
-        .key(format!("{channel}:id:{key}"))
-        .arg(&channel)
-        .arg(new_epoch())
-        .arg(envelope)
-        .arg(limits.history_size)
-        .arg(seconds(limits.history_ttl))
-        .arg(seconds(limits.idempotency_window))
-        .arg(pubsub.command())
-        .invoke_async(connection)
-        .await?;
-    Ok(Appended {
-        position: Position { epoch, seq },
-        duplicate: duplicate != 0,
-        subscribers,
-    })
+    let events = [Append {
+        group,
+        key,
+        envelope,
+    }];
+    let mut appended = append_all(connection, prefix, &events, limits, pubsub).await?;
+    appended.pop().ok_or_else(|| unexpected_reply(0))
+}
+
+/// Runs the publish script once for all of `events` (at least one), in order, as [`append`]
+/// would one after the other: an event repeating the key of an earlier one in the same group is
+/// a duplicate. Returns one [`Appended`] per event, in order. On a Redis Cluster every event's
+/// group must hash to the same slot.
+pub(crate) async fn append_all<C: redis::aio::ConnectionLike>(
+    connection: &mut C,
+    prefix: &str,
+    events: &[Append<'_>],
+    limits: Limits,
+    pubsub: PubSub,
+) -> redis::RedisResult<Vec<Appended>> {
+    let mut invocation = PUBLISH.prepare_invoke();
+    for (i, event) in events.iter().enumerate() {
+        let channel = event.group.channel(prefix);
+        invocation
+            .key(format!("{channel}:pos"))
+            .key(format!("{channel}:history"))
+            .key(format!("{channel}:id:{}", event.key))
+            .arg(&channel)
+            .arg(new_epoch())
+            .arg(event.envelope);
+        if i == 0 {
+            // The shared arguments follow the first event's, as in the one-event layout.
+            invocation
+                .arg(limits.history_size)
+                .arg(seconds(limits.history_ttl))
+                .arg(seconds(limits.idempotency_window))
+                .arg(pubsub.command());
+        }
+    }
+    let replies: Vec<redis::Value> = invocation.invoke_async(connection).await?;
+    if replies.len() != 4 * events.len() {
+        return Err(unexpected_reply(replies.len()));
+    }
+    let mut appended = Vec::with_capacity(events.len());
+    let mut replies = replies.into_iter();
+    while let (Some(epoch), Some(seq), Some(duplicate), Some(subscribers)) = (
+        replies.next(),
+        replies.next(),
+        replies.next(),
+        replies.next(),
+    ) {
+        let epoch: String = redis::from_redis_value(epoch)?;
+        let seq: u64 = redis::from_redis_value(seq)?;
+        let duplicate: u8 = redis::from_redis_value(duplicate)?;
+        let subscribers: u64 = redis::from_redis_value(subscribers)?;
+        appended.push(Appended {
+            position: Position { epoch, seq },
+            duplicate: duplicate != 0,
+            subscribers,
+        });
+    }
+    Ok(appended)
 }
 
 /// Runs the read script for `group`: its head (creating an empty history with a new epoch when
@@ -191,6 +246,15 @@ fn new_epoch() -> String {
 /// `Uuid::new_v4`, which makes a `getrandom` system call for every id: two per publish here.
 pub(crate) fn random_uuid() -> Uuid {
     uuid::Builder::from_random_bytes(rand::random()).into_uuid()
+}
+
+/// The publish script answered `len` values, not four per event.
+fn unexpected_reply(len: usize) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "publish script reply",
+        format!("{len} values, expected 4 per event"),
+    ))
 }
 
 /// Whole seconds for EXPIRE and SET EX, at least 1 (0 is an error there).

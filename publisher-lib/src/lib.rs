@@ -6,7 +6,8 @@
 //! history bounds, idempotency window and keys) that every publisher and replica share.
 //!
 //! With the `redis` feature (on by default), `Publisher` publishes an event to each of its
-//! groups with one atomic script per group: the event gets a [`contract::Position`] (epoch and
+//! groups with one atomic script per group (on a server, the script calls of concurrent
+//! publishes are batched: one call carries every publish waiting at the time, up to 64): the event gets a [`contract::Position`] (epoch and
 //! seq) in the group, is appended to the group's bounded history and PUBLISHed on the group's
 //! channel, where every gateway replica is subscribed; a repeated idempotency key within the
 //! window is acknowledged as a duplicate instead. `Publisher::read_history` reads a group's
@@ -60,6 +61,8 @@
 mod background;
 #[cfg(feature = "redis")]
 pub mod backoff;
+#[cfg(feature = "redis")]
+mod batch;
 pub mod contract;
 #[cfg(feature = "redis")]
 mod history;

@@ -4,10 +4,26 @@
 //! ([`crate::history`]) for every group the event is routed to: the script gives the event its
 //! position in the group, appends it to the group's bounded history and PUBLISHes it, unless the
 //! same idempotency key was published to that group within the idempotency window. So a retry
-//! under the same key is acknowledged without a second delivery. The publisher does not queue or
-//! retry; [`crate::BackgroundPublisher`] adds a queue and retries on top of it.
+//! under the same key is acknowledged without a second delivery. The publisher does not retry;
+//! [`crate::BackgroundPublisher`] adds a queue and retries on top of it.
 //! [`Publisher::read_history`] reads a group's head and the history after a position, for a
 //! gateway that resumes a client.
+//!
+//! # Batched script calls
+//!
+//! Part of what Redis spends on each publish is the script call itself (the call boundary and
+//! the script's setup), besides the commands it runs; a call for many events pays it once. So
+//! on a server (plain, TLS or behind Sentinel), publishes to groups go through one batching
+//! task per server (`crate::batch`): it takes the first waiting publish and whatever else is
+//! already queued, at most 64 events or 64 KiB of envelopes, runs the publish script once for
+//! all of them and answers each caller; at most 4
+//! such calls are in flight, so that publishes arriving meanwhile make the next batch bigger. It
+//! never waits to fill a batch, so a lone publish is sent at once. Each caller keeps its own
+//! publish timeout, its receipt and its error (a failed call fails every event of its batch
+//! alike), and an event's groups are still published one after the other. The queue is bounded
+//! (1,024 publishes per server); past it a publish waits for room within its timeout. On a Redis
+//! Cluster every publish stays one script call (a script's keys must share one slot), as with a
+//! pool.
 //!
 //! # Why one shared `ConnectionManager` and not a deadpool pool
 //!
@@ -62,11 +78,12 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use uuid::Uuid;
 
+use crate::batch::{self, Batcher};
 use crate::contract::{
     DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, DEFAULT_IDEMPOTENCY_WINDOW, DEFAULT_PREFIX,
     Envelope, Event, EventKind, Group, Position, ValidationError, check_idempotency_key, shard_of,
 };
-use crate::history::{self, HistoryRead, Limits};
+use crate::history::{self, Appended, HistoryRead, Limits};
 use crate::target::RedisTarget;
 
 /// Default bound on one whole publish call, reconnection included.
@@ -185,7 +202,7 @@ pub struct Publisher {
 
 /// The one connection to one server (or cluster) that all clones share, built on first use
 /// from the target.
-struct SharedConnection {
+pub(crate) struct SharedConnection {
     target: RedisTarget,
     /// `SPUBLISH` on a Redis Cluster, `PUBLISH` otherwise.
     pubsub: history::PubSub,
@@ -198,8 +215,12 @@ struct SharedConnection {
 // Built once per server and never moved afterwards: the size of a variant does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Shard {
-    /// The publisher's own shared connection.
-    Shared(SharedConnection),
+    /// The publisher's own shared connection; on a server (not a cluster), publishes go through
+    /// the batcher, which holds the connection too.
+    Shared {
+        connection: Arc<SharedConnection>,
+        batcher: Batcher,
+    },
     /// A backend's pool: one connection per call, returned to the pool after it.
     #[cfg(feature = "deadpool")]
     Pool(deadpool_redis::Pool),
@@ -209,7 +230,7 @@ impl Shard {
     /// `SPUBLISH` on a Redis Cluster, `PUBLISH` otherwise.
     fn pubsub(&self) -> history::PubSub {
         match self {
-            Self::Shared(shared) => shared.pubsub,
+            Self::Shared { connection, .. } => connection.pubsub,
             #[cfg(feature = "deadpool")]
             Self::Pool(_) => history::PubSub::Classic,
         }
@@ -218,7 +239,7 @@ impl Shard {
     /// After a failed call.
     fn forget(&self) {
         match self {
-            Self::Shared(shared) => shared.forget(),
+            Self::Shared { connection, .. } => connection.forget(),
             // The pool recycles (or throws away) the connection itself.
             #[cfg(feature = "deadpool")]
             Self::Pool(_) => {}
@@ -229,7 +250,7 @@ impl Shard {
 impl fmt::Debug for Shard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Shared(shared) => fmt::Debug::fmt(&shared.target, f),
+            Self::Shared { connection, .. } => fmt::Debug::fmt(&connection.target, f),
             #[cfg(feature = "deadpool")]
             Self::Pool(pool) => f
                 .debug_struct("Pool")
@@ -280,7 +301,7 @@ impl ConnectionLike for CallConnection {
 
 /// A connection to one server (reconnecting by itself) or to a Redis Cluster.
 #[derive(Clone)]
-enum Connection {
+pub(crate) enum Connection {
     Server(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -314,7 +335,8 @@ impl ConnectionLike for Connection {
 }
 
 impl SharedConnection {
-    async fn get(&self) -> Result<Connection, redis::RedisError> {
+    /// The connection, opened on first use (or first use after [`SharedConnection::forget`]).
+    pub(crate) async fn get(&self) -> Result<Connection, redis::RedisError> {
         if let Some(connection) = self.lock().as_ref() {
             return Ok(connection.clone());
         }
@@ -437,7 +459,8 @@ impl PublishError {
         }
     }
 
-    fn from_redis(error: redis::RedisError, timeout: Duration) -> Self {
+    /// Redis's error, classified: timed out, unreachable, or an answer.
+    pub(crate) fn from_redis(error: redis::RedisError, timeout: Duration) -> Self {
         if error.is_timeout() {
             Self::Timeout(timeout)
         } else if error.is_connection_refusal()
@@ -461,7 +484,9 @@ impl Publisher {
     /// [`PublishError::Timeout`]; an error on an established connection that drops gives
     /// [`PublishError::Unreachable`].
     ///
-    /// Must be called inside a Tokio runtime.
+    /// Must be called inside a Tokio runtime, and used on it: the connection's task and, from the
+    /// first publish, each server's batching task run there; the batching tasks end when the
+    /// last clone is dropped.
     ///
     /// # Errors
     /// [`PublishError::InvalidUrl`] when the URL cannot be parsed.
@@ -487,13 +512,16 @@ impl Publisher {
             } else {
                 history::PubSub::Classic
             };
-            shards.push(Shard::Shared(SharedConnection {
-                target,
-                pubsub,
-                config: manager_config.clone(),
-                cluster_config: cluster_config.clone(),
-                current: Mutex::new(None),
-            }));
+            shards.push(Shard::Shared {
+                connection: Arc::new(SharedConnection {
+                    target,
+                    pubsub,
+                    config: manager_config.clone(),
+                    cluster_config: cluster_config.clone(),
+                    current: Mutex::new(None),
+                }),
+                batcher: Batcher::default(),
+            });
         }
         if shards.is_empty() {
             return Err(PublishError::InvalidUrl(redis::RedisError::from((
@@ -558,7 +586,9 @@ impl Publisher {
     ///
     /// # Cancel safety
     /// Dropping the future may or may not have published the event, to some of its groups;
-    /// publishing it again under the same key completes it without duplicates.
+    /// publishing it again under the same key completes it without duplicates. A publish
+    /// dropped (or timed out) while it waits for its batch is left out of it, unless the batch
+    /// has already been sent.
     pub async fn publish(&self, event: &Event) -> Result<PublishReceipt, PublishError> {
         self.publish_with_key(event, &event.unique_id()).await
     }
@@ -608,29 +638,55 @@ impl Publisher {
         let envelope = Envelope::encode(id, kind, now_micros(), json);
         let limits = self.limits;
         let prefix = self.prefix.as_str();
+        // Shared with the batches of the event's groups, only if one of them is batched.
+        let mut batched: Option<(Arc<str>, Arc<[u8]>)> = None;
         let mut appended = Vec::with_capacity(groups.len());
-        // One script call per group, each on the server that holds the group; in a row on one
-        // server, they share its connection.
+        // One script call per group, each on the server that holds the group, one after the
+        // other; on a server the call joins a batch with other publishes (`crate::batch`).
         for group in groups {
             let shard = self.shard(&group);
-            let pubsub = shard.pubsub();
-            let envelope = &envelope;
-            let outcome = self
-                .run(shard, |mut connection| async move {
-                    history::append(
-                        &mut connection,
-                        prefix,
-                        &group,
-                        key,
-                        envelope,
+            let outcome = match shard {
+                Shard::Shared {
+                    connection,
+                    batcher,
+                } if connection.pubsub == history::PubSub::Classic => {
+                    let (key, envelope) = batched
+                        .get_or_insert_with(|| (Arc::from(key), Arc::from(envelope.as_slice())));
+                    let queue = batcher.queue(connection, || batch::Settings {
+                        prefix: self.prefix.clone(),
                         limits,
-                        pubsub,
-                    )
-                    .await
-                    .map(|outcome| (group, outcome))
-                })
-                .await?;
-            appended.push(outcome);
+                        pubsub: connection.pubsub,
+                        timeout: self.publish_timeout,
+                    });
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let request = batch::Request {
+                        group: group.clone(),
+                        key: Arc::clone(key),
+                        envelope: Arc::clone(envelope),
+                        reply,
+                    };
+                    self.batched(shard, queue, request, answer).await?
+                }
+                _ => {
+                    let pubsub = shard.pubsub();
+                    let envelope = &envelope;
+                    let group = &group;
+                    self.run(shard, |mut connection| async move {
+                        history::append(
+                            &mut connection,
+                            prefix,
+                            group,
+                            key,
+                            envelope,
+                            limits,
+                            pubsub,
+                        )
+                        .await
+                    })
+                    .await?
+                }
+            };
+            appended.push((group, outcome));
         }
         let deliveries = appended
             .into_iter()
@@ -737,7 +793,7 @@ impl Publisher {
         // nested futures overflows the auto-trait recursion limit in the gateway's tests.
         let call = async {
             let connection = match shard {
-                Shard::Shared(shared) => shared
+                Shard::Shared { connection, .. } => connection
                     .get()
                     .await
                     .map(CallConnection::Shared)
@@ -762,6 +818,30 @@ impl Publisher {
         Err(outcome)
     }
 
+    /// Queues `request` for its server's batcher and waits for its answer, all within the
+    /// publish timeout; a failure behind Sentinel forgets the master, as [`Publisher::run`].
+    async fn batched(
+        &self,
+        shard: &Shard,
+        queue: &tokio::sync::mpsc::Sender<batch::Request>,
+        request: batch::Request,
+        answer: tokio::sync::oneshot::Receiver<Result<Appended, PublishError>>,
+    ) -> Result<Appended, PublishError> {
+        let timeout = self.publish_timeout;
+        let call = async {
+            // Neither fails while this publisher lives, unless the batcher's runtime has shut down.
+            queue.send(request).await.map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
+        };
+        let outcome = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(appended)) => return Ok(appended),
+            Ok(Err(e)) => e,
+            Err(_) => PublishError::Timeout(timeout),
+        };
+        shard.forget();
+        Err(outcome)
+    }
+
     /// The server that holds `group`.
     fn shard(&self, group: &Group) -> &Shard {
         if self.shards.len() == 1 {
@@ -779,6 +859,14 @@ impl fmt::Debug for Publisher {
             .field("targets", &self.shards.iter().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// The batcher's task is gone (its runtime shut down): nothing can reach Redis any more.
+fn stopped() -> PublishError {
+    PublishError::Unreachable(redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "the publisher's batching task has stopped (its Tokio runtime shut down)",
+    )))
 }
 
 fn now_micros() -> u64 {

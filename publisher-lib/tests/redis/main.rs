@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod background;
+mod batch;
 mod cli;
 mod cluster;
 mod harness;
