@@ -231,6 +231,14 @@ impl Limits {
     /// # Errors
     /// [`Limit::PublishRate`] when the bucket is empty.
     pub fn try_publish(&self) -> Result<(), Refusal> {
+        self.try_publish_many(1)
+    }
+
+    /// Takes `events` publishes out of the service key's bucket at once (a batch), or none.
+    ///
+    /// # Errors
+    /// [`Limit::PublishRate`] when the bucket holds fewer.
+    pub fn try_publish_many(&self, events: u32) -> Result<(), Refusal> {
         let rate = self.settings.publishes_per_second;
         if rate == 0 {
             return Ok(());
@@ -238,8 +246,13 @@ impl Limits {
         let now = Instant::now();
         self.lock()
             .publishes
-            .try_take(rate, now)
+            .try_take_many(rate, events, now)
             .map_err(|wait| Refusal::new(Limit::PublishRate, wait))
+    }
+
+    /// The publishes per second allowed per service key; 0 when unlimited.
+    pub fn publishes_per_second(&self) -> u32 {
+        self.settings.publishes_per_second
     }
 
     /// A slot for an HTTP connection until its first request head arrives.
@@ -502,12 +515,23 @@ impl TokenBucket {
     /// # Errors
     /// How long until a token is back (whole seconds, at least one), when the bucket is empty.
     pub fn try_take(&mut self, rate: u32, now: Instant) -> Result<(), Duration> {
+        self.try_take_many(rate, 1, now)
+    }
+
+    /// Takes `count` tokens at `now`, or none.
+    ///
+    /// # Errors
+    /// How long until that many are back (whole seconds, at least one). A bucket never holds
+    /// more than `rate`: asking for more is refused for the time a full bucket takes.
+    pub fn try_take_many(&mut self, rate: u32, count: u32, now: Instant) -> Result<(), Duration> {
         self.refill(rate, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let wanted = f64::from(count);
+        if self.tokens >= wanted {
+            self.tokens -= wanted;
             Ok(())
         } else {
-            let missing = (1.0 - self.tokens) / f64::from(rate.max(1));
+            let missing =
+                (wanted.min(f64::from(rate)) - self.tokens).max(0.0) / f64::from(rate.max(1));
             Err(Duration::from_secs(missing.ceil().max(1.0) as u64))
         }
     }

@@ -181,6 +181,24 @@ async fn the_publish_bucket_refuses_past_its_rate_with_a_retry_after() {
     assert_eq!(refused(limits.try_publish()), Limit::PublishRate);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_batch_takes_one_token_per_event_or_none() {
+    let limits = limits_with(|s| s.publishes_per_second = 10);
+    limits.try_publish_many(7).unwrap();
+    // Three left: a batch of four takes nothing, so single publishes still get all three.
+    assert_eq!(refused(limits.try_publish_many(4)), Limit::PublishRate);
+    for _ in 0..3 {
+        limits.try_publish().unwrap();
+    }
+    assert_eq!(refused(limits.try_publish()), Limit::PublishRate);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    limits.try_publish_many(10).unwrap();
+    // More than a full bucket is never granted; the wait named is a full bucket's.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let refusal = limits.try_publish_many(11).unwrap_err();
+    assert_eq!(refusal.retry_after, Duration::from_secs(1));
+}
+
 #[test]
 fn a_zero_rate_turns_the_buckets_off() {
     let limits = Limits::new(settings());

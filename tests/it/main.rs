@@ -11,6 +11,7 @@ mod keepalive;
 mod limits;
 mod origin;
 mod protocol_errors;
+mod publish_batch;
 mod publish_http;
 mod redis;
 mod resume;

@@ -211,7 +211,7 @@ impl TestGateway {
 
     /// Publishes `body` over HTTP presenting `key`.
     pub async fn publish_with_key(&self, key: &str, body: &str) -> (StatusCode, String) {
-        self.post_event(key, None, body).await
+        self.post_event("/api/v1/events", key, None, body).await
     }
 
     /// Publishes `body` with the service key and an `Idempotency-Key` header.
@@ -220,18 +220,31 @@ impl TestGateway {
         idempotency_key: &str,
         body: &str,
     ) -> (StatusCode, String) {
-        self.post_event(TEST_KEY, Some(idempotency_key), body).await
+        self.post_event("/api/v1/events", TEST_KEY, Some(idempotency_key), body)
+            .await
+    }
+
+    /// Publishes `body` (a JSON array of events) to `POST /api/v1/events/batch` with the
+    /// service key and, when given, an `Idempotency-Key` header.
+    pub async fn publish_batch(
+        &self,
+        idempotency_key: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, String) {
+        self.post_event("/api/v1/events/batch", TEST_KEY, idempotency_key, body)
+            .await
     }
 
     async fn post_event(
         &self,
+        path: &str,
         key: &str,
         idempotency_key: Option<&str>,
         body: &str,
     ) -> (StatusCode, String) {
         let mut request = self
             .http
-            .post(format!("http://{}/api/v1/events", self.public))
+            .post(format!("http://{}{path}", self.public))
             .bearer_auth(key)
             .header("content-type", "application/json");
         if let Some(idempotency_key) = idempotency_key {

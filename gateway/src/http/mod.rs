@@ -1,6 +1,7 @@
 //! Everything that names axum: the public and admin routers and their shared state.
 //!
-//! Public: `POST /hub/v1/negotiate`, `GET /hub/v1` (WebSocket), `POST /api/v1/events`.
+//! Public: `POST /hub/v1/negotiate`, `GET /hub/v1` (WebSocket), `POST /api/v1/events` and
+//! `POST /api/v1/events/batch`.
 //! Admin: `/healthz`, `/readyz`, `/metrics`. Handlers translate between HTTP and the runtime
 //! modules; they hold no state of their own. [`server`] is the public listener's accept loop,
 //! with the header-read timeout axum's `serve` leaves off.
@@ -32,6 +33,9 @@ use crate::shutdown::Shutdown;
 pub const HUB_PATH: &str = "/hub/v1";
 /// Largest HTTP publish body read, in bytes; events themselves are limited to 2 KB.
 pub const MAX_PUBLISH_BODY_BYTES: usize = 64 * 1024;
+/// Largest batch body read, in bytes: room for [`events::MAX_BATCH_EVENTS`] events of the
+/// largest size.
+pub const MAX_BATCH_BODY_BYTES: usize = 256 * 1024;
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -67,6 +71,10 @@ pub fn public(state: AppState) -> Router {
         .route(
             "/api/v1/events",
             post(events::publish).layer(DefaultBodyLimit::max(MAX_PUBLISH_BODY_BYTES)),
+        )
+        .route(
+            "/api/v1/events/batch",
+            post(events::publish_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
         )
         .with_state(state)
 }

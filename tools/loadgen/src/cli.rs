@@ -117,6 +117,10 @@ pub(crate) struct RunArgs {
     /// (default: one per group, at most 256).
     #[arg(long)]
     pub(crate) lanes: Option<usize>,
+    /// Events per publish request: more than 1 posts arrays of that many to
+    /// `/api/v1/events/batch` (at most 100).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub(crate) batch: u8,
 }
 
 /// Flags of `loadgen idle`.

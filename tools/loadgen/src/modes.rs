@@ -138,6 +138,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<Report> {
         groups: args.groups,
         lanes: args.lanes,
         payload_bytes: args.payload_bytes,
+        batch: usize::from(args.batch),
     })?;
     let ticks_per_sec = host::clock_ticks_per_second();
     let step_length = Duration::from_secs(args.step_secs + args.drain_secs);

@@ -38,12 +38,15 @@ pub(crate) struct PublisherConfig {
     pub(crate) lanes: Option<usize>,
     /// Approximate size of an event body.
     pub(crate) payload_bytes: usize,
+    /// Events per request: 1 posts to `/api/v1/events`, more post arrays to
+    /// `/api/v1/events/batch`.
+    pub(crate) batch: usize,
 }
 
 /// What one step's publishing did.
 #[derive(Debug, Clone)]
 pub(crate) struct PublishTally {
-    /// Requests sent.
+    /// Events sent.
     pub(crate) attempted: u64,
     /// Accepted (202) publishes per group.
     pub(crate) accepted: Vec<u64>,
@@ -63,6 +66,7 @@ pub(crate) struct Publisher {
     auth: Arc<str>,
     groups: usize,
     payload_bytes: usize,
+    batch: usize,
     lanes: Vec<Lane>,
 }
 
@@ -71,6 +75,8 @@ struct Lane {
     index: usize,
     /// Groups this lane owns, and the next counter of each.
     groups: Vec<(usize, u64)>,
+    /// The group the lane's next event goes to (its groups in turn, from step to step).
+    next_slot: usize,
 }
 
 impl Publisher {
@@ -93,17 +99,25 @@ impl Publisher {
             .map(|index| Lane {
                 index,
                 groups: Vec::new(),
+                next_slot: 0,
             })
             .collect();
         for g in 0..config.groups {
             lane_list[g % lanes].groups.push((g, 0));
         }
+        let batch = config.batch.max(1);
+        let path = if batch == 1 {
+            "/api/v1/events"
+        } else {
+            "/api/v1/events/batch"
+        };
         Ok(Self {
             client,
-            url: config.endpoint.join("/api/v1/events").into(),
+            url: config.endpoint.join(path).into(),
             auth: format!("Bearer {}", config.service_key).into(),
             groups: config.groups,
             payload_bytes: config.payload_bytes,
+            batch,
             lanes: lane_list,
         })
     }
@@ -133,6 +147,7 @@ impl Publisher {
                 auth: Arc::clone(&self.auth),
                 groups: self.groups,
                 payload_bytes: self.payload_bytes,
+                batch: self.batch,
                 step,
                 lane_rate,
                 phase,
@@ -162,6 +177,7 @@ struct LaneJob {
     auth: Arc<str>,
     groups: usize,
     payload_bytes: usize,
+    batch: usize,
     step: u32,
     lane_rate: f64,
     phase: f64,
@@ -175,7 +191,8 @@ impl LaneJob {
         if lane.groups.is_empty() || self.lane_rate <= 0.0 {
             return (lane, tally);
         }
-        let period = 1.0 / self.lane_rate;
+        // One request per `batch` events.
+        let period = self.batch as f64 / self.lane_rate;
         let mut i: u64 = 0;
         loop {
             let due = self.start + Duration::from_secs_f64((i as f64 + self.phase) * period);
@@ -185,24 +202,36 @@ impl LaneJob {
                 break;
             }
             sleep_until(due).await;
-            let slot = (i % lane.groups.len() as u64) as usize;
-            let (g, n) = lane.groups[slot];
-            lane.groups[slot].1 += 1;
             i += 1;
 
             let generated_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
             let sent = host::now_micros();
-            let body = event_body(&Stamped {
-                g,
-                n,
-                t: sent,
-                s: self.step,
-                job: Uuid::new_v4(),
-                request: Uuid::new_v4(),
-                generated_at: &generated_at,
-                payload_bytes: self.payload_bytes,
-            });
-            tally.attempted += 1;
+            // The lane's groups in turn, so a group's events stay in counter order.
+            let mut sent_to = Vec::with_capacity(self.batch);
+            let mut bodies = Vec::with_capacity(self.batch);
+            for _ in 0..self.batch {
+                let slot = lane.next_slot;
+                lane.next_slot = (slot + 1) % lane.groups.len();
+                let (g, n) = lane.groups[slot];
+                lane.groups[slot].1 += 1;
+                sent_to.push(g);
+                bodies.push(event_body(&Stamped {
+                    g,
+                    n,
+                    t: sent,
+                    s: self.step,
+                    job: Uuid::new_v4(),
+                    request: Uuid::new_v4(),
+                    generated_at: &generated_at,
+                    payload_bytes: self.payload_bytes,
+                }));
+            }
+            let body = if self.batch == 1 {
+                bodies.remove(0)
+            } else {
+                format!("[{}]", bodies.join(","))
+            };
+            tally.attempted += self.batch as u64;
             let answer = self
                 .client
                 .post(&*self.url)
@@ -217,9 +246,11 @@ impl LaneJob {
                     // Read the body so the connection can be reused.
                     let _ = response.bytes().await;
                     if status == StatusCode::ACCEPTED {
-                        tally.accepted[g] += 1;
+                        for g in &sent_to {
+                            tally.accepted[*g] += 1;
+                        }
                     } else {
-                        *tally.rejected.entry(status.as_u16()).or_default() += 1;
+                        *tally.rejected.entry(status.as_u16()).or_default() += self.batch as u64;
                     }
                 }
                 Err(e) => {
@@ -230,7 +261,7 @@ impl LaneJob {
                     } else {
                         "request"
                     };
-                    *tally.errors.entry(reason.to_owned()).or_default() += 1;
+                    *tally.errors.entry(reason.to_owned()).or_default() += self.batch as u64;
                 }
             }
             let round_trip = host::now_micros().saturating_sub(sent);
