@@ -34,6 +34,9 @@ struct GroupHistory<T> {
     entries: VecDeque<(u64, T)>,
     /// Idempotency keys and the sequence they got, with when they are forgotten.
     keys: HashMap<String, (u64, Instant)>,
+    /// The same keys in the order they are forgotten (every key gets the same window, so that
+    /// is the order they came in): forgetting is popping the front, not a scan of every key.
+    forgetting: VecDeque<(Instant, String)>,
     expires: Instant,
 }
 
@@ -88,10 +91,10 @@ impl<T: Clone> Histories<T> {
         while history.entries.len() > settings.size {
             history.entries.pop_front();
         }
-        history.keys.retain(|_, (_, forget)| *forget > now);
-        history
-            .keys
-            .insert(key.to_owned(), (seq, now + settings.idempotency_window));
+        history.forget_keys(now);
+        let forget = now + settings.idempotency_window;
+        history.keys.insert(key.to_owned(), (seq, forget));
+        history.forgetting.push_back((forget, key.to_owned()));
         history.expires = now + settings.ttl;
         Appended {
             position: Position {
@@ -163,7 +166,21 @@ impl<T> GroupHistory<T> {
             seq: 0,
             entries: VecDeque::new(),
             keys: HashMap::new(),
+            forgetting: VecDeque::new(),
             expires,
+        }
+    }
+
+    /// Forgets the keys whose window has passed at `now`.
+    fn forget_keys(&mut self, now: Instant) {
+        while let Some((forget, _)) = self.forgetting.front()
+            && *forget <= now
+        {
+            if let Some((forget, key)) = self.forgetting.pop_front()
+                && self.keys.get(&key).is_some_and(|(_, at)| *at == forget)
+            {
+                self.keys.remove(&key);
+            }
         }
     }
 }
@@ -235,6 +252,30 @@ mod tests {
         let later = histories.append(&west(), "k", "A", now + Duration::from_secs(31));
         assert!(!later.duplicate, "the window is over");
         assert_eq!(later.position.seq, 2);
+    }
+
+    #[test]
+    fn keys_past_their_window_are_forgotten_oldest_first_and_live_ones_kept() {
+        let mut histories = small();
+        let now = Instant::now();
+        for i in 0..1000 {
+            histories.append(&west(), &format!("early-{i}"), "A", now);
+        }
+        let later = now + Duration::from_secs(20);
+        histories.append(&west(), "later", "B", later);
+        let history = &histories.groups[&west()];
+        assert_eq!((history.keys.len(), history.forgetting.len()), (1001, 1001));
+
+        // 31 s: the early keys' window is over, the later one's is not.
+        let after = now + Duration::from_secs(31);
+        histories.append(&west(), "last", "C", after);
+        let history = &histories.groups[&west()];
+        let mut kept: Vec<&str> = history.keys.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["last", "later"]);
+        assert_eq!(history.forgetting.len(), 2);
+        assert!(histories.append(&west(), "later", "B", after).duplicate);
+        assert!(!histories.append(&west(), "early-7", "A", after).duplicate);
     }
 
     #[test]
