@@ -809,13 +809,7 @@ impl Publisher {
                 .await
                 .map_err(|e| PublishError::from_redis(e, timeout))
         };
-        let outcome = match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => e,
-            Err(_) => PublishError::Timeout(timeout),
-        };
-        shard.forget();
-        Err(outcome)
+        self.settle(shard, tokio::time::timeout(timeout, call).await)
     }
 
     /// Queues `request` for its server's batcher and waits for its answer, all within the
@@ -833,13 +827,24 @@ impl Publisher {
             queue.send(request).await.map_err(|_| stopped())?;
             answer.await.map_err(|_| stopped())?
         };
-        let outcome = match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(appended)) => return Ok(appended),
+        self.settle(shard, tokio::time::timeout(timeout, call).await)
+    }
+
+    /// The outcome of a call on `shard` bounded by the publish timeout (`Err(Elapsed)` when it
+    /// ran out); after a failure behind Sentinel the master is forgotten. Not an `async fn`, so
+    /// it adds no level of nested futures (see [`Publisher::run`]).
+    fn settle<T>(
+        &self,
+        shard: &Shard,
+        outcome: Result<Result<T, PublishError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, PublishError> {
+        let error = match outcome {
+            Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => e,
-            Err(_) => PublishError::Timeout(timeout),
+            Err(_) => PublishError::Timeout(self.publish_timeout),
         };
         shard.forget();
-        Err(outcome)
+        Err(error)
     }
 
     /// The server that holds `group`.
