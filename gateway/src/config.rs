@@ -289,6 +289,10 @@ pub struct LimitsConfig {
     /// Frames queued for one connection before it is closed as a slow consumer.
     #[arg(long, env = "GATEWAY_OUTBOUND_QUEUE", default_value_t = DEFAULT_OUTBOUND_QUEUE)]
     pub outbound_queue: usize,
+    /// Stateful reconnect: bytes of messages a connection keeps until its client acknowledges
+    /// them; past it nothing more is sent until an Ack (`KiB`/`MiB` suffixes accepted).
+    #[arg(long = "stateful-reconnect-buffer", env = "GATEWAY_STATEFUL_RECONNECT_BUFFER", default_value = "100000", value_parser = parse_bytes)]
+    pub stateful_reconnect_buffer: usize,
     /// Groups one connection may be in at once.
     #[arg(long, env = "GATEWAY_MAX_GROUPS_PER_CONNECTION", default_value_t = DEFAULT_MAX_GROUPS_PER_CONNECTION)]
     pub max_groups_per_connection: usize,
@@ -369,6 +373,10 @@ pub struct TimeoutsConfig {
     /// Close a client as slow when one socket write takes longer than this.
     #[arg(long, env = "GATEWAY_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
+    /// Stateful reconnect: how long a connection whose socket was lost waits for its client to
+    /// resume it (`withStatefulReconnect()`); `0s` stops offering stateful reconnect.
+    #[arg(long, env = "GATEWAY_STATEFUL_RECONNECT_GRACE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub stateful_reconnect_grace: Duration,
     /// On SIGTERM, how long to report not ready (while still serving and accepting) before
     /// closing clients, so the load balancer stops sending new ones first.
     #[arg(long, env = "GATEWAY_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
@@ -581,6 +589,9 @@ impl Config {
         let l = &self.limits;
         if l.max_message_bytes < 1024 {
             problems.push("--max-message-size must be at least 1KiB".to_owned());
+        }
+        if l.stateful_reconnect_buffer < 1024 {
+            problems.push("--stateful-reconnect-buffer must be at least 1KiB".to_owned());
         }
         if l.outbound_queue == 0 {
             problems.push("--outbound-queue must be at least 1".to_owned());

@@ -15,6 +15,9 @@
 //! - [`metrics`], [`shutdown`], [`telemetry`]: cross-cutting; [`shutdown`] also owns the drain.
 //!
 //! [`start`] is the only place that wires the parts together, and does nothing else.
+// The connection task's future nests the join's broker round trip (Redis connection futures);
+// proving it Send takes more than the default depth since stateful reconnect wrapped it once more.
+#![recursion_limit = "256"]
 
 pub mod auth;
 pub mod broker;
@@ -128,6 +131,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         settings: Arc::new(connection::Settings::from_config(&config)),
         shutdown: shutdown.clone(),
         limits: limits::Limits::new(config.limits.admission()),
+        resumable: Arc::default(),
     };
 
     let public = TcpListener::bind(config.listen.public)

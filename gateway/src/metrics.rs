@@ -15,6 +15,7 @@ pub(crate) const CONNECTIONS_ACTIVE: &str = "gateway_connections_active";
 const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
 pub(crate) const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
 const HANDSHAKE_FAILURES: &str = "gateway_handshake_failures_total";
+const STATEFUL_TRANSPORTS: &str = "gateway_stateful_transports_total";
 const AUTH_FAILURES: &str = "gateway_auth_failures_total";
 const ORIGIN_REFUSALS: &str = "gateway_origin_refusals_total";
 const JOINS: &str = "gateway_joins_total";
@@ -86,6 +87,10 @@ fn describe() {
     );
     describe_counter!(CONNECTIONS_CLOSED, "connections closed, by reason");
     describe_counter!(HANDSHAKE_FAILURES, "SignalR handshakes refused, by reason");
+    describe_counter!(
+        STATEFUL_TRANSPORTS,
+        "stateful reconnect: transports lost, resumed, refused (the connection had ended) and grace periods expired"
+    );
     describe_counter!(
         AUTH_FAILURES,
         "requests refused for their token or key, by reason and endpoint"
@@ -186,6 +191,11 @@ pub fn connection_opened() {
 pub fn connection_closed(reason: &'static str) {
     gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
     counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+}
+
+/// Stateful reconnect: a transport was `lost`, `resumed`, `refused` or its grace `expired`.
+pub fn stateful_transport(outcome: &'static str) {
+    counter!(STATEFUL_TRANSPORTS, "outcome" => outcome).increment(1);
 }
 
 /// A handshake was refused.

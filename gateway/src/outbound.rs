@@ -43,6 +43,16 @@ impl Frame {
         Bytes::clone(&self.0)
     }
 
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// What is left to write after the first `written` bytes went out.
     fn tail(&self, written: usize) -> Frame {
         Frame::new(self.0.slice(written..))
@@ -311,6 +321,24 @@ impl Inbox {
             state.frames.shrink_to(RETAINED_CAPACITY);
         }
         frame
+    }
+
+    /// Waits for the order to close, leaving queued frames where they are (a stateful
+    /// connection waiting for its client to come back).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it takes nothing.
+    pub async fn closed(&self) -> Closing {
+        poll_fn(|cx| {
+            let mut state = lock(&self.shared);
+            if let Some(closing) = state.closing {
+                return Poll::Ready(closing);
+            }
+            // A push wakes this too (the queue went non-empty); it just looks again.
+            state.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Why the connection must close, if it must.

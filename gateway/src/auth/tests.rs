@@ -739,13 +739,45 @@ mod connection_tokens {
     fn a_tampered_payload_is_unknown() {
         let token = issued().connection_token;
         let later = tamper(&token, |payload, _| {
-            payload[16..].copy_from_slice(&(NOW + 86_400).to_be_bytes());
+            payload[16..24].copy_from_slice(&(NOW + 86_400).to_be_bytes());
         });
         check(&later, "alice", NOW, Err(ConnectionTokenError::Unknown));
         let other_id = tamper(&token, |payload, _| payload[0] ^= 1);
         check(&other_id, "alice", NOW, Err(ConnectionTokenError::Unknown));
-        let truncated = tamper(&token, |payload, _| payload.truncate(23));
+        let truncated = tamper(&token, |payload, _| payload.truncate(24));
         check(&truncated, "alice", NOW, Err(ConnectionTokenError::Unknown));
+        let stateful = tamper(&token, |payload, _| payload[24] = 1);
+        check(&stateful, "alice", NOW, Err(ConnectionTokenError::Unknown));
+    }
+
+    #[test]
+    fn a_stateful_token_says_so_and_opens_after_its_expiry() {
+        let tokens = ConnectionTokens::new(KEY);
+        let stateful = tokens.issue_for(ID, "alice", NOW, true);
+        let claims = tokens.open(&stateful.connection_token, "alice").unwrap();
+        assert!(claims.stateful);
+        assert_eq!(claims.connection_id, stateful.connection_id);
+        assert_eq!(claims.expires, NOW + TOKEN_TTL_SECS);
+        assert_eq!(
+            tokens.verify(
+                &stateful.connection_token,
+                "alice",
+                NOW + TOKEN_TTL_SECS + 1
+            ),
+            Err(ConnectionTokenError::Expired),
+            "too old for a new connection"
+        );
+        assert_eq!(
+            tokens.open(&stateful.connection_token, "mallory"),
+            Err(ConnectionTokenError::Unknown)
+        );
+        let plain = tokens.issue(ID, "alice", NOW);
+        assert!(
+            !tokens
+                .open(&plain.connection_token, "alice")
+                .unwrap()
+                .stateful
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! is queued when the socket is ready goes out in one vectored write. The loop is generic over
 //! the byte stream so its edge cases can be driven in memory.
 
+mod ledger;
 mod rate;
+mod resume;
 mod socket;
 
 use std::sync::Arc;
@@ -17,7 +19,9 @@ use publisher_lib::contract::{Group, Position};
 use tokio::io::AsyncRead;
 use tokio::time::{Instant, timeout, timeout_at};
 
+use ledger::{Incoming as Counted, Ledger};
 use rate::{Rates, TokenBucket, Verdict};
+pub use resume::{Claim, Resumable, ResumeSlot, Resumed};
 use socket::ReadError;
 pub use socket::Socket;
 
@@ -45,6 +49,9 @@ const RESUME_PENDING: &str =
     "a resume of this group is still being delivered; wait for its events before resuming again";
 /// The close metric's reason for a task that panicked or was dropped before it could close.
 const ABORTED: &str = "aborted";
+/// How long after receiving a client's message a stateful connection acknowledges it (the
+/// official client and ASP.NET Core both ack about once a second).
+const ACK_DELAY: Duration = Duration::from_secs(1);
 
 /// The per-connection settings, taken once from the configuration.
 #[derive(Debug, Clone)]
@@ -74,7 +81,12 @@ pub struct Settings {
     /// Whether fan-out may write frames straight to an idle connection's socket. It saves the
     /// connection task a wake-up per frame; with several runtime threads the connection tasks
     /// spread writes over the cores instead, so it is on only for a single-threaded runtime.
+    /// Never for a stateful connection, whose task numbers every frame it sends.
     pub direct_writes: bool,
+    /// Stateful reconnect: how long a lost connection waits to be resumed (zero: not offered).
+    pub stateful_grace: Duration,
+    /// Stateful reconnect: unacknowledged bytes a connection keeps at most.
+    pub stateful_buffer: usize,
 }
 
 impl Settings {
@@ -95,6 +107,8 @@ impl Settings {
             max_invocations_per_second: config.limits.max_invocations_per_second,
             max_joins_per_second: config.limits.max_joins_per_second,
             direct_writes: config.worker_threads() == 1,
+            stateful_grace: config.timeouts.stateful_reconnect_grace,
+            stateful_buffer: config.limits.stateful_reconnect_buffer,
         }
     }
 }
@@ -124,9 +138,48 @@ pub struct Connection {
     pub permit: crate::limits::ConnectionPermit,
 }
 
+/// What a connection task carries besides its socket and queue: the user token's expiry (a
+/// resume may bring a fresh one) and, for a stateful connection, its ledger and the slot new
+/// transports arrive through.
+struct Session<S> {
+    valid_until: u64,
+    stateful: Option<StatefulState<S>>,
+}
+
+struct StatefulState<S> {
+    slot: ResumeSlot<S>,
+    ledger: Ledger,
+    /// When to acknowledge what the client sent, if something is waiting for an Ack.
+    ack_at: Option<Instant>,
+}
+
+impl<S> Session<S> {
+    fn ledger(&mut self) -> Option<&mut Ledger> {
+        self.stateful.as_mut().map(|s| &mut s.ledger)
+    }
+
+    /// Whether the connection may send event frames now (a stateful one waits for an Ack once
+    /// its buffer is full).
+    fn may_send(&self) -> bool {
+        self.stateful.as_ref().is_none_or(|s| s.ledger.has_room())
+    }
+}
+
+/// How one transport of a connection ended.
+enum Stop<S> {
+    /// The connection ends (for a stateful one, maybe only this transport: see
+    /// [`CloseReason::TransportLost`]).
+    Close(CloseReason),
+    /// A stateful connection's client came back on a new transport while the old one was
+    /// still open here.
+    Resumed(Resumed<S>),
+}
+
 impl Connection {
-    /// Runs the connection to its end.
-    pub async fn serve<S>(self, mut socket: Socket<S>)
+    /// Runs the connection to its end. With `resume` the connection is stateful: it numbers
+    /// what it sends, and a lost socket is replaced by one that arrives through the slot
+    /// within the grace period.
+    pub async fn serve<S>(self, mut socket: Socket<S>, resume: Option<ResumeSlot<S>>)
     where
         S: AsyncRead + Unpin,
     {
@@ -147,12 +200,27 @@ impl Connection {
         let reason = match Box::pin(self.handshake(&mut socket, &mut inbox)).await {
             Ok((pending, buffer)) => {
                 self.permit.handshake_completed();
-                if self.settings.direct_writes {
+                let mut session = Session {
+                    valid_until: self.principal.valid_until,
+                    stateful: resume.map(|slot| StatefulState {
+                        slot,
+                        ledger: Ledger::new(self.settings.stateful_buffer),
+                        ack_at: None,
+                    }),
+                };
+                if self.settings.direct_writes && session.stateful.is_none() {
                     inbox.attach(socket.wire());
                 }
                 let joined = &mut registration.joined;
-                self.run(&mut socket, &outbound, &mut inbox, joined, pending, buffer)
-                    .await
+                let transports = self.transports(
+                    &mut socket,
+                    &outbound,
+                    &mut inbox,
+                    joined,
+                    (pending, buffer),
+                    &mut session,
+                );
+                Box::pin(transports).await
             }
             // Before the handshake completes the client reads a handshake response, not a
             // Close message, so even a shutdown is told as a handshake error.
@@ -240,6 +308,89 @@ impl Connection {
         }
     }
 
+    /// Serves the connection over its first transport and, for a stateful connection, over
+    /// each transport that resumes it, until it ends; returns why it ended.
+    async fn transports<S>(
+        &self,
+        socket: &mut Socket<S>,
+        outbound: &Outbound,
+        inbox: &mut Inbox,
+        joined: &mut Vec<Membership>,
+        (pending, buffer): (Vec<String>, RecordBuffer),
+        session: &mut Session<S>,
+    ) -> CloseReason
+    where
+        S: AsyncRead + Unpin,
+    {
+        let mut stop = self
+            .run(socket, outbound, inbox, joined, pending, buffer, session)
+            .await;
+        loop {
+            let resumed = match stop {
+                Stop::Resumed(resumed) => resumed,
+                Stop::Close(reason) => {
+                    let Some(stateful) = session.stateful.as_mut() else {
+                        return reason;
+                    };
+                    if !matches!(
+                        reason,
+                        CloseReason::TransportLost | CloseReason::ClientTimeout
+                    ) {
+                        return reason;
+                    }
+                    // No Close message: the client would stop instead of resuming.
+                    let _ = timeout(
+                        CLOSE_WRITE_TIMEOUT,
+                        socket.close(CloseReason::TransportLost.ws_code(), reason.label()),
+                    )
+                    .await;
+                    metrics::stateful_transport("lost");
+                    tracing::debug!(
+                        reason = reason.label(),
+                        "transport lost; waiting for a resume"
+                    );
+                    let grace = self.settings.stateful_grace;
+                    tokio::select! {
+                        biased;
+                        closing = inbox.closed() => return closing.into(),
+                        resumed = stateful.slot.transports.recv() => match resumed {
+                            Some(resumed) => resumed,
+                            None => return reason,
+                        },
+                        () = tokio::time::sleep(grace) => {
+                            metrics::stateful_transport("expired");
+                            tracing::debug!("no resume within the grace period");
+                            return reason;
+                        }
+                    }
+                }
+            };
+            let Some(stateful) = session.stateful.as_mut() else {
+                return CloseReason::ServerShutdown;
+            };
+            // The old socket (if still open) closes as it is dropped here.
+            *socket = resumed.socket;
+            session.valid_until = resumed.valid_until;
+            metrics::stateful_transport("resumed");
+            tracing::debug!(
+                from = stateful.ledger.resume_from(),
+                unacked.bytes = stateful.ledger.unacked_bytes(),
+                "resumed"
+            );
+            let replayed = replay(socket, inbox, &stateful.ledger, self.settings.write_timeout);
+            stop = match replayed.await {
+                Ok(()) => {
+                    let buffer = RecordBuffer::new(self.settings.max_message_bytes);
+                    self.run(socket, outbound, inbox, joined, Vec::new(), buffer, session)
+                        .await
+                }
+                Err(e) => Stop::Close(e.into()),
+            };
+        }
+    }
+
+    /// Serves one transport until it ends.
+    #[allow(clippy::too_many_arguments)]
     async fn run<S>(
         &self,
         socket: &mut Socket<S>,
@@ -248,91 +399,116 @@ impl Connection {
         joined: &mut Vec<Membership>,
         pending: Vec<String>,
         mut buffer: RecordBuffer,
-    ) -> CloseReason
+        session: &mut Session<S>,
+    ) -> Stop<S>
     where
         S: AsyncRead + Unpin,
     {
         let settings = &self.settings;
         let mut last_sent = Instant::now();
         let mut last_received = Instant::now();
-        let token_expires = token_deadline(self.principal.valid_until);
+        let token_expires = token_deadline(session.valid_until);
         // Made at the first invocation: many connections make one or two.
         let mut rates: Option<Box<Rates>> = None;
         for record in pending {
-            if let Err(reason) =
-                Box::pin(self.on_record(socket, inbox, &record, outbound, joined, &mut rates)).await
-            {
-                return reason;
+            let handled = self.on_record(
+                socket, inbox, &record, outbound, joined, &mut rates, session,
+            );
+            if let Err(reason) = Box::pin(handled).await {
+                return Stop::Close(reason);
             }
         }
-        let timer =
-            tokio::time::sleep_until(next_tick(last_sent, last_received, token_expires, settings));
+        let timer = tokio::time::sleep_until(next_tick(
+            last_sent,
+            last_received,
+            token_expires,
+            settings,
+            session,
+        ));
         tokio::pin!(timer);
         // Three branches: everything the gateway sends this connection (frames, and the order to
         // close) arrives through the inbox, so a delivery wakes one queue, not a shutdown token
         // shared by every connection.
         loop {
+            let may_send = session.may_send();
             tokio::select! {
                 biased;
-                delivery = inbox.recv() => {
+                delivery = next_delivery(inbox, may_send) => {
                     let frame = match delivery {
                         Delivery::Frame(frame) => frame,
-                        Delivery::Close(closing) => return closing.into(),
+                        Delivery::Close(closing) => return Stop::Close(closing.into()),
                     };
-                    if let Err(e) = write_batch(socket, frame, inbox, settings.write_timeout).await {
-                        return e.into();
+                    let written = write_batch(socket, frame, inbox, settings.write_timeout, session.ledger());
+                    if let Err(e) = written.await {
+                        return Stop::Close(e.into());
                     }
                     last_sent = Instant::now();
                 }
+                Some(resumed) = next_transport(session) => return Stop::Resumed(resumed),
                 () = &mut timer => {
                     let now = Instant::now();
                     if now >= token_expires {
-                        return CloseReason::TokenExpired;
+                        return Stop::Close(CloseReason::TokenExpired);
                     }
                     if now >= last_received + settings.client_timeout {
-                        return CloseReason::ClientTimeout;
+                        return Stop::Close(CloseReason::ClientTimeout);
+                    }
+                    if let Some(stateful) = session.stateful.as_mut()
+                        && stateful.ack_at.is_some_and(|at| now >= at)
+                    {
+                        stateful.ack_at = None;
+                        if let Some(id) = stateful.ledger.ack_due() {
+                            if let Err(e) = send(socket, inbox, &codec::encode_ack(id), settings.write_timeout).await {
+                                return Stop::Close(e.into());
+                            }
+                            stateful.ledger.ack_sent(id);
+                            last_sent = Instant::now();
+                        }
                     }
                     if now >= last_sent + settings.keepalive_interval {
                         if let Err(e) = send(socket, inbox, codec::PING, settings.write_timeout).await {
-                            return e.into();
+                            return Stop::Close(e.into());
                         }
                         last_sent = Instant::now();
                     }
-                    timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings));
+                    timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings, session));
                 }
                 message = socket.recv() => {
                     last_received = Instant::now();
                     let text = match message {
                         Ok(Incoming::Text(text)) => text,
-                        Ok(Incoming::Close(_)) | Err(ReadError::Gone) => {
-                            return CloseReason::ClientClosed;
-                        }
-                        Ok(Incoming::Binary(_)) => return CloseReason::Protocol(ProtocolError::Binary),
+                        Ok(Incoming::Close(_)) => return Stop::Close(CloseReason::ClientClosed),
+                        Err(ReadError::Gone) => return Stop::Close(CloseReason::TransportLost),
+                        Ok(Incoming::Binary(_)) => return Stop::Close(CloseReason::Protocol(ProtocolError::Binary)),
                         Ok(Incoming::Ping(payload)) => {
                             // Boxed: WebSocket pings are rare (SignalR pings are records).
                             let answered = Box::pin(pong(socket, inbox, &payload, settings.write_timeout));
                             if let Err(e) = answered.await {
-                                return e;
+                                return Stop::Close(e);
                             }
                             last_sent = Instant::now();
                             continue;
                         }
                         Ok(Incoming::Pong) => continue,
                         Err(ReadError::Frame(e)) => {
-                            return CloseReason::Protocol(e.into());
+                            return Stop::Close(CloseReason::Protocol(e.into()));
                         }
                     };
                     let records = match buffer.feed(&text) {
                         Ok(records) => records,
-                        Err(e) => return CloseReason::Protocol(e),
+                        Err(e) => return Stop::Close(CloseReason::Protocol(e)),
                     };
                     for record in records {
                         // Boxed: joins and their broker round trip are rare, and an idle
                         // connection should not carry their state.
-                        let handled = Box::pin(self.on_record(socket, inbox, &record, outbound, joined, &mut rates));
+                        let handled = Box::pin(self.on_record(socket, inbox, &record, outbound, joined, &mut rates, session));
                         if let Err(reason) = handled.await {
-                            return reason;
+                            return Stop::Close(reason);
                         }
+                    }
+                    // A message from the client may now wait for its Ack.
+                    if session.stateful.as_ref().is_some_and(|s| s.ack_at.is_some()) {
+                        timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings, session));
                     }
                 }
             }
@@ -340,6 +516,7 @@ impl Connection {
     }
 
     /// Acts on one record from the client.
+    #[allow(clippy::too_many_arguments)]
     async fn on_record<S>(
         &self,
         socket: &mut Socket<S>,
@@ -348,15 +525,36 @@ impl Connection {
         outbound: &Outbound,
         joined: &mut Vec<Membership>,
         rates: &mut Option<Box<Rates>>,
+        session: &mut Session<S>,
     ) -> Result<(), CloseReason>
     where
         S: AsyncRead + Unpin,
     {
-        let invocation = match codec::decode(record) {
-            Ok(Message::Invocation(invocation)) => invocation,
-            Ok(Message::Ping | Message::Ignored(_)) => return Ok(()),
-            Ok(Message::Close) => return Err(CloseReason::ClientClosed),
-            Err(e) => return Err(CloseReason::Protocol(e)),
+        let message = codec::decode(record).map_err(CloseReason::Protocol)?;
+        if let Some(stateful) = session.stateful.as_mut() {
+            match &message {
+                Message::Ack(id) => stateful.ledger.acked(*id),
+                Message::Sequence(id) => stateful
+                    .ledger
+                    .client_sequence(*id)
+                    .map_err(|e| CloseReason::Protocol(ProtocolError::Malformed(e.to_string())))?,
+                m if m.is_trackable() => {
+                    if stateful.ledger.received() == Counted::Repeat {
+                        return Ok(());
+                    }
+                    stateful
+                        .ack_at
+                        .get_or_insert_with(|| Instant::now() + ACK_DELAY);
+                }
+                _ => {}
+            }
+        }
+        let invocation = match message {
+            Message::Invocation(invocation) => invocation,
+            Message::Ping | Message::Ignored(_) | Message::Ack(_) | Message::Sequence(_) => {
+                return Ok(());
+            }
+            Message::Close => return Err(CloseReason::ClientClosed),
         };
         let action = hub::handle(&self.principal, &invocation);
         if let Some((limit, reason)) = self.over_limit(rates, &action.outcome)? {
@@ -367,9 +565,15 @@ impl Connection {
             };
             let error = frames::hub_exception(&invocation.target, reason);
             let completion = frames::error_completion(&id, &error);
-            return send(socket, inbox, &completion, self.settings.write_timeout)
-                .await
-                .map_err(CloseReason::from);
+            return reply(
+                socket,
+                inbox,
+                &completion,
+                self.settings.write_timeout,
+                session,
+            )
+            .await
+            .map_err(CloseReason::from);
         }
         let mut result = None;
         let error = match action.outcome {
@@ -409,9 +613,15 @@ impl Connection {
             (None, Some(error)) => frames::error_completion(&id, &error),
             (None, None) => frames::ok_completion(&id),
         };
-        send(socket, inbox, &completion, self.settings.write_timeout)
-            .await
-            .map_err(CloseReason::from)
+        reply(
+            socket,
+            inbox,
+            &completion,
+            self.settings.write_timeout,
+            session,
+        )
+        .await
+        .map_err(CloseReason::from)
     }
 
     /// Takes this invocation from the connection's rate limits: `None` within them, the limit's
@@ -584,10 +794,66 @@ impl From<Closing> for CloseReason {
 impl From<WriteError> for CloseReason {
     fn from(error: WriteError) -> Self {
         match error {
-            WriteError::Gone => CloseReason::ClientClosed,
+            WriteError::Gone => CloseReason::TransportLost,
             WriteError::TimedOut => CloseReason::SlowConsumer,
         }
     }
+}
+
+/// Sends a completion: on a stateful connection it is numbered and kept until acknowledged.
+async fn reply<S>(
+    socket: &Socket<S>,
+    inbox: &Inbox,
+    text: &str,
+    limit: Duration,
+    session: &mut Session<S>,
+) -> Result<(), WriteError>
+where
+    S: AsyncRead + Unpin,
+{
+    match session.ledger() {
+        None => send(socket, inbox, text, limit).await,
+        Some(ledger) => {
+            let frame = Frame::new(ws_frame::server::text_frame(text.as_bytes()));
+            ledger.sent(&frame);
+            write_alone(inbox, limit, socket.send_frame(&frame.bytes())).await
+        }
+    }
+}
+
+/// The next frame to write, or the order to close; a stateful connection waiting for an Ack
+/// (`may_send` false) waits only for the order to close.
+async fn next_delivery(inbox: &mut Inbox, may_send: bool) -> Delivery {
+    if may_send {
+        inbox.recv().await
+    } else {
+        Delivery::Close(inbox.closed().await)
+    }
+}
+
+/// The next transport of a stateful connection; never ready for a connection that is not.
+async fn next_transport<S>(session: &mut Session<S>) -> Option<Resumed<S>> {
+    match session.stateful.as_mut() {
+        Some(stateful) => stateful.slot.transports.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts a resumed transport: the Sequence, then every message the client has not
+/// acknowledged, in order and with their ids, in as few writes as the kernel allows.
+async fn replay<S>(
+    socket: &Socket<S>,
+    inbox: &Inbox,
+    ledger: &Ledger,
+    limit: Duration,
+) -> Result<(), WriteError>
+where
+    S: AsyncRead + Unpin,
+{
+    let sequence = codec::encode_sequence(ledger.resume_from());
+    let mut frames = vec![ws_frame::server::text_frame(sequence.as_bytes())];
+    frames.extend(ledger.unacked().map(Frame::bytes));
+    write_alone(inbox, limit, socket.send_frames(&frames)).await
 }
 
 /// Writes one text message under the write timeout, holding off direct writes from fan-out.
@@ -644,17 +910,32 @@ fn write_outcome(
 }
 
 /// Writes `first` and whatever else is queued, in one vectored write where the kernel takes it.
+/// With a ledger (a stateful connection) each frame is numbered and kept first, and the batch
+/// stops where the ledger is full.
 async fn write_batch<S>(
     socket: &Socket<S>,
     first: Frame,
     inbox: &mut Inbox,
     limit: Duration,
+    mut ledger: Option<&mut Ledger>,
 ) -> Result<(), WriteError>
 where
     S: AsyncRead + Unpin,
 {
+    if let Some(ledger) = ledger.as_deref_mut() {
+        ledger.sent(&first);
+    }
+    let mut next = |inbox: &mut Inbox| match ledger.as_deref_mut() {
+        None => inbox.try_recv(),
+        Some(ledger) if ledger.has_room() => {
+            let frame = inbox.try_recv()?;
+            ledger.sent(&frame);
+            Some(frame)
+        }
+        Some(_) => None,
+    };
     let write = async {
-        match inbox.try_recv() {
+        match next(inbox) {
             // The common case at moderate load: one frame, no batch to build.
             None => socket.send_frame(&first.bytes()).await,
             Some(second) => {
@@ -662,7 +943,7 @@ where
                 batch.push(first.bytes());
                 batch.push(second.bytes());
                 while batch.len() < MAX_BATCH {
-                    let Some(frame) = inbox.try_recv() else {
+                    let Some(frame) = next(inbox) else {
                         break;
                     };
                     batch.push(frame.bytes());
@@ -684,8 +965,8 @@ where
     let record = match reason {
         // Before the handshake completes the client reads a handshake response, not a Close.
         CloseReason::Handshake(error) => Some(error.reply()),
-        // The client ended it: only the close frame completes the close handshake.
-        CloseReason::ClientClosed => None,
+        // The client ended it, or the socket is gone: only a close frame, if anything.
+        CloseReason::ClientClosed | CloseReason::TransportLost => None,
         other => Some(other.record()),
     };
     let _ = timeout(CLOSE_WRITE_TIMEOUT, async {
@@ -706,16 +987,22 @@ fn token_deadline(valid_until: u64) -> Instant {
     Instant::now() + left.min(Duration::from_secs(365 * 24 * 3600))
 }
 
-/// When the timer must next look: the earliest of ping, client timeout and token expiry.
-fn next_tick(
+/// When the timer must next look: the earliest of ping, client timeout, token expiry and a
+/// stateful connection's Ack.
+fn next_tick<S>(
     last_sent: Instant,
     last_received: Instant,
     token_expires: Instant,
     settings: &Settings,
+    session: &Session<S>,
 ) -> Instant {
-    (last_sent + settings.keepalive_interval)
+    let tick = (last_sent + settings.keepalive_interval)
         .min(last_received + settings.client_timeout)
-        .min(token_expires)
+        .min(token_expires);
+    match session.stateful.as_ref().and_then(|s| s.ack_at) {
+        Some(at) => tick.min(at),
+        None => tick,
+    }
 }
 
 #[cfg(test)]

@@ -109,6 +109,8 @@ fn settings() -> Settings {
         max_invocations_per_second: 5,
         max_joins_per_second: 3,
         direct_writes: true,
+        stateful_grace: Duration::from_secs(15),
+        stateful_buffer: 100_000,
     }
 }
 
@@ -135,7 +137,14 @@ fn start_with(
     wire: impl FnOnce(tokio::net::unix::OwnedWriteHalf) -> Arc<dyn crate::outbound::Wire>,
 ) -> Harness {
     let (subscriptions, requests) = broker::subscriptions(16);
-    spawn_connection(principal, settings, wire, subscriptions, Some(requests))
+    spawn_connection(
+        principal,
+        settings,
+        wire,
+        subscriptions,
+        Some(requests),
+        None,
+    )
 }
 
 /// Starts a connection task whose registry's subscription requests the test answers: they
@@ -147,6 +156,7 @@ fn start_answering_subscriptions(principal: Principal) -> (Harness, Subscription
         settings(),
         |writer| Arc::new(writer),
         subscriptions,
+        None,
         None,
     );
     (harness, requests)
@@ -160,6 +170,7 @@ fn spawn_connection(
     wire: impl FnOnce(tokio::net::unix::OwnedWriteHalf) -> Arc<dyn crate::outbound::Wire>,
     subscriptions: broker::Subscriptions,
     requests: Option<SubscriptionRequests>,
+    resume: Option<ResumeSlot<tokio::net::unix::OwnedReadHalf>>,
 ) -> Harness {
     let shutdown = Shutdown::new();
     let groups = Arc::new(Groups::new(subscriptions));
@@ -181,7 +192,7 @@ fn spawn_connection(
     };
     let (reader, writer) = server.into_split();
     let socket = Socket::new(reader, wire(writer), Bytes::new(), 32 * 1024);
-    let task = tokio::spawn(connection.serve(socket));
+    let task = tokio::spawn(connection.serve(socket, resume));
     Harness {
         client: Client { stream: client },
         groups,
@@ -354,12 +365,10 @@ async fn an_idle_connection_task_stays_small() {
         settings: Arc::new(settings()),
         permit: crate::limits::ConnectionPermit::unlimited(),
     };
-    let task = connection.serve(Socket::new(
-        reader,
-        Arc::new(writer),
-        Bytes::new(),
-        32 * 1024,
-    ));
+    let task = connection.serve(
+        Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024),
+        None,
+    );
     let size = std::mem::size_of_val(&task);
     // 1536 before the admission permit (48 bytes) and the cleanup guard joined the task.
     assert!(size <= 1920, "the connection future is {size} bytes");
@@ -732,9 +741,7 @@ fn completion(record: &str) -> serde_json::Value {
 }
 
 fn leave_west(id: usize) -> String {
-    format!(
-        "{{\"type\":1,\"invocationId\":\"{id}\",\"target\":\"LeaveDispatchGroup\",\"arguments\":[\"west\"]}}\u{1e}"
-    )
+    leave(&id.to_string(), "west")
 }
 
 #[tokio::test(start_paused = true)]
@@ -848,4 +855,194 @@ async fn a_connection_task_dropped_while_its_join_waits_for_the_broker_is_not_le
     assert_eq!(groups.member_count(&west), 0);
     assert_eq!(groups.group_count(), 0);
     assert_eq!(groups.connection_count(), 0);
+}
+
+/// A stateful connection (its slot registered as `id` in `registry`) on a socket pair.
+fn start_stateful(
+    registry: &Arc<Resumable<tokio::net::unix::OwnedReadHalf>>,
+    id: &str,
+    settings: Settings,
+) -> Harness {
+    let Claim::New(slot) = registry.claim(id, 0, u64::MAX) else {
+        panic!("a new connection id");
+    };
+    let (subscriptions, requests) = broker::subscriptions(16);
+    spawn_connection(
+        dispatcher(Duration::from_secs(3600)),
+        settings,
+        |writer| Arc::new(writer),
+        subscriptions,
+        Some(requests),
+        Some(slot),
+    )
+}
+
+/// Hands a new socket to the stateful connection `id`, as an upgrade with its token does, and
+/// returns the client's end.
+async fn resume(registry: &Arc<Resumable<tokio::net::unix::OwnedReadHalf>>, id: &str) -> Client {
+    let Claim::Resume(transports) = registry.claim(id, 0, u64::MAX) else {
+        panic!("the connection is alive");
+    };
+    let (client, server) = UnixStream::pair().unwrap();
+    let (reader, writer) = server.into_split();
+    let socket = Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024);
+    let valid_until = dispatcher(Duration::from_secs(3600)).valid_until;
+    transports
+        .send(Resumed {
+            socket,
+            valid_until,
+        })
+        .await
+        .expect("the connection takes its new transport");
+    Client { stream: client }
+}
+
+fn publish_west(groups: &Groups, payload: &'static [u8]) {
+    groups.fan_out(&crate::broker::Publication {
+        group: publisher_lib::contract::Group::try_dispatch("west").unwrap(),
+        kind: EventKind::RecommendationReady,
+        payload: bytes::Bytes::from_static(payload),
+        published_at: SystemTime::now(),
+        position: None,
+    });
+}
+
+fn leave(id: &str, region: &str) -> String {
+    format!(
+        "{{\"type\":1,\"invocationId\":\"{id}\",\"target\":\"LeaveDispatchGroup\",\"arguments\":[\"{region}\"]}}\u{1e}"
+    )
+}
+
+fn event(payload: &str) -> String {
+    format!("{{\"type\":1,\"target\":\"RecommendationReady\",\"arguments\":[{payload}]}}\u{1e}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stateful_connection_resumes_on_a_new_socket_with_sequence_replay_and_what_came_meanwhile()
+ {
+    let registry = Arc::default();
+    let mut h = start_stateful(&registry, "c-1", settings());
+    // Join: the client's message 1, answered by the server's message 1, acknowledged a second
+    // later.
+    handshake_and_join_west(&mut h).await;
+    assert_eq!(h.client.text().await, "{\"type\":8,\"sequenceId\":1}\u{1e}");
+    publish_west(&h.groups, b"{\"n\":1}");
+    publish_west(&h.groups, b"{\"n\":2}");
+    assert_eq!(h.client.text().await, event("{\"n\":1}"));
+    assert_eq!(h.client.text().await, event("{\"n\":2}"));
+    // The client acknowledges up to the first event and invokes once more (its message 2,
+    // answered by the server's message 4: once that answer is read, the Ack was processed);
+    // then its socket is cut before the server acknowledges message 2.
+    h.client.send("{\"type\":8,\"sequenceId\":2}\u{1e}").await;
+    h.client.send(&leave("2", "east")).await;
+    assert_eq!(completion(&h.client.text().await)["invocationId"], "2");
+    drop(h.client);
+    publish_west(&h.groups, b"{\"n\":3}");
+
+    let mut client = resume(&registry, "c-1").await;
+    assert_eq!(
+        client.text().await,
+        "{\"type\":9,\"sequenceId\":3}\u{1e}",
+        "the oldest unacknowledged message"
+    );
+    assert_eq!(client.text().await, event("{\"n\":2}"), "replayed");
+    assert_eq!(
+        completion(&client.text().await)["invocationId"],
+        "2",
+        "replayed"
+    );
+    assert_eq!(
+        client.text().await,
+        event("{\"n\":3}"),
+        "published meanwhile"
+    );
+    // The client's side: its Sequence from its oldest unacknowledged message (2), that message
+    // again, which is dropped, then a new invocation, which is answered and acknowledged.
+    client.send("{\"type\":9,\"sequenceId\":2}\u{1e}").await;
+    client.send(&leave("2", "east")).await;
+    client.send(&leave("3", "west")).await;
+    let answer = completion(&client.text().await);
+    assert_eq!(
+        answer["invocationId"], "3",
+        "the repeat got no answer: {answer}"
+    );
+    assert_eq!(client.text().await, "{\"type\":8,\"sequenceId\":3}\u{1e}");
+    assert_eq!(registry.live(), 1);
+    assert!(!h.task.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stateful_connection_not_resumed_within_the_grace_period_ends_and_its_id_is_refused() {
+    let registry = Arc::default();
+    let mut h = start_stateful(&registry, "c-2", settings());
+    handshake_and_join_west(&mut h).await;
+    drop(h.client);
+    // Paused time runs ahead to the end of the grace period.
+    h.task.await.unwrap();
+    assert_eq!(h.groups.connection_count(), 0, "left its groups");
+    assert!(matches!(registry.claim("c-2", 0, u64::MAX), Claim::Ended));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_close_frame_ends_a_stateful_connection_at_once() {
+    let registry = Arc::default();
+    let mut h = start_stateful(&registry, "c-3", settings());
+    handshake_and_join_west(&mut h).await;
+    // A masked close frame, code 1000, as `connection.stop()` sends.
+    h.client
+        .stream
+        .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])
+        .await
+        .unwrap();
+    let before = tokio::time::Instant::now();
+    h.task.await.unwrap();
+    assert!(
+        before.elapsed() < Duration::from_secs(1),
+        "no grace period after a close"
+    );
+    assert!(matches!(registry.claim("c-3", 0, u64::MAX), Claim::Ended));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_stateful_buffer_holds_events_back_until_the_client_acknowledges() {
+    let registry = Arc::default();
+    let mut h = start_stateful(
+        &registry,
+        "c-4",
+        Settings {
+            stateful_buffer: 1024,
+            ..settings()
+        },
+    );
+    handshake_and_join_west(&mut h).await;
+    assert_eq!(h.client.text().await, "{\"type\":8,\"sequenceId\":1}\u{1e}");
+    const BIG: &[u8] = b"{\"pad\":\"0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789\"}";
+    for _ in 0..8 {
+        publish_west(&h.groups, BIG);
+    }
+    // About 1 KiB goes out (the completion plus three events of ~350 bytes), then nothing
+    // until an Ack: the next frame the client sees is a ping, 15 s later.
+    let mut events = 0;
+    loop {
+        let text = h.client.text().await;
+        if text == codec::PING {
+            break;
+        }
+        assert!(text.contains("RecommendationReady"), "{text}");
+        events += 1;
+    }
+    assert!(
+        (2..8).contains(&events),
+        "{events} events before the buffer was full"
+    );
+    // Each Ack lets more out, until all eight arrived, in order, none lost.
+    let mut seen = events;
+    while seen < 8 {
+        h.client
+            .send(&format!("{{\"type\":8,\"sequenceId\":{}}}\u{1e}", 1 + seen))
+            .await;
+        let text = h.client.text().await;
+        assert!(text.contains("RecommendationReady"), "{text}");
+        seen += 1;
+    }
 }

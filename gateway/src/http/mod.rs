@@ -21,10 +21,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::tcp::OwnedReadHalf;
 
 use crate::auth::{AuthError, ConnectionTokens, Verifier};
 use crate::broker::Broker;
-use crate::connection::Settings;
+use crate::connection::{Resumable, Settings};
 use crate::groups::Groups;
 use crate::limits::{Limits, Refusal};
 use crate::shutdown::Shutdown;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Admission limits: connections, handshakes, connect and publish rates.
     pub limits: Arc<Limits>,
+    /// This replica's stateful connections, which an upgrade with their token resumes.
+    pub resumable: Arc<Resumable<OwnedReadHalf>>,
 }
 
 /// The public router.

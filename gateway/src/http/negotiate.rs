@@ -1,7 +1,8 @@
 //! `POST /hub/v1/negotiate`: authenticate, hand out a connection id and token, offer WebSockets.
 //!
 //! Nothing is stored: the connection token is signed with the key every replica shares, so the
-//! upgrade may land on any replica.
+//! upgrade may land on any replica. A client that asks for stateful reconnect
+//! (`useStatefulReconnect=true`) gets it, and its token says so.
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -54,20 +55,32 @@ pub async fn negotiate(
                 .into_response();
         }
     };
+    // Stateful reconnect needs a connection token (version 1) and is offered unless turned off.
+    let stateful = version >= 1
+        && !state.settings.stateful_grace.is_zero()
+        && query
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("useStatefulReconnect") && v == "true");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let issued = state
-        .connection_tokens
-        .issue(rand::random(), &principal.subject, now);
+    let issued =
+        state
+            .connection_tokens
+            .issue_for(rand::random(), &principal.subject, now, stateful);
     let transports = json!([{"transport": "WebSockets", "transferFormats": ["Text"]}]);
     let body = if version >= 1 {
-        json!({
+        let mut body = json!({
             "negotiateVersion": 1,
             "connectionId": issued.connection_id,
             "connectionToken": issued.connection_token,
             "availableTransports": transports,
-        })
+        });
+        // Written only when agreed, as ASP.NET Core does: a client that did not ask fails on it.
+        if stateful {
+            body["useStatefulReconnect"] = json!(true);
+        }
+        body
     } else {
         // Version 0 clients connect with the connection id, so it must be the verifiable token.
         json!({

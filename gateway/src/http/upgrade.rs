@@ -14,11 +14,14 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::{AppState, bearer, unauthorized};
 use crate::auth::AuthError;
-use crate::connection::{Connection, Socket};
+use crate::auth::connection_token::ConnectionTokenError;
+use crate::connection::{Claim, Connection, Resumed, Socket};
 use crate::metrics;
 
 /// The query of the upgrade request.
@@ -64,28 +67,43 @@ pub async fn upgrade(
             return unauthorized(&error);
         }
     };
-    let connection_id = match &query.id {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let claims = match &query.id {
         None => None,
-        Some(token) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            match state
-                .connection_tokens
-                .verify(token, &principal.subject, now)
-            {
-                Ok(id) => Some(id),
-                Err(error) => {
-                    metrics::auth_failed("upgrade", "connection_token");
-                    return (
-                        StatusCode::NOT_FOUND,
-                        format!("No Connection with that ID: {error}"),
-                    )
-                        .into_response();
-                }
-            }
-        }
+        Some(token) => match state.connection_tokens.open(token, &principal.subject) {
+            Ok(claims) => Some(claims),
+            Err(error) => return no_connection("connection_token", &error.to_string()),
+        },
     };
+    let mut resume = None;
+    if let Some(claims) = claims.as_ref().filter(|c| c.stateful) {
+        match state
+            .resumable
+            .claim(&claims.connection_id, now, claims.expires)
+        {
+            // A live stateful connection: this upgrade is its client coming back, whatever
+            // the token's age.
+            Claim::Resume(transports) => {
+                return resume_upgrade(&state, request, &key, transports, principal.valid_until);
+            }
+            Claim::Ended => {
+                metrics::stateful_transport("refused");
+                return no_connection("connection_ended", "the connection has ended");
+            }
+            Claim::New(slot) => resume = Some(slot),
+        }
+    }
+    if let Some(claims) = &claims
+        && claims.expires < now
+    {
+        return no_connection(
+            "connection_token",
+            &ConnectionTokenError::Expired.to_string(),
+        );
+    }
+    let connection_id = claims.map(|c| c.connection_id);
     // Admitted before any task exists; the permit travels into the connection task and gives
     // its slots back when that ends, however it ends.
     let permit = match state.limits.try_admit(&principal.subject, client) {
@@ -111,28 +129,10 @@ pub async fn upgrade(
     );
     let max_message = state.settings.max_message_bytes;
     state.shutdown.connections().spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return;
-            }
-        };
-        // The listener hands out plain TCP streams; take the stream itself, so frames are
-        // written to it without another layer and fan-out can write to it directly.
-        let Ok(parts) =
-            hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
-        else {
-            tracing::error!("upgraded connection is not a TCP stream; closing it");
+        let Some(socket) = upgraded_socket(on_upgrade, max_message).await else {
             return;
         };
-        let (reader, writer) = parts.io.into_inner().into_split();
-        let serve = conn.serve(Socket::new(
-            reader,
-            Arc::new(writer),
-            parts.read_buf,
-            max_message,
-        ));
+        let serve = conn.serve(socket, resume);
         // A disabled span still costs a little on every poll; attach it only when enabled.
         if span.is_disabled() {
             serve.await;
@@ -140,14 +140,89 @@ pub async fn upgrade(
             serve.instrument(span).await;
         }
     });
+    switching_protocols(&key)
+}
+
+/// The 101 answer to a WebSocket upgrade with `key`.
+fn switching_protocols(key: &str) -> Response {
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(accept) = HeaderValue::from_str(&ws_frame::accept_key(&key)) {
+    if let Ok(accept) = HeaderValue::from_str(&ws_frame::accept_key(key)) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
+}
+
+/// 404, as ASP.NET Core answers an upgrade for a connection it does not have: the official
+/// client then starts over (negotiate, new connection).
+fn no_connection(label: &'static str, why: &str) -> Response {
+    metrics::auth_failed("upgrade", label);
+    (
+        StatusCode::NOT_FOUND,
+        format!("No Connection with that ID: {why}"),
+    )
+        .into_response()
+}
+
+/// Answers the upgrade of a client resuming its stateful connection and hands the new socket
+/// to the connection's task, which sends the Sequence and what the client has not acknowledged.
+/// No handshake follows on a resumed transport.
+fn resume_upgrade(
+    state: &AppState,
+    mut request: Request,
+    key: &str,
+    transports: mpsc::Sender<Resumed<OwnedReadHalf>>,
+    valid_until: u64,
+) -> Response {
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let max_message = state.settings.max_message_bytes;
+    let wait = state.settings.handshake_timeout;
+    state.shutdown.connections().spawn(async move {
+        let Some(socket) = upgraded_socket(on_upgrade, max_message).await else {
+            return;
+        };
+        let resumed = Resumed {
+            socket,
+            valid_until,
+        };
+        // Refused when the connection ended meanwhile: the socket is dropped, and the client
+        // starts over.
+        if transports.send_timeout(resumed, wait).await.is_err() {
+            tracing::debug!("the resumed connection ended before it took its new transport");
+        }
+    });
+    switching_protocols(key)
+}
+
+/// The upgraded connection as a [`Socket`] over its TCP stream.
+async fn upgraded_socket(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    max_message: usize,
+) -> Option<Socket<OwnedReadHalf>> {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    // The listener hands out plain TCP streams; take the stream itself, so frames are
+    // written to it without another layer and fan-out can write to it directly.
+    let Ok(parts) =
+        hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
+    else {
+        tracing::error!("upgraded connection is not a TCP stream; closing it");
+        return None;
+    };
+    let (reader, writer) = parts.io.into_inner().into_split();
+    Some(Socket::new(
+        reader,
+        Arc::new(writer),
+        parts.read_buf,
+        max_message,
+    ))
 }
 
 /// Why a request to the hub is not a WebSocket upgrade this gateway can serve.

@@ -19,10 +19,13 @@ pub enum CloseReason {
     Protocol(ProtocolError),
     /// The handshake failed or did not finish in time.
     Handshake(HandshakeError),
-    /// The client sent a Close message or closed the socket.
+    /// The client sent a Close message or a WebSocket close frame.
     ClientClosed,
     /// The client kept invoking far past its rate limit; reconnecting at once would not help.
     Flooding,
+    /// The socket went away without a close from the client (reset, end of stream, a failed
+    /// write): nothing more can be sent on it. A stateful connection waits to be resumed.
+    TransportLost,
 }
 
 impl CloseReason {
@@ -36,6 +39,7 @@ impl CloseReason {
             Self::Protocol(e) => e.label(),
             Self::Handshake(_) => "handshake",
             Self::ClientClosed => "client_closed",
+            Self::TransportLost => "transport_lost",
             Self::Flooding => "flooding",
         }
     }
@@ -61,6 +65,7 @@ impl CloseReason {
             Self::Protocol(e) => e.to_string(),
             Self::Handshake(e) => e.to_string(),
             Self::ClientClosed => "client closed the connection".to_owned(),
+            Self::TransportLost => "the connection was lost".to_owned(),
             Self::Flooding => "too many invocations, far past the limit; slow down".to_owned(),
         }
     }
@@ -80,6 +85,8 @@ impl CloseReason {
             Self::Protocol(ProtocolError::BadFrame(e)) => e.close_code(),
             Self::Protocol(_) | Self::Handshake(_) | Self::Flooding => 1008,
             Self::ClientClosed => 1000,
+            // Only a best-effort close frame on a socket that is likely gone.
+            Self::TransportLost => 1001,
         }
     }
 }

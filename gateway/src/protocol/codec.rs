@@ -15,8 +15,21 @@ pub enum Message {
     Ping,
     /// Type 7: the client is going away.
     Close,
-    /// Types 2, 3, 5, 8 and 9: valid, but nothing for this hub to do.
+    /// Type 8 (stateful reconnect): the client has processed the server's messages up to this
+    /// sequence id.
+    Ack(u64),
+    /// Type 9 (stateful reconnect): the first message the client sends on a resumed transport;
+    /// the id of the next message it will send (its oldest unacknowledged one).
+    Sequence(u64),
+    /// Types 2, 3 and 5: valid, but nothing for this hub to do.
     Ignored(u8),
+}
+
+impl Message {
+    /// Whether the message counts in stateful reconnect's sequence ids: types 1 to 5.
+    pub fn is_trackable(&self) -> bool {
+        matches!(self, Self::Invocation(_) | Self::Ignored(2 | 3 | 5))
+    }
 }
 
 /// A hub method call from the client.
@@ -154,6 +167,7 @@ pub fn decode(record: &str) -> Result<Message, ProtocolError> {
         target: Option<Value>,
         arguments: Option<Value>,
         stream_ids: Option<Value>,
+        sequence_id: Option<Value>,
     }
     // serde would also read a struct from an array; the protocol only has objects.
     if !record.trim_start().starts_with('{') {
@@ -195,7 +209,19 @@ pub fn decode(record: &str) -> Result<Message, ProtocolError> {
         }
         6 => Ok(Message::Ping),
         7 => Ok(Message::Close),
-        2 | 3 | 5 | 8 | 9 => Ok(Message::Ignored(kind as u8)),
+        8 | 9 => {
+            let id = raw
+                .sequence_id
+                .as_ref()
+                .and_then(Value::as_u64)
+                .ok_or_else(|| malformed("'sequenceId' must be a non-negative integer"))?;
+            Ok(if kind == 8 {
+                Message::Ack(id)
+            } else {
+                Message::Sequence(id)
+            })
+        }
+        2 | 3 | 5 => Ok(Message::Ignored(kind as u8)),
         other => Err(ProtocolError::UnknownType(other)),
     }
 }
@@ -250,6 +276,18 @@ pub fn encode_completion_result(invocation_id: &str, result: &serde_json::Value)
 /// A Close record with the reason and whether the client may reconnect.
 pub fn encode_close(error: &str, allow_reconnect: bool) -> String {
     record(&serde_json::json!({"type": 7, "error": error, "allowReconnect": allow_reconnect}))
+}
+
+/// An Ack record (stateful reconnect): the server has processed the client's messages up to
+/// `sequence_id`.
+pub fn encode_ack(sequence_id: u64) -> String {
+    format!("{{\"type\":8,\"sequenceId\":{sequence_id}}}{RECORD_SEPARATOR}")
+}
+
+/// A Sequence record (stateful reconnect): the first message on a resumed transport, the id of
+/// the first message the server replays (or of its next message when nothing is replayed).
+pub fn encode_sequence(sequence_id: u64) -> String {
+    format!("{{\"type\":9,\"sequenceId\":{sequence_id}}}{RECORD_SEPARATOR}")
 }
 
 /// The Ping record, sent when the server has been quiet for the keep-alive interval.

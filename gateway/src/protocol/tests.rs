@@ -146,7 +146,7 @@ mod record_buffer {
 mod decode {
     use serde_json::json;
 
-    use crate::protocol::codec::{Invocation, decode};
+    use crate::protocol::codec::{self, Invocation, decode};
     use crate::protocol::{Message, ProtocolError};
 
     /// Decodes `record` and compares the outcome with `expected`.
@@ -258,8 +258,51 @@ mod decode {
             Ok(Message::Ignored(3)),
         );
         check(r#"{"type":5,"invocationId":"1"}"#, Ok(Message::Ignored(5)));
-        check(r#"{"type":8,"sequenceId":1}"#, Ok(Message::Ignored(8)));
-        check(r#"{"type":9,"sequenceId":1}"#, Ok(Message::Ignored(9)));
+    }
+
+    #[test]
+    fn acks_and_sequences_carry_their_id() {
+        check(r#"{"type":8,"sequenceId":1}"#, Ok(Message::Ack(1)));
+        check(r#"{"sequenceId":42,"type":9}"#, Ok(Message::Sequence(42)));
+        for bad in [
+            r#"{"type":8}"#,
+            r#"{"type":8,"sequenceId":-1}"#,
+            r#"{"type":9,"sequenceId":"3"}"#,
+            r#"{"type":9,"sequenceId":1.5}"#,
+        ] {
+            assert!(
+                matches!(codec::decode(bad), Err(ProtocolError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(codec::encode_ack(7), "{\"type\":8,\"sequenceId\":7}\u{1e}");
+        assert_eq!(
+            codec::encode_sequence(1),
+            "{\"type\":9,\"sequenceId\":1}\u{1e}"
+        );
+    }
+
+    #[test]
+    fn only_types_one_to_five_are_trackable() {
+        let trackable = |record: &str| codec::decode(record).map(|m| m.is_trackable());
+        assert_eq!(
+            trackable(r#"{"type":1,"target":"T","arguments":[]}"#),
+            Ok(true)
+        );
+        assert_eq!(
+            trackable(r#"{"type":4,"invocationId":"1","target":"T","arguments":[]}"#),
+            Ok(true)
+        );
+        for kind in [2, 3, 5] {
+            assert_eq!(
+                trackable(&format!(r#"{{"type":{kind},"invocationId":"1"}}"#)),
+                Ok(true)
+            );
+        }
+        assert_eq!(trackable(r#"{"type":6}"#), Ok(false));
+        assert_eq!(trackable(r#"{"type":7}"#), Ok(false));
+        assert_eq!(trackable(r#"{"type":8,"sequenceId":1}"#), Ok(false));
+        assert_eq!(trackable(r#"{"type":9,"sequenceId":1}"#), Ok(false));
     }
 
     #[test]
