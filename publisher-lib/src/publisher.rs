@@ -777,6 +777,28 @@ impl Publisher {
         .await
     }
 
+    /// Sets `key` (to `1`) for `ttl` unless it exists, outside the contract (a gateway replica
+    /// marking a stateful connection id as used, so another replica knows a later upgrade with
+    /// it is a resume); returns whether it was set. With several servers it goes to the first.
+    ///
+    /// # Errors
+    /// As [`Publisher::read_history`].
+    pub async fn set_once(&self, key: &str, ttl: Duration) -> Result<bool, PublishError> {
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.run(&self.shards[0], |mut connection| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis)
+                .query_async::<Option<String>>(&mut connection)
+                .await
+                .map(|reply| reply.is_some())
+        })
+        .await
+    }
+
     /// Runs `call` on the shared connection under the publish timeout; a failure behind
     /// Sentinel forgets the master. A cluster connection is kept: it reconnects to each node
     /// and refreshes its slot map by itself.

@@ -143,6 +143,23 @@ impl Broker {
         }
     }
 
+    /// Marks stateful connection `id` as used by this replica for `ttl` and says whether it was
+    /// new: `false` means another replica holds (or held) it, so an upgrade with it here is a
+    /// resume that landed on the wrong replica. The in-process broker has no other replica.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn claim_connection(
+        &self,
+        id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(true),
+            Self::Redis(broker) => broker.claim_connection(id, ttl).await,
+        }
+    }
+
     /// Whether the broker can deliver right now (readiness).
     pub fn is_healthy(&self) -> bool {
         match self {

@@ -193,6 +193,19 @@ impl RedisBroker {
         history(group, read)
     }
 
+    /// Marks stateful connection `id` as used for `ttl`; whether it was new
+    /// (`<prefix>conn:<id>`, outside the publishers' contract).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn claim_connection(&self, id: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let key = format!("{}conn:{id}", self.prefix);
+        self.publisher
+            .set_once(&key, ttl)
+            .await
+            .map_err(|e| BrokerError::Unavailable(describe(&e)))
+    }
+
     /// What this replica missed after `cursor`, the last position it delivered (it came from
     /// Redis itself). A cursor ahead of the head means the history was rewound: the group starts
     /// a new epoch, which the answer names.

@@ -130,6 +130,18 @@ impl RedisShards {
         self.of(group).read_history(group, after).await
     }
 
+    /// Marks stateful connection `id` as used, on the first server.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when that server cannot be reached in time.
+    pub async fn claim_connection(
+        &self,
+        id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, BrokerError> {
+        self.brokers[0].claim_connection(id, ttl).await
+    }
+
     /// Whether every server's round trip succeeded recently.
     pub fn is_healthy(&self) -> bool {
         self.brokers.iter().all(RedisBroker::is_healthy)

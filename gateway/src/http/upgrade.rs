@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -92,7 +92,32 @@ pub async fn upgrade(
                 metrics::stateful_transport("refused");
                 return no_connection("connection_ended", "the connection has ended");
             }
-            Claim::New(slot) => resume = Some(slot),
+            Claim::New(slot) => {
+                // With other replicas, the id must be new to all of them: if one holds (or
+                // held) it, this upgrade is a resume that landed here, and a new connection
+                // would answer its Sequence with a handshake the client cannot read.
+                let ttl = Duration::from_secs(claims.expires.saturating_sub(now) + 1);
+                match state
+                    .broker
+                    .claim_connection(&claims.connection_id, ttl)
+                    .await
+                {
+                    Ok(true) => resume = Some(slot),
+                    Ok(false) => {
+                        metrics::stateful_transport("refused");
+                        return no_connection(
+                            "connection_elsewhere",
+                            "the connection is on another replica",
+                        );
+                    }
+                    // Redis is unreachable: the connection could not join groups anyway;
+                    // it is served as new rather than refused.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot mark a stateful connection id as used");
+                        resume = Some(slot);
+                    }
+                }
+            }
         }
     }
     if let Some(claims) = &claims
