@@ -95,6 +95,9 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
     let shutdown = Shutdown::new();
     let (subscriptions, requests) = broker::subscriptions(broker::SUBSCRIPTION_QUEUE);
     let groups = Arc::new(Groups::new(subscriptions));
+    // The registry of stateful connections; the Redis broker hands it other replicas'
+    // requests for them.
+    let resumable: Arc<connection::Resumable<tokio::net::tcp::OwnedReadHalf>> = Arc::default();
     let broker = match &config.redis.url {
         None => broker::start_memory(
             groups.clone(),
@@ -112,6 +115,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
                     history: config.history.settings(),
                 },
                 groups.clone(),
+                resumable.clone(),
                 requests,
                 &shutdown,
             )
@@ -131,7 +135,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> anyhow::Result<
         settings: Arc::new(connection::Settings::from_config(&config)),
         shutdown: shutdown.clone(),
         limits: limits::Limits::new(config.limits.admission()),
-        resumable: Arc::default(),
+        resumable,
     };
 
     let public = TcpListener::bind(config.listen.public)

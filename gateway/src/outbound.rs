@@ -23,39 +23,69 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use publisher_lib::contract::{Group, Position};
 
 /// Queue capacity kept after a burst drains; larger buffers are released.
 const RETAINED_CAPACITY: usize = 16;
 
 /// Bytes ready for the socket (a whole WebSocket frame, or what is left of one), shared by
-/// every recipient of a publication. The queue never looks inside.
+/// every recipient of a publication, and for an event the group and position it carries (a
+/// stateful connection remembers what it sent). The queue never looks inside.
 #[derive(Debug, Clone)]
-pub struct Frame(Arc<Bytes>);
+pub struct Frame(Arc<FrameData>);
+
+#[derive(Debug)]
+struct FrameData {
+    bytes: Bytes,
+    tag: Option<Tag>,
+}
+
+/// The group and position of the event a frame carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    /// The event's group.
+    pub group: Group,
+    /// Its position in the group.
+    pub position: Position,
+}
 
 impl Frame {
     /// Wraps bytes to write as they are.
     pub fn new(bytes: Bytes) -> Self {
-        Self(Arc::new(bytes))
+        Self(Arc::new(FrameData { bytes, tag: None }))
+    }
+
+    /// Wraps an event's frame with the group and position it carries.
+    pub fn tagged(bytes: Bytes, tag: Tag) -> Self {
+        Self(Arc::new(FrameData {
+            bytes,
+            tag: Some(tag),
+        }))
     }
 
     /// The bytes (a cheap reference-counted clone).
     pub fn bytes(&self) -> Bytes {
-        Bytes::clone(&self.0)
+        Bytes::clone(&self.0.bytes)
+    }
+
+    /// The event's group and position, for an event frame that has one.
+    pub fn tag(&self) -> Option<&Tag> {
+        self.0.tag.as_ref()
     }
 
     /// Its length in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.bytes.len()
     }
 
     /// Whether it has no bytes.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.bytes.is_empty()
     }
 
     /// What is left to write after the first `written` bytes went out.
     fn tail(&self, written: usize) -> Frame {
-        Frame::new(self.0.slice(written..))
+        Frame::new(self.0.bytes.slice(written..))
     }
 }
 
@@ -197,7 +227,7 @@ impl Outbound {
             && !state.writing
             && let Some(wire) = &state.wire
         {
-            let bytes: &[u8] = &frame.0;
+            let bytes: &[u8] = &frame.0.bytes;
             match wire.try_write(bytes) {
                 Ok(written) if written == bytes.len() => return Ok(()),
                 Ok(written) => {

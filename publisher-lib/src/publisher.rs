@@ -777,24 +777,19 @@ impl Publisher {
         .await
     }
 
-    /// Sets `key` (to `1`) for `ttl` unless it exists, outside the contract (a gateway replica
-    /// marking a stateful connection id as used, so another replica knows a later upgrade with
-    /// it is a resume); returns whether it was set. With several servers it goes to the first.
+    /// Runs `command` outside the contract, on the first server (or, on a Redis Cluster, the
+    /// master of its key's slot), under the publish timeout: a gateway replica's own
+    /// bookkeeping (which replica holds a stateful connection, a connection carried to
+    /// another replica).
     ///
     /// # Errors
     /// As [`Publisher::read_history`].
-    pub async fn set_once(&self, key: &str, ttl: Duration) -> Result<bool, PublishError> {
-        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    pub async fn query<T>(&self, command: redis::Cmd) -> Result<T, PublishError>
+    where
+        T: redis::FromRedisValue + Send,
+    {
         self.run(&self.shards[0], |mut connection| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(1)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis)
-                .query_async::<Option<String>>(&mut connection)
-                .await
-                .map(|reply| reply.is_some())
+            command.query_async::<T>(&mut connection).await
         })
         .await
     }

@@ -18,5 +18,6 @@ mod resume;
 mod shards;
 mod shutdown;
 mod slow_consumer;
+mod stateful;
 mod tidy;
 mod websocket;

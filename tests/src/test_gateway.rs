@@ -169,6 +169,19 @@ impl TestGateway {
         format!("ws://{}/hub/v1?access_token={token}", self.public)
     }
 
+    /// Negotiates a stateful connection (`useStatefulReconnect=true`) for `token` and returns
+    /// the hub URL its client connects (and resumes) with, on any replica.
+    pub async fn negotiate_stateful(&self, token: &str) -> String {
+        let (status, body) = self
+            .negotiate_with(token, "negotiateVersion=1&useStatefulReconnect=true")
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("negotiate answers JSON");
+        assert_eq!(body["useStatefulReconnect"], true, "{body}");
+        let id = body["connectionToken"].as_str().expect("a connectionToken");
+        format!("/hub/v1?id={id}&access_token={token}")
+    }
+
     /// The hub URL without any token.
     pub fn hub_url_without_token(&self) -> String {
         format!("ws://{}/hub/v1", self.public)
@@ -269,12 +282,14 @@ impl TestGateway {
 
     /// `POST /hub/v1/negotiate?negotiateVersion=1` with `token` as Bearer.
     pub async fn negotiate(&self, token: &str) -> (StatusCode, String) {
+        self.negotiate_with(token, "negotiateVersion=1").await
+    }
+
+    /// `POST /hub/v1/negotiate?<query>` with `token` as Bearer.
+    pub async fn negotiate_with(&self, token: &str, query: &str) -> (StatusCode, String) {
         let request = self
             .http
-            .post(format!(
-                "http://{}/hub/v1/negotiate?negotiateVersion=1",
-                self.public
-            ))
+            .post(format!("http://{}/hub/v1/negotiate?{query}", self.public))
             .bearer_auth(token)
             .send();
         let response = within(DEADLINE, request, "the negotiate response")

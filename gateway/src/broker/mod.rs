@@ -100,6 +100,13 @@ pub enum BrokerError {
     Stopped,
 }
 
+/// Where a Redis broker sends another replica's request for a stateful connection whose client
+/// came back there: the replica's connection registry, which has the connection park itself.
+pub trait Handovers: Send + Sync + 'static {
+    /// Hands stateful connection `connection_id` over, if this replica holds it.
+    fn hand_over(&self, connection_id: &str);
+}
+
 /// The closed set of brokers.
 #[derive(Debug, Clone)]
 pub enum Broker {
@@ -143,20 +150,12 @@ impl Broker {
         }
     }
 
-    /// Marks stateful connection `id` as used by this replica for `ttl` and says whether it was
-    /// new: `false` means another replica holds (or held) it, so an upgrade with it here is a
-    /// resume that landed on the wrong replica. The in-process broker has no other replica.
-    ///
-    /// # Errors
-    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
-    pub async fn claim_connection(
-        &self,
-        id: &str,
-        ttl: std::time::Duration,
-    ) -> Result<bool, BrokerError> {
+    /// The Redis side of carrying stateful connections between replicas; `None` for the
+    /// in-process broker, which has no other replica.
+    pub fn connections(&self) -> Option<&redis::RedisBroker> {
         match self {
-            Self::Memory(_) => Ok(true),
-            Self::Redis(broker) => broker.claim_connection(id, ttl).await,
+            Self::Memory(_) => None,
+            Self::Redis(broker) => Some(broker.first()),
         }
     }
 

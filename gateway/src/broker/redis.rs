@@ -34,8 +34,8 @@ use super::health::RoundTrips;
 use super::link::{Control, Link, Pushes, sharded_probe};
 use super::repair::{CursorReader, Cursors, Reading, RepairResults};
 use super::{
-    BrokerError, Fanout, History, HistorySettings, Publication, Published, SubscriptionRequest,
-    SubscriptionRequests, Wanted,
+    BrokerError, Fanout, Handovers, History, HistorySettings, Publication, Published,
+    SubscriptionRequest, SubscriptionRequests, Wanted,
 };
 use crate::metrics;
 use crate::shutdown::Shutdown;
@@ -82,7 +82,26 @@ pub struct RedisBroker {
     publisher: Publisher,
     prefix: Arc<str>,
     healthy: Arc<AtomicBool>,
+    /// This replica's own channel (`<prefix>replica:<uuid>`): other replicas ask it to hand a
+    /// stateful connection over there.
+    replica_channel: Arc<str>,
 }
+
+/// Who holds a stateful connection, by its marker in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// No replica ever served it (or its marker expired with its token).
+    Nobody,
+    /// It ended; an upgrade with its token is refused.
+    Ended,
+    /// The replica listening on this channel holds it.
+    Replica(String),
+}
+
+/// What a connection's marker holds once it ended.
+const ENDED: &str = "ended";
+/// What a handover request on a replica channel starts with, before the connection id.
+const HANDOVER: &str = "handover:";
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,6 +120,7 @@ impl RedisBroker {
     pub fn start(
         settings: RedisSettings,
         fanout: Arc<dyn Fanout>,
+        handovers: Arc<dyn Handovers>,
         requests: SubscriptionRequests,
         shutdown: &Shutdown,
     ) -> Result<Self, BrokerError> {
@@ -126,6 +146,11 @@ impl RedisBroker {
             publisher,
             prefix: Arc::from(settings.prefix.as_str()),
             healthy: Arc::new(AtomicBool::new(false)),
+            replica_channel: Arc::from(format!(
+                "{}replica:{}",
+                settings.prefix,
+                uuid::Uuid::new_v4().simple()
+            )),
         };
         let (cursors, repairs) = Cursors::new(fanout, Arc::new(broker.clone()), shutdown);
         let supervisor = Supervisor {
@@ -137,6 +162,7 @@ impl RedisBroker {
             buffer: settings.subscriber_buffer.max(1),
             dropped: Arc::new(AtomicU64::new(0)),
             stop: shutdown.background_token().clone(),
+            handovers,
         };
         shutdown
             .background()
@@ -193,15 +219,119 @@ impl RedisBroker {
         history(group, read)
     }
 
-    /// Marks stateful connection `id` as used for `ttl`; whether it was new
-    /// (`<prefix>conn:<id>`, outside the publishers' contract).
+    /// Marks stateful connection `id` as held by this replica for `ttl`, unless a replica
+    /// holds or held it; whether it was new (`<prefix>conn:<id>`, outside the publishers'
+    /// contract, `docs/redis-contract.md`).
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
     pub async fn claim_connection(&self, id: &str, ttl: Duration) -> Result<bool, BrokerError> {
-        let key = format!("{}conn:{id}", self.prefix);
+        let mut set = redis::cmd("SET");
+        set.arg(self.marker(id))
+            .arg(&*self.replica_channel)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl));
+        let reply: Option<String> = self.query(set).await?;
+        Ok(reply.is_some())
+    }
+
+    /// Marks stateful connection `id` as held by this replica for `ttl` (it was carried here).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn hold_connection(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.marker(id))
+            .arg(&*self.replica_channel)
+            .arg("PX")
+            .arg(millis(ttl));
+        self.query::<()>(set).await
+    }
+
+    /// Marks stateful connection `id` as ended for `ttl` (until its token expires).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn end_connection(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.marker(id))
+            .arg(ENDED)
+            .arg("PX")
+            .arg(millis(ttl));
+        self.query::<()>(set).await
+    }
+
+    /// Who holds stateful connection `id`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn holder(&self, id: &str) -> Result<Holder, BrokerError> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.marker(id));
+        let value: Option<String> = self.query(get).await?;
+        Ok(match value {
+            None => Holder::Nobody,
+            Some(v) if v == ENDED => Holder::Ended,
+            Some(channel) => Holder::Replica(channel),
+        })
+    }
+
+    /// Leaves the state of stateful connection `id` in Redis for `ttl`, for the replica its
+    /// client comes back to (`<prefix>carried:<id>`).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn park(&self, id: &str, state: &[u8], ttl: Duration) -> Result<(), BrokerError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.carried(id))
+            .arg(state)
+            .arg("PX")
+            .arg(millis(ttl));
+        self.query::<()>(set).await
+    }
+
+    /// Takes the parked state of stateful connection `id`, if there is one (once: `GETDEL`).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn take_parked(&self, id: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        let mut take = redis::cmd("GETDEL");
+        take.arg(self.carried(id));
+        self.query(take).await
+    }
+
+    /// Asks the replica listening on `channel` to park stateful connection `id`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when Redis cannot be reached in time.
+    pub async fn request_handover(&self, channel: &str, id: &str) -> Result<(), BrokerError> {
         self.publisher
-            .set_once(&key, ttl)
+            .publish_raw(channel, format!("{HANDOVER}{id}").as_bytes())
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::Unavailable(describe(&e)))
+    }
+
+    /// This replica's own channel, which other replicas' handover requests arrive on.
+    pub fn replica_channel(&self) -> &str {
+        &self.replica_channel
+    }
+
+    fn marker(&self, id: &str) -> String {
+        format!("{}conn:{id}", self.prefix)
+    }
+
+    fn carried(&self, id: &str) -> String {
+        format!("{}carried:{id}", self.prefix)
+    }
+
+    async fn query<T>(&self, command: redis::Cmd) -> Result<T, BrokerError>
+    where
+        T: redis::FromRedisValue + Send,
+    {
+        self.publisher
+            .query(command)
             .await
             .map_err(|e| BrokerError::Unavailable(describe(&e)))
     }
@@ -254,6 +384,11 @@ fn history(
 }
 
 /// A publish error with its cause, for logs.
+/// `ttl` in whole milliseconds, at least 1 (`PX 0` is an error).
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 fn describe(error: &PublishError) -> String {
     match std::error::Error::source(error) {
         Some(source) => format!("{error}: {source}"),
@@ -277,6 +412,8 @@ struct Supervisor {
     /// Messages dropped because the buffer was full, since start.
     dropped: Arc<AtomicU64>,
     stop: CancellationToken,
+    /// Where requests to hand a stateful connection over go.
+    handovers: Arc<dyn Handovers>,
 }
 
 impl Supervisor {
@@ -355,6 +492,7 @@ impl Supervisor {
             .map(|g| g.channel(&self.broker.prefix))
             .collect();
         channels.extend(health_channels.iter().cloned());
+        channels.push(self.broker.replica_channel.to_string());
         for batch in channels.chunks(RESUBSCRIBE_BATCH) {
             if let Err(error) = link.subscribe(batch.to_vec()).await {
                 tracing::debug!(%error, "redis subscriber cannot subscribe");
@@ -398,6 +536,8 @@ impl Supervisor {
                         if health.healthy(Instant::now(), PROBE_GRACE) {
                             self.set_healthy(true);
                         }
+                    } else if channel == self.broker.replica_channel.as_bytes() {
+                        self.handover_requested(payload);
                     } else {
                         self.deliver(channel, payload);
                     }
@@ -511,7 +651,10 @@ impl Supervisor {
         };
         let group = Group::from_channel(&self.broker.prefix, name)
             .filter(|group| self.desired.contains(group));
-        if group.is_none() && !health.is_health(channel) {
+        if group.is_none()
+            && !health.is_health(channel)
+            && channel != self.broker.replica_channel.as_bytes()
+        {
             // Our own unsubscribe's confirmation, or a group left since.
             return Ok(());
         }
@@ -584,6 +727,17 @@ impl Supervisor {
                 () = send => {}
             }
         });
+    }
+
+    /// Another replica asks for a stateful connection whose client came back there.
+    fn handover_requested(&self, payload: &[u8]) {
+        let id = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|text| text.strip_prefix(HANDOVER));
+        match id {
+            Some(id) => self.handovers.hand_over(id),
+            None => metrics::envelope_rejected("malformed"),
+        }
     }
 
     fn deliver(&mut self, channel: &[u8], payload: &[u8]) {

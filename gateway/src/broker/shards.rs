@@ -13,7 +13,7 @@ use publisher_lib::contract::{EventKind, Group, Position, shard_of};
 
 use super::redis::{RedisBroker, RedisSettings};
 use super::{
-    BrokerError, Fanout, History, Published, SUBSCRIPTION_QUEUE, SubscriptionRequest,
+    BrokerError, Fanout, Handovers, History, Published, SUBSCRIPTION_QUEUE, SubscriptionRequest,
     SubscriptionRequests, subscriptions,
 };
 use crate::shutdown::Shutdown;
@@ -33,12 +33,14 @@ impl RedisShards {
     pub fn start(
         settings: &RedisSettings,
         fanout: Arc<dyn Fanout>,
+        handovers: Arc<dyn Handovers>,
         mut requests: SubscriptionRequests,
         shutdown: &Shutdown,
     ) -> Result<Self, BrokerError> {
         let urls: Vec<&str> = settings.url.split_whitespace().collect();
         if urls.len() <= 1 {
-            let broker = RedisBroker::start(settings.clone(), fanout, requests, shutdown)?;
+            let broker =
+                RedisBroker::start(settings.clone(), fanout, handovers, requests, shutdown)?;
             return Ok(Self {
                 brokers: Arc::from([broker]),
             });
@@ -54,6 +56,7 @@ impl RedisShards {
             brokers.push(RedisBroker::start(
                 settings,
                 Arc::clone(&fanout),
+                Arc::clone(&handovers),
                 shard_requests,
                 shutdown,
             )?);
@@ -130,16 +133,10 @@ impl RedisShards {
         self.of(group).read_history(group, after).await
     }
 
-    /// Marks stateful connection `id` as used, on the first server.
-    ///
-    /// # Errors
-    /// [`BrokerError::Unavailable`] when that server cannot be reached in time.
-    pub async fn claim_connection(
-        &self,
-        id: &str,
-        ttl: std::time::Duration,
-    ) -> Result<bool, BrokerError> {
-        self.brokers[0].claim_connection(id, ttl).await
+    /// The first server's broker, which keeps the replicas' bookkeeping of stateful
+    /// connections (markers, carried state, handover requests).
+    pub fn first(&self) -> &RedisBroker {
+        &self.brokers[0]
     }
 
     /// Whether every server's round trip succeeded recently.

@@ -6,7 +6,9 @@
 //! trackable messages are counted the same way, so messages it replays after a resume are
 //! recognised and dropped, and the server acknowledges what it processed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+
+use publisher_lib::contract::{Group, Position};
 
 use crate::outbound::Frame;
 
@@ -27,6 +29,20 @@ pub(super) struct Ledger {
     processed: u64,
     /// The highest id the server has acknowledged to the client.
     acked_in: u64,
+    /// Per group, the position the client has been sent up to: the last event frame written,
+    /// or where its join started. A replica carrying the connection on resumes the group after
+    /// it.
+    positions: HashMap<Group, Position>,
+}
+
+/// A ledger's counters and kept messages, to carry a connection to another replica.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Counters {
+    pub(super) next_out: u64,
+    pub(super) next_in: u64,
+    pub(super) processed: u64,
+    pub(super) acked_in: u64,
 }
 
 /// What to do with a trackable message from the client.
@@ -54,7 +70,53 @@ impl Ledger {
             next_in: 1,
             processed: 0,
             acked_in: 0,
+            positions: HashMap::new(),
         }
+    }
+
+    /// A ledger continuing `counters`, keeping `unacked` (id, frame), within `limit` bytes.
+    pub(super) fn carried(limit: usize, counters: &Counters, unacked: Vec<(u64, Frame)>) -> Self {
+        let unacked_bytes = unacked.iter().map(|(_, frame)| frame.len()).sum();
+        Self {
+            unacked: unacked.into(),
+            unacked_bytes,
+            limit,
+            next_out: counters.next_out,
+            next_in: counters.next_in,
+            processed: counters.processed,
+            acked_in: counters.acked_in,
+            positions: HashMap::new(),
+        }
+    }
+
+    /// The counters, to carry the connection elsewhere.
+    pub(super) fn counters(&self) -> Counters {
+        Counters {
+            next_out: self.next_out,
+            next_in: self.next_in,
+            processed: self.processed,
+            acked_in: self.acked_in,
+        }
+    }
+
+    /// The kept messages with their ids, oldest first.
+    pub(super) fn unacked_with_ids(&self) -> impl Iterator<Item = (u64, &Frame)> {
+        self.unacked.iter().map(|(id, frame)| (*id, frame))
+    }
+
+    /// `group` was joined: the client has everything up to `position`.
+    pub(super) fn joined(&mut self, group: &Group, position: Position) {
+        self.positions.insert(group.clone(), position);
+    }
+
+    /// `group` was left.
+    pub(super) fn left(&mut self, group: &Group) {
+        self.positions.remove(group);
+    }
+
+    /// How far `group` has been sent.
+    pub(super) fn position(&self, group: &Group) -> Option<&Position> {
+        self.positions.get(group)
     }
 
     /// Whether another message may be sent now: below the bound, or nothing kept at all (one
@@ -67,6 +129,12 @@ impl Ledger {
     pub(super) fn sent(&mut self, frame: &Frame) -> u64 {
         let id = self.next_out;
         self.next_out += 1;
+        if let Some(tag) = frame.tag()
+            && let Some(position) = self.positions.get_mut(&tag.group)
+        {
+            // Only groups the connection is in; a frame of a group left meanwhile moves nothing.
+            *position = tag.position.clone();
+        }
         self.unacked_bytes += frame.len();
         self.unacked.push_back((id, frame.clone()));
         id
@@ -193,6 +261,51 @@ mod tests {
         assert_eq!(ledger.received(), Incoming::Repeat);
         assert_eq!(ledger.received(), Incoming::Process);
         assert_eq!(ledger.ack_due(), Some(4));
+    }
+
+    #[test]
+    fn positions_follow_the_event_frames_sent_of_joined_groups() {
+        let west = Group::try_dispatch("west").unwrap();
+        let east = Group::try_dispatch("east").unwrap();
+        let at = |seq| Position::new("e".repeat(32), seq);
+        let event = |group: &Group, seq| {
+            Frame::tagged(
+                Bytes::from_static(b"x"),
+                crate::outbound::Tag {
+                    group: group.clone(),
+                    position: at(seq),
+                },
+            )
+        };
+        let mut ledger = Ledger::new(100);
+        ledger.joined(&west, at(3));
+        assert_eq!(ledger.position(&west), Some(&at(3)));
+        ledger.sent(&event(&west, 4));
+        ledger.sent(&event(&east, 9));
+        ledger.sent(&frame(5));
+        assert_eq!(ledger.position(&west), Some(&at(4)));
+        assert_eq!(ledger.position(&east), None, "not joined");
+        ledger.left(&west);
+        assert_eq!(ledger.position(&west), None);
+    }
+
+    #[test]
+    fn a_carried_ledger_continues_the_counters_and_kept_messages() {
+        let mut ledger = Ledger::new(1_000);
+        ledger.sent(&frame(10));
+        ledger.sent(&frame(20));
+        ledger.acked(1);
+        ledger.received();
+        let kept: Vec<(u64, Frame)> = ledger
+            .unacked_with_ids()
+            .map(|(id, frame)| (id, frame.clone()))
+            .collect();
+        let mut carried = Ledger::carried(1_000, &ledger.counters(), kept);
+        assert_eq!(carried.counters(), ledger.counters());
+        assert_eq!(carried.resume_from(), 2);
+        assert_eq!(carried.unacked_bytes(), 20);
+        assert_eq!(carried.sent(&frame(1)), 3);
+        assert_eq!(carried.received(), Incoming::Process);
     }
 
     #[test]

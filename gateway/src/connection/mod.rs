@@ -6,6 +6,7 @@
 //! is queued when the socket is ready goes out in one vectored write. The loop is generic over
 //! the byte stream so its edge cases can be driven in memory.
 
+mod handover;
 mod ledger;
 mod rate;
 mod resume;
@@ -19,9 +20,10 @@ use publisher_lib::contract::{Group, Position};
 use tokio::io::AsyncRead;
 use tokio::time::{Instant, timeout, timeout_at};
 
+pub use handover::{Carried, CarryError};
 use ledger::{Incoming as Counted, Ledger};
 use rate::{Rates, TokenBucket, Verdict};
-pub use resume::{Claim, Resumable, ResumeSlot, Resumed};
+pub use resume::{Claim, Resumable, ResumeSlot, Resumed, Transport};
 use socket::ReadError;
 pub use socket::Socket;
 
@@ -136,6 +138,23 @@ pub struct Connection {
     pub settings: Arc<Settings>,
     /// Its admission slots, given back when the connection ends.
     pub permit: crate::limits::ConnectionPermit,
+    /// A stateful connection carried here from another replica: no handshake, and it goes on
+    /// where it stopped there.
+    pub carried: Option<Box<Carried>>,
+}
+
+/// How a connection task starts: a handshake was read, or a carried connection goes on.
+enum Start {
+    Fresh(Vec<String>, RecordBuffer),
+    Carried(Box<Carried>),
+}
+
+/// What the first transport starts with: the records that came with the handshake (and the
+/// buffer holding the start of the next), or, for a connection carried here, its groups and
+/// how far each was sent.
+enum Opening {
+    Handshaken(Vec<String>, RecordBuffer),
+    Rejoin(Vec<(Group, Option<Position>)>),
 }
 
 /// What a connection task carries besides its socket and queue: the user token's expiry (a
@@ -143,7 +162,8 @@ pub struct Connection {
 /// transports arrive through.
 struct Session<S> {
     valid_until: u64,
-    stateful: Option<StatefulState<S>>,
+    /// Boxed: most connections are not stateful, and an idle one should stay small.
+    stateful: Option<Box<StatefulState<S>>>,
 }
 
 struct StatefulState<S> {
@@ -173,16 +193,19 @@ enum Stop<S> {
     /// A stateful connection's client came back on a new transport while the old one was
     /// still open here.
     Resumed(Resumed<S>),
+    /// Another replica asked for the connection.
+    HandOver,
 }
 
 impl Connection {
     /// Runs the connection to its end. With `resume` the connection is stateful: it numbers
     /// what it sends, and a lost socket is replaced by one that arrives through the slot
     /// within the grace period.
-    pub async fn serve<S>(self, mut socket: Socket<S>, resume: Option<ResumeSlot<S>>)
+    pub async fn serve<S>(mut self, mut socket: Socket<S>, resume: Option<ResumeSlot<S>>)
     where
         S: AsyncRead + Unpin,
     {
+        let carried = self.carried.take();
         metrics::connection_opened();
         let (outbound, mut inbox) =
             outbound::channel_within(self.settings.outbound_queue, self.settings.queue_budget);
@@ -197,15 +220,34 @@ impl Connection {
         };
         // Boxed: the handshake's state is only needed at the start, and an idle connection
         // should not carry it.
-        let reason = match Box::pin(self.handshake(&mut socket, &mut inbox)).await {
-            Ok((pending, buffer)) => {
+        let start = match carried {
+            Some(carried) => Ok(Start::Carried(carried)),
+            None => Box::pin(self.handshake(&mut socket, &mut inbox))
+                .await
+                .map(|(pending, buffer)| Start::Fresh(pending, buffer)),
+        };
+        let mut ended_stateful = None;
+        let reason = match start {
+            Ok(start) => {
                 self.permit.handshake_completed();
+                let limit = self.settings.stateful_buffer;
+                let (opening, ledger) = match start {
+                    Start::Fresh(pending, buffer) => {
+                        (Opening::Handshaken(pending, buffer), Ledger::new(limit))
+                    }
+                    Start::Carried(carried) => {
+                        let (groups, ledger) = carried.into_parts(limit);
+                        (Opening::Rejoin(groups), ledger)
+                    }
+                };
                 let mut session = Session {
                     valid_until: self.principal.valid_until,
-                    stateful: resume.map(|slot| StatefulState {
-                        slot,
-                        ledger: Ledger::new(self.settings.stateful_buffer),
-                        ack_at: None,
+                    stateful: resume.map(|slot| {
+                        Box::new(StatefulState {
+                            slot,
+                            ledger,
+                            ack_at: None,
+                        })
                     }),
                 };
                 if self.settings.direct_writes && session.stateful.is_none() {
@@ -217,10 +259,12 @@ impl Connection {
                     &outbound,
                     &mut inbox,
                     joined,
-                    (pending, buffer),
+                    opening,
                     &mut session,
                 );
-                Box::pin(transports).await
+                let reason = Box::pin(transports).await;
+                ended_stateful = session.stateful.map(|s| s.slot);
+                reason
             }
             // Before the handshake completes the client reads a handshake response, not a
             // Close message, so even a shutdown is told as a handshake error.
@@ -234,6 +278,20 @@ impl Connection {
         drop(registration);
         inbox.begin_writing();
         close(&socket, &reason).await;
+        // Other replicas refuse its token from now on (a handed-over one lives on elsewhere).
+        if let Some(slot) = ended_stateful
+            && reason != CloseReason::HandedOver
+            && let Some(redis) = self.broker.connections()
+        {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let ttl = Duration::from_secs(slot.token_expires().saturating_sub(now) + 1);
+            // Boxed: only stateful connections on Redis get here, and only once.
+            if let Err(e) = Box::pin(redis.end_connection(slot.id(), ttl)).await {
+                tracing::debug!(error = %e, "could not mark a stateful connection as ended");
+            }
+        }
     }
 
     /// Reads the handshake; returns the records that followed it in the same message and the
@@ -309,29 +367,53 @@ impl Connection {
     }
 
     /// Serves the connection over its first transport and, for a stateful connection, over
-    /// each transport that resumes it, until it ends; returns why it ended.
+    /// each transport that resumes it, until it ends; returns why it ended. A connection
+    /// carried here first picks up its groups.
     async fn transports<S>(
         &self,
         socket: &mut Socket<S>,
         outbound: &Outbound,
         inbox: &mut Inbox,
         joined: &mut Vec<Membership>,
-        (pending, buffer): (Vec<String>, RecordBuffer),
+        opening: Opening,
         session: &mut Session<S>,
     ) -> CloseReason
     where
         S: AsyncRead + Unpin,
     {
-        let mut stop = self
-            .run(socket, outbound, inbox, joined, pending, buffer, session)
-            .await;
+        let mut stop = match opening {
+            Opening::Handshaken(pending, buffer) => {
+                self.run(socket, outbound, inbox, joined, pending, buffer, session)
+                    .await
+            }
+            Opening::Rejoin(rejoin) => {
+                let adopted = self.adopt(socket, outbound, inbox, joined, rejoin, session);
+                match Box::pin(adopted).await {
+                    Ok(()) => {
+                        let buffer = RecordBuffer::new(self.settings.max_message_bytes);
+                        self.run(socket, outbound, inbox, joined, Vec::new(), buffer, session)
+                            .await
+                    }
+                    Err(reason) => Stop::Close(reason),
+                }
+            }
+        };
         loop {
             let resumed = match stop {
                 Stop::Resumed(resumed) => resumed,
+                Stop::HandOver => {
+                    return self
+                        .hand_over(joined, session, CloseReason::TransportLost)
+                        .await;
+                }
                 Stop::Close(reason) => {
                     let Some(stateful) = session.stateful.as_mut() else {
                         return reason;
                     };
+                    if reason == CloseReason::ServerShutdown {
+                        // Draining: the client comes back to another replica.
+                        return self.hand_over(joined, session, reason).await;
+                    }
                     if !matches!(
                         reason,
                         CloseReason::TransportLost | CloseReason::ClientTimeout
@@ -350,18 +432,29 @@ impl Connection {
                         "transport lost; waiting for a resume"
                     );
                     let grace = self.settings.stateful_grace;
-                    tokio::select! {
+                    let next = tokio::select! {
                         biased;
-                        closing = inbox.closed() => return closing.into(),
-                        resumed = stateful.slot.transports.recv() => match resumed {
-                            Some(resumed) => resumed,
-                            None => return reason,
-                        },
+                        closing = inbox.closed() => Err(CloseReason::from(closing)),
+                        transport = stateful.slot.transports.recv() => transport.ok_or(reason),
                         () = tokio::time::sleep(grace) => {
                             metrics::stateful_transport("expired");
                             tracing::debug!("no resume within the grace period");
-                            return reason;
+                            Err(reason)
                         }
+                    };
+                    match next {
+                        Ok(Transport::Resumed(resumed)) => resumed,
+                        Ok(Transport::HandOver) => {
+                            return self
+                                .hand_over(joined, session, CloseReason::TransportLost)
+                                .await;
+                        }
+                        Err(CloseReason::ServerShutdown) => {
+                            return self
+                                .hand_over(joined, session, CloseReason::ServerShutdown)
+                                .await;
+                        }
+                        Err(reason) => return reason,
                     }
                 }
             };
@@ -387,6 +480,82 @@ impl Connection {
                 Err(e) => Stop::Close(e.into()),
             };
         }
+    }
+
+    /// Leaves a stateful connection in Redis for the replica its client comes back to, and
+    /// ends it here; without Redis (or when Redis fails) it ends with `otherwise`.
+    async fn hand_over<S>(
+        &self,
+        joined: &[Membership],
+        session: &Session<S>,
+        otherwise: CloseReason,
+    ) -> CloseReason {
+        let (Some(stateful), Some(redis)) = (session.stateful.as_ref(), self.broker.connections())
+        else {
+            return otherwise;
+        };
+        let carried = Carried::new(
+            &self.principal.subject,
+            joined.iter().map(|m| &m.group),
+            &stateful.ledger,
+        );
+        let parked = redis
+            .park(
+                stateful.slot.id(),
+                &carried.to_bytes(),
+                self.settings.stateful_grace,
+            )
+            .await;
+        match parked {
+            Ok(()) => {
+                metrics::stateful_transport("handed_over");
+                tracing::debug!(groups = joined.len(), "handed over");
+                CloseReason::HandedOver
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not hand a stateful connection over");
+                otherwise
+            }
+        }
+    }
+
+    /// Goes on with a connection carried from another replica: the Sequence and the messages
+    /// the client has not acknowledged, then each group joined again after the position it
+    /// was sent up to. A group that cannot be picked up there ends the connection: the client
+    /// then starts over rather than miss events.
+    async fn adopt<S>(
+        &self,
+        socket: &mut Socket<S>,
+        outbound: &Outbound,
+        inbox: &mut Inbox,
+        joined: &mut Vec<Membership>,
+        rejoin: Vec<(Group, Option<Position>)>,
+        session: &mut Session<S>,
+    ) -> Result<(), CloseReason>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let Some(stateful) = session.stateful.as_mut() else {
+            return Err(CloseReason::ResumeGap);
+        };
+        metrics::stateful_transport("adopted");
+        replay(socket, inbox, &stateful.ledger, self.settings.write_timeout)
+            .await
+            .map_err(CloseReason::from)?;
+        for (group, sent) in rejoin {
+            let joining = self.join("JoinGroup", group.clone(), sent.clone(), outbound, joined);
+            match Box::pin(joining).await {
+                Ok(rejoined) if sent.is_none() || rejoined.recovered == Some(true) => {
+                    stateful.ledger.joined(&group, sent_from(sent, &rejoined));
+                }
+                _ => {
+                    tracing::info!(%group, "a carried group could not be picked up; closing");
+                    return Err(CloseReason::ResumeGap);
+                }
+            }
+        }
+        tracing::debug!(groups = joined.len(), "carried connection adopted");
+        Ok(())
     }
 
     /// Serves one transport until it ends.
@@ -444,7 +613,10 @@ impl Connection {
                     }
                     last_sent = Instant::now();
                 }
-                Some(resumed) = next_transport(session) => return Stop::Resumed(resumed),
+                Some(transport) = next_transport(session) => return match transport {
+                    Transport::Resumed(resumed) => Stop::Resumed(resumed),
+                    Transport::HandOver => Stop::HandOver,
+                },
                 () = &mut timer => {
                     let now = Instant::now();
                     if now >= token_expires {
@@ -580,9 +752,12 @@ impl Connection {
             Outcome::Join { group, after } => {
                 // Boxed: the join's broker round trip nests deep futures, which the
                 // connection's own future should neither carry nor have to lay out.
-                match Box::pin(self.join(&invocation.target, group, after, outbound, joined)).await
-                {
+                let joining = self.join(&invocation.target, group, after.clone(), outbound, joined);
+                match Box::pin(joining).await {
                     Ok(joined) => {
+                        if let Some(ledger) = session.ledger() {
+                            ledger.joined(&joined.group, sent_from(after, &joined));
+                        }
                         result = Some(joined);
                         None
                     }
@@ -593,6 +768,9 @@ impl Connection {
                 if let Some(at) = joined.iter().position(|m| m.group == group) {
                     joined.swap_remove(at);
                     self.groups.leave_now(self.id, &group);
+                    if let Some(ledger) = session.ledger() {
+                        ledger.left(&group);
+                    }
                     tracing::debug!(%group, "left");
                 }
                 None
@@ -739,6 +917,15 @@ impl Connection {
     }
 }
 
+/// How far a group has been sent to a client once its join succeeded: up to the position it
+/// resumed from when the missed events are on their way, else up to the head.
+fn sent_from(after: Option<Position>, joined: &Joined) -> Position {
+    match after {
+        Some(after) if joined.recovered == Some(true) => after,
+        _ => joined.head.clone(),
+    }
+}
+
 /// A join that succeeded: what its completion tells the client.
 #[derive(Debug)]
 struct Joined {
@@ -832,7 +1019,7 @@ async fn next_delivery(inbox: &mut Inbox, may_send: bool) -> Delivery {
 }
 
 /// The next transport of a stateful connection; never ready for a connection that is not.
-async fn next_transport<S>(session: &mut Session<S>) -> Option<Resumed<S>> {
+async fn next_transport<S>(session: &mut Session<S>) -> Option<Transport<S>> {
     match session.stateful.as_mut() {
         Some(stateful) => stateful.slot.transports.recv().await,
         None => std::future::pending().await,
@@ -966,7 +1153,7 @@ where
         // Before the handshake completes the client reads a handshake response, not a Close.
         CloseReason::Handshake(error) => Some(error.reply()),
         // The client ended it, or the socket is gone: only a close frame, if anything.
-        CloseReason::ClientClosed | CloseReason::TransportLost => None,
+        CloseReason::ClientClosed | CloseReason::TransportLost | CloseReason::HandedOver => None,
         other => Some(other.record()),
     };
     let _ = timeout(CLOSE_WRITE_TIMEOUT, async {

@@ -22,13 +22,22 @@ pub struct Resumed<S> {
     pub valid_until: u64,
 }
 
+/// What a live stateful connection's task is handed through its slot.
+#[derive(Debug)]
+pub enum Transport<S> {
+    /// Its client came back here on a new socket.
+    Resumed(Resumed<S>),
+    /// Its client came back on another replica, which asks for it: park it in Redis and end.
+    HandOver,
+}
+
 /// What an upgrade with a stateful connection token finds.
 #[derive(Debug)]
 pub enum Claim<S> {
-    /// The id was never used here: a new connection, which owns this slot.
+    /// The id is not in use here: a new (or carried) connection, which owns this slot.
     New(ResumeSlot<S>),
     /// Its connection is alive: hand it the new socket.
-    Resume(mpsc::Sender<Resumed<S>>),
+    Resume(mpsc::Sender<Transport<S>>),
     /// Its connection ended: refuse the upgrade.
     Ended,
 }
@@ -41,7 +50,7 @@ pub struct Resumable<S> {
 
 #[derive(Debug)]
 struct Inner<S> {
-    live: HashMap<String, mpsc::Sender<Resumed<S>>>,
+    live: HashMap<String, mpsc::Sender<Transport<S>>>,
     /// Ended ids and when they may be forgotten (Unix seconds), oldest first.
     ended: VecDeque<(u64, String)>,
     ended_ids: HashMap<String, u64>,
@@ -54,8 +63,21 @@ pub struct ResumeSlot<S> {
     id: String,
     forget_at: u64,
     registry: Arc<Resumable<S>>,
-    /// New transports for this connection.
-    pub transports: mpsc::Receiver<Resumed<S>>,
+    /// New transports for this connection, and requests to hand it over.
+    pub transports: mpsc::Receiver<Transport<S>>,
+}
+
+impl<S> ResumeSlot<S> {
+    /// The connection id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// When its token expires (Unix seconds): until then an upgrade with it must not start a
+    /// new connection.
+    pub fn token_expires(&self) -> u64 {
+        self.forget_at
+    }
 }
 
 impl<S> Default for Resumable<S> {
@@ -93,6 +115,11 @@ impl<S> Resumable<S> {
         })
     }
 
+    /// Forgets that `id` ended here (it was carried back to this replica).
+    pub fn forget_ended(&self, id: &str) {
+        self.lock().ended_ids.remove(id);
+    }
+
     /// Live stateful connections.
     pub fn live(&self) -> usize {
         self.lock().live.len()
@@ -115,6 +142,18 @@ impl<S> Inner<S> {
             {
                 self.ended_ids.remove(&id);
             }
+        }
+    }
+}
+
+impl<S: Send + 'static> crate::broker::Handovers for Resumable<S> {
+    fn hand_over(&self, connection_id: &str) {
+        let sender = self.lock().live.get(connection_id).cloned();
+        // A full slot holds a transport or a request already: the task sees that first.
+        if let Some(sender) = sender
+            && sender.try_send(Transport::HandOver).is_ok()
+        {
+            tracing::debug!(connection_id, "handover requested by another replica");
         }
     }
 }

@@ -189,6 +189,7 @@ fn spawn_connection(
         broker,
         settings: Arc::new(settings),
         permit: crate::limits::ConnectionPermit::unlimited(),
+        carried: None,
     };
     let (reader, writer) = server.into_split();
     let socket = Socket::new(reader, wire(writer), Bytes::new(), 32 * 1024);
@@ -364,6 +365,7 @@ async fn an_idle_connection_task_stays_small() {
         broker,
         settings: Arc::new(settings()),
         permit: crate::limits::ConnectionPermit::unlimited(),
+        carried: None,
     };
     let task = connection.serve(
         Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024),
@@ -888,10 +890,10 @@ async fn resume(registry: &Arc<Resumable<tokio::net::unix::OwnedReadHalf>>, id: 
     let socket = Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024);
     let valid_until = dispatcher(Duration::from_secs(3600)).valid_until;
     transports
-        .send(Resumed {
+        .send(Transport::Resumed(Resumed {
             socket,
             valid_until,
-        })
+        }))
         .await
         .expect("the connection takes its new transport");
     Client { stream: client }

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::broker::{Broker, BrokerError, Fanout, Publication, Subscriptions};
 use crate::metrics;
 use crate::order::member::{Floors, Hold, Holding};
-use crate::outbound::{Closing, Frame, Outbound, OverBudget, Rejected, WriteMode};
+use crate::outbound::{Closing, Frame, Outbound, OverBudget, Rejected, Tag, WriteMode};
 use crate::protocol::frames;
 
 /// Largest group whose publications are written straight to idle members' sockets.
@@ -507,14 +507,25 @@ impl Fanout for Groups {
     }
 }
 
-/// A publication's WebSocket frame: the event untouched, then its position when it has one.
+/// A publication's WebSocket frame: the event untouched, then its position when it has one
+/// (the frame is then tagged with it).
 fn event_frame(publication: &Publication) -> Frame {
-    Frame::new(frames::event_frame(
+    let bytes = frames::event_frame(
         &publication.group,
         publication.kind,
         &publication.payload,
         publication.position.as_ref(),
-    ))
+    );
+    match &publication.position {
+        Some(position) => Frame::tagged(
+            bytes,
+            Tag {
+                group: publication.group.clone(),
+                position: position.clone(),
+            },
+        ),
+        None => Frame::new(bytes),
+    }
 }
 
 #[cfg(test)]

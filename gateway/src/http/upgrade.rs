@@ -21,7 +21,8 @@ use tracing::Instrument;
 use super::{AppState, bearer, unauthorized};
 use crate::auth::AuthError;
 use crate::auth::connection_token::ConnectionTokenError;
-use crate::connection::{Claim, Connection, Resumed, Socket};
+use crate::broker::redis::{Holder, RedisBroker};
+use crate::connection::{Carried, Claim, Connection, Resumed, Socket, Transport};
 use crate::metrics;
 
 /// The query of the upgrade request.
@@ -78,6 +79,7 @@ pub async fn upgrade(
         },
     };
     let mut resume = None;
+    let mut carried = None;
     if let Some(claims) = claims.as_ref().filter(|c| c.stateful) {
         match state
             .resumable
@@ -92,29 +94,30 @@ pub async fn upgrade(
                 metrics::stateful_transport("refused");
                 return no_connection("connection_ended", "the connection has ended");
             }
+            // Not here: new, or a client coming back from another replica.
             Claim::New(slot) => {
-                // With other replicas, the id must be new to all of them: if one holds (or
-                // held) it, this upgrade is a resume that landed here, and a new connection
-                // would answer its Sequence with a handshake the client cannot read.
-                let ttl = Duration::from_secs(claims.expires.saturating_sub(now) + 1);
-                match state
-                    .broker
-                    .claim_connection(&claims.connection_id, ttl)
-                    .await
-                {
-                    Ok(true) => resume = Some(slot),
-                    Ok(false) => {
-                        metrics::stateful_transport("refused");
-                        return no_connection(
-                            "connection_elsewhere",
-                            "the connection is on another replica",
-                        );
-                    }
-                    // Redis is unreachable: the connection could not join groups anyway;
-                    // it is served as new rather than refused.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot mark a stateful connection id as used");
+                let expired = claims.expires < now;
+                let redis = state.broker.connections();
+                match locate(redis, &claims.connection_id, expired).await {
+                    Located::New => resume = Some(slot),
+                    Located::Carried(from) if from.subject == principal.subject => {
+                        if let Some(redis) = redis
+                            && let Err(e) = redis
+                                .hold_connection(&claims.connection_id, HELD_MARKER_TTL)
+                                .await
+                        {
+                            tracing::warn!(error = %e, "cannot mark a carried connection as held here");
+                        }
+                        carried = Some(from);
                         resume = Some(slot);
+                    }
+                    Located::Carried(_) => {
+                        metrics::stateful_transport("refused");
+                        return no_connection("connection_token", "carried for another user");
+                    }
+                    Located::Gone(label, why) => {
+                        metrics::stateful_transport("refused");
+                        return no_connection(label, why);
                     }
                 }
             }
@@ -122,6 +125,7 @@ pub async fn upgrade(
     }
     if let Some(claims) = &claims
         && claims.expires < now
+        && carried.is_none()
     {
         return no_connection(
             "connection_token",
@@ -143,6 +147,7 @@ pub async fn upgrade(
         broker: state.broker.clone(),
         settings: Arc::clone(&state.settings),
         permit,
+        carried,
     };
     let span = tracing::debug_span!(
         "connection",
@@ -166,6 +171,97 @@ pub async fn upgrade(
         }
     });
     switching_protocols(&key)
+}
+
+/// How long the marker of a stateful connection held by a replica lives in Redis: a
+/// connection that outlives it is still resumed on its own replica, and elsewhere its client
+/// starts over.
+const HELD_MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an upgrade waits for the replica holding a connection to hand it over.
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+/// How often it looks whether the connection was handed over meanwhile.
+const HANDOVER_POLL: Duration = Duration::from_millis(20);
+
+/// Where the client of a stateful connection unknown on this replica comes from.
+enum Located {
+    /// Nowhere: a new connection (its id is now marked as held here).
+    New,
+    /// Another replica: the connection, to go on with here.
+    Carried(Box<Carried>),
+    /// It ended, or it cannot be had: the upgrade is refused (label and reason).
+    Gone(&'static str, &'static str),
+}
+
+/// Finds out whether stateful connection `id` is new, or where it lives: parked in Redis by a
+/// replica that drained, or held by a live replica, which is asked to hand it over. Without
+/// Redis there is no other replica. Redis failing leaves a fresh token new (the connection
+/// could not join groups anyway) and refuses a resume.
+async fn locate(redis: Option<&RedisBroker>, id: &str, expired: bool) -> Located {
+    const ENDED: Located = Located::Gone("connection_ended", "the connection has ended");
+    let Some(redis) = redis else {
+        return if expired { ENDED } else { Located::New };
+    };
+    if let Some(carried) = take_parked(redis, id).await {
+        return Located::Carried(carried);
+    }
+    let channel = match redis.holder(id).await {
+        Ok(Holder::Replica(channel)) => channel,
+        Ok(Holder::Ended) => return ENDED,
+        Ok(Holder::Nobody) | Err(_) if expired => return ENDED,
+        Ok(Holder::Nobody) => {
+            return match redis.claim_connection(id, HELD_MARKER_TTL).await {
+                Ok(true) => Located::New,
+                Ok(false) => Located::Gone(
+                    "connection_elsewhere",
+                    "another replica took the connection",
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot mark a stateful connection id as held");
+                    Located::New
+                }
+            };
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up a stateful connection id");
+            return Located::New;
+        }
+    };
+    // This replica's own marker for a connection it no longer has: it ended unannounced.
+    if channel == redis.replica_channel() {
+        return ENDED;
+    }
+    if redis.request_handover(&channel, id).await.is_err() {
+        return Located::Gone("connection_unreachable", "the connection cannot be reached");
+    }
+    let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(HANDOVER_POLL).await;
+        if let Some(carried) = take_parked(redis, id).await {
+            return Located::Carried(carried);
+        }
+    }
+    Located::Gone(
+        "connection_unreachable",
+        "the replica holding the connection did not hand it over",
+    )
+}
+
+/// The state a replica parked for connection `id`, taken (once) and read.
+async fn take_parked(redis: &RedisBroker, id: &str) -> Option<Box<Carried>> {
+    let parked = match redis.take_parked(id).await {
+        Ok(parked) => parked?,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read a parked connection");
+            return None;
+        }
+    };
+    match Carried::from_bytes(&parked) {
+        Ok(carried) => Some(Box::new(carried)),
+        Err(e) => {
+            tracing::warn!(error = %e, "dropped a parked connection that cannot be read");
+            None
+        }
+    }
 }
 
 /// The 101 answer to a WebSocket upgrade with `key`.
@@ -198,7 +294,7 @@ fn resume_upgrade(
     state: &AppState,
     mut request: Request,
     key: &str,
-    transports: mpsc::Sender<Resumed<OwnedReadHalf>>,
+    transports: mpsc::Sender<Transport<OwnedReadHalf>>,
     valid_until: u64,
 ) -> Response {
     let on_upgrade = hyper::upgrade::on(&mut request);
@@ -208,10 +304,10 @@ fn resume_upgrade(
         let Some(socket) = upgraded_socket(on_upgrade, max_message).await else {
             return;
         };
-        let resumed = Resumed {
+        let resumed = Transport::Resumed(Resumed {
             socket,
             valid_until,
-        };
+        });
         // Refused when the connection ended meanwhile: the socket is dropped, and the client
         // starts over.
         if transports.send_timeout(resumed, wait).await.is_err() {

@@ -26,6 +26,11 @@ pub enum CloseReason {
     /// The socket went away without a close from the client (reset, end of stream, a failed
     /// write): nothing more can be sent on it. A stateful connection waits to be resumed.
     TransportLost,
+    /// A stateful connection was left in Redis for the replica its client comes back to.
+    HandedOver,
+    /// A stateful connection carried to this replica could not pick up every group where it
+    /// stopped (the history moved on, or the broker failed): the client starts over.
+    ResumeGap,
 }
 
 impl CloseReason {
@@ -40,6 +45,8 @@ impl CloseReason {
             Self::Handshake(_) => "handshake",
             Self::ClientClosed => "client_closed",
             Self::TransportLost => "transport_lost",
+            Self::HandedOver => "handed_over",
+            Self::ResumeGap => "resume_gap",
             Self::Flooding => "flooding",
         }
     }
@@ -49,7 +56,11 @@ impl CloseReason {
     pub fn allows_reconnect(&self) -> bool {
         matches!(
             self,
-            Self::ServerShutdown | Self::SlowConsumer | Self::ClientTimeout | Self::TokenExpired
+            Self::ServerShutdown
+                | Self::SlowConsumer
+                | Self::ClientTimeout
+                | Self::TokenExpired
+                | Self::ResumeGap
         )
     }
 
@@ -66,6 +77,11 @@ impl CloseReason {
             Self::Handshake(e) => e.to_string(),
             Self::ClientClosed => "client closed the connection".to_owned(),
             Self::TransportLost => "the connection was lost".to_owned(),
+            Self::HandedOver => "the connection moves to another replica".to_owned(),
+            Self::ResumeGap => {
+                "the connection could not be carried over without losing events; reconnect"
+                    .to_owned()
+            }
             Self::Flooding => "too many invocations, far past the limit; slow down".to_owned(),
         }
     }
@@ -85,8 +101,10 @@ impl CloseReason {
             Self::Protocol(ProtocolError::BadFrame(e)) => e.close_code(),
             Self::Protocol(_) | Self::Handshake(_) | Self::Flooding => 1008,
             Self::ClientClosed => 1000,
-            // Only a best-effort close frame on a socket that is likely gone.
-            Self::TransportLost => 1001,
+            // Only a best-effort close frame on a socket that is likely gone; a client still
+            // there resumes on another replica.
+            Self::TransportLost | Self::HandedOver => 1001,
+            Self::ResumeGap => 1000,
         }
     }
 }
