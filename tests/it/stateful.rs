@@ -163,3 +163,42 @@ async fn a_connection_nobody_hands_over_is_refused_so_the_client_starts_over() {
         "No Connection with that ID: the replica holding the connection did not hand it over",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_carried_away_and_back_again_goes_on_each_time() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis, &[]).await;
+    let (client, path) = stateful_client_with_two_events(&a).await;
+    drop(client);
+    let mut client = resume_and_expect_replay(&b, &path).await;
+    publish(&b, 3, 3).await;
+    assert_eq!(stamp(&next_tracked(&mut client).await), 3, "message 4");
+    // The client acknowledges all it has, then invokes (message 5 answers it: by then the Ack
+    // was processed), then comes back to replica a.
+    client.send_records(&[r#"{"type":8,"sequenceId":4}"#]).await;
+    let left = client
+        .invoke("2", "LeaveDispatchGroup", json!(["east"]))
+        .await;
+    assert_eq!(left["invocationId"], "2");
+    drop(client);
+    publish(&a, 4, 4).await;
+
+    let mut client = WsClient::connect(&format!("ws://{}{path}", a.public_addr())).await;
+    assert_eq!(
+        next_tracked(&mut client).await,
+        json!({"type": 9, "sequenceId": 5})
+    );
+    let completion = next_tracked(&mut client).await;
+    assert_eq!(completion["invocationId"], "2", "replayed: {completion}");
+    assert_eq!(
+        stamp(&next_tracked(&mut client).await),
+        4,
+        "once, after the replay"
+    );
+    publish(&b, 5, 5).await;
+    assert_eq!(
+        stamp(&next_tracked(&mut client).await),
+        5,
+        "live on replica a again"
+    );
+}

@@ -278,18 +278,20 @@ impl Connection {
         drop(registration);
         inbox.begin_writing();
         close(&socket, &reason).await;
-        // Other replicas refuse its token from now on (a handed-over one lives on elsewhere).
-        if let Some(slot) = ended_stateful
-            && reason != CloseReason::HandedOver
-            && let Some(redis) = self.broker.connections()
-        {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let ttl = Duration::from_secs(slot.token_expires().saturating_sub(now) + 1);
-            // Boxed: only stateful connections on Redis get here, and only once.
-            if let Err(e) = Box::pin(redis.end_connection(slot.id(), ttl)).await {
-                tracing::debug!(error = %e, "could not mark a stateful connection as ended");
+        // Other replicas refuse its token from now on; a handed-over one lives on elsewhere
+        // and may come back here.
+        if let Some(slot) = ended_stateful {
+            if reason == CloseReason::HandedOver {
+                slot.handed_off();
+            } else if let Some(redis) = self.broker.connections() {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let ttl = Duration::from_secs(slot.token_expires().saturating_sub(now) + 1);
+                // Boxed: only stateful connections on Redis get here, and only once.
+                if let Err(e) = Box::pin(redis.end_connection(slot.id(), ttl)).await {
+                    tracing::debug!(error = %e, "could not mark a stateful connection as ended");
+                }
             }
         }
     }

@@ -78,6 +78,13 @@ impl<S> ResumeSlot<S> {
     pub fn token_expires(&self) -> u64 {
         self.forget_at
     }
+
+    /// The connection went on to another replica: this one forgets it instead of remembering
+    /// it as ended, so its client may be carried back here later.
+    pub fn handed_off(mut self) {
+        self.registry.lock().live.remove(&self.id);
+        self.id.clear();
+    }
 }
 
 impl<S> Default for Resumable<S> {
@@ -113,11 +120,6 @@ impl<S> Resumable<S> {
             registry: Arc::clone(self),
             transports,
         })
-    }
-
-    /// Forgets that `id` ended here (it was carried back to this replica).
-    pub fn forget_ended(&self, id: &str) {
-        self.lock().ended_ids.remove(id);
     }
 
     /// Live stateful connections.
@@ -160,6 +162,10 @@ impl<S: Send + 'static> crate::broker::Handovers for Resumable<S> {
 
 impl<S> Drop for ResumeSlot<S> {
     fn drop(&mut self) {
+        if self.id.is_empty() {
+            // Handed off.
+            return;
+        }
         let mut inner = self.registry.lock();
         inner.live.remove(&self.id);
         inner.ended_ids.insert(self.id.clone(), self.forget_at);
@@ -190,6 +196,17 @@ mod tests {
             matches!(registry.claim("a", 400, 700), Claim::New(_)),
             "forgotten once its token expired (the upgrade refuses the expired token first)"
         );
+    }
+
+    #[test]
+    fn a_connection_handed_off_may_come_back() {
+        let registry: Registry = Arc::default();
+        let Claim::New(slot) = registry.claim("a", 0, 400) else {
+            panic!("new");
+        };
+        slot.handed_off();
+        assert_eq!(registry.live(), 0);
+        assert!(matches!(registry.claim("a", 1, 400), Claim::New(_)));
     }
 
     #[test]
