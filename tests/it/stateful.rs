@@ -14,9 +14,14 @@ const SECRET: &[&str] = &[
 
 /// Two replicas sharing one Redis and the connection token secret.
 async fn two_replicas(redis: &RedisServer, extra: &[&str]) -> (TestGateway, TestGateway) {
+    two_replicas_at(&redis.url(), extra).await
+}
+
+/// Two replicas on the Redis at `url`, sharing the connection token secret.
+async fn two_replicas_at(url: &str, extra: &[&str]) -> (TestGateway, TestGateway) {
     let args: Vec<&str> = SECRET.iter().chain(extra).copied().collect();
-    let a = TestGateway::start_ready(&redis.url(), &args).await;
-    let b = TestGateway::start_ready(&redis.url(), &args).await;
+    let a = TestGateway::start_ready(url, &args).await;
+    let b = TestGateway::start_ready(url, &args).await;
     (a, b)
 }
 
@@ -87,12 +92,33 @@ async fn resume_and_expect_replay(gateway: &TestGateway, path: &str) -> WsClient
 async fn a_client_back_on_another_replica_gets_its_connection_handed_over() {
     let redis = RedisServer::start().await;
     let (a, b) = two_replicas(&redis, &[]).await;
-    let (client, path) = stateful_client_with_two_events(&a).await;
+    handed_over(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_gateway_acl_user_is_enough_to_carry_a_connection() {
+    let redis = RedisServer::start().await;
+    let acl =
+        crate::contract_doc::documented_acl("realtime-gateway", ">GATEWAY_PASSWORD", ">gw-pass");
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args).await.trim(), "OK");
+    let url = format!(
+        "redis://realtime-gateway:gw-pass@127.0.0.1:{}",
+        redis.port()
+    );
+    let (a, b) = two_replicas_at(&url, &[]).await;
+    handed_over(&a, &b).await;
+}
+
+/// A stateful client of replica `a` loses its socket and comes back on replica `b`, which
+/// has `a` hand the connection over: it goes on where it stopped.
+async fn handed_over(a: &TestGateway, b: &TestGateway) {
+    let (client, path) = stateful_client_with_two_events(a).await;
     // The socket goes away without a close; replica a keeps the connection for its client.
     drop(client);
-    publish(&b, 3, 4).await;
+    publish(b, 3, 4).await;
 
-    let mut client = resume_and_expect_replay(&b, &path).await;
+    let mut client = resume_and_expect_replay(b, &path).await;
     for n in 3..=4 {
         assert_eq!(
             stamp(&next_tracked(&mut client).await),
@@ -100,7 +126,7 @@ async fn a_client_back_on_another_replica_gets_its_connection_handed_over() {
             "published meanwhile"
         );
     }
-    publish(&a, 5, 5).await;
+    publish(a, 5, 5).await;
     assert_eq!(
         stamp(&next_tracked(&mut client).await),
         5,
