@@ -276,22 +276,29 @@ impl Connection {
         tracing::debug!(reason = reason.label(), "connection closed");
         registration.reason = Some(reason.label());
         drop(registration);
-        inbox.begin_writing();
-        close(&socket, &reason).await;
-        // Other replicas refuse its token from now on; a handed-over one lives on elsewhere
-        // and may come back here.
-        if let Some(slot) = ended_stateful {
+        // Before the close frame, which ends the client's `stop()`: an upgrade with its token
+        // from then on is refused here. A handed-over connection lives on elsewhere and may
+        // come back here.
+        let ended = ended_stateful.and_then(|slot| {
             if reason == CloseReason::HandedOver {
                 slot.handed_off();
-            } else if let Some(redis) = self.broker.connections() {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let ttl = Duration::from_secs(slot.token_expires().saturating_sub(now) + 1);
-                // Boxed: only stateful connections on Redis get here, and only once.
-                if let Err(e) = Box::pin(redis.end_connection(slot.id(), ttl)).await {
-                    tracing::debug!(error = %e, "could not mark a stateful connection as ended");
-                }
+                return None;
+            }
+            Some((slot.id().to_owned(), slot.token_expires()))
+        });
+        inbox.begin_writing();
+        close(&socket, &reason).await;
+        // Other replicas refuse its token from now on.
+        if let Some((id, token_expires)) = ended
+            && let Some(redis) = self.broker.connections()
+        {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let ttl = Duration::from_secs(token_expires.saturating_sub(now) + 1);
+            // Boxed: only stateful connections on Redis get here, and only once.
+            if let Err(e) = Box::pin(redis.end_connection(&id, ttl)).await {
+                tracing::debug!(error = %e, "could not mark a stateful connection as ended");
             }
         }
     }
