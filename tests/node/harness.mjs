@@ -596,12 +596,15 @@ class CapturingLogger {
  *
  * options.skipNegotiation  connect the WebSocket directly (transport forced to WebSockets)
  * options.configure        (builder) => builder, for keep-alive, timeouts, reconnect policy
- * options.url              another hub URL (e.g. after a restart on the same ports it is the same)
+ * options.url              another hub URL (e.g. after a restart on the same ports it is the same,
+ *                          or a proxy's in front of the gateway)
+ * options.transport        the transport to ask for (an HttpTransportType), with negotiate
  */
 export function hubConnection(t, gateway, token, options = {}) {
   const { skipNegotiation = false, configure = (builder) => builder } = options;
   const logger = new CapturingLogger();
   const httpOptions = { accessTokenFactory: typeof token === "function" ? token : () => token, logger };
+  if (options.transport !== undefined) httpOptions.transport = options.transport;
   if (skipNegotiation) {
     httpOptions.skipNegotiation = true;
     httpOptions.transport = HttpTransportType.WebSockets;
