@@ -280,7 +280,7 @@ test("the answer to a publish names the event type and the groups it was routed 
   assertPublishAnswer(assignment.json, "JobAssigned", { duplicate: false });
 });
 
-test("a client asking for stateful reconnect is served without it and receives events", async (t) => {
+test("a client asking for stateful reconnect is offered it and receives events", async (t) => {
   const region = uniqueRegion();
   const token = dispatcherToken([region]);
   const raw = await fetch(`${gateway.hubUrl}/negotiate?negotiateVersion=1&useStatefulReconnect=true`, {
@@ -289,8 +289,9 @@ test("a client asking for stateful reconnect is served without it and receives e
   });
   const body = await raw.json();
   assert.equal(raw.status, 200);
-  assert.equal(body.useStatefulReconnect, undefined, "stateful reconnect is not offered");
+  assert.equal(body.useStatefulReconnect, true, "stateful reconnect is offered");
 
+  // The resumption itself is stateful-reconnect.test.mjs's.
   const connection = await connect(t, gateway, token, { configure: (builder) => builder.withStatefulReconnect() });
   await assertJoinsAndReceives(gateway, connection, region);
 });
