@@ -1,8 +1,10 @@
 // A TCP proxy on a free loopback port in front of one upstream (a gateway), for tests that take
 // the network away under a client while the gateway stays up:
 //
-//   cut()         resets every connection the proxy carries, on both sides (TCP RST): the client
-//                 and the gateway each see their socket die without a WebSocket close frame;
+//   cut()         destroys every connection the proxy carries, on both sides: the client and the
+//                 gateway each see their TCP connection end without a WebSocket close frame (a
+//                 FIN, not a RST: with Node 20, resetAndDestroy() on these sockets now and then
+//                 left the test process spinning at exit, in its handle cleanup);
 //   stop()        stops listening and cuts: new connections are refused until start(), which
 //                 listens again on the same port;
 //   partition()   cuts, and from then on accepts connections but holds them (their bytes wait,
@@ -70,7 +72,8 @@ export async function startTcpProxy(upstreamPort) {
       pair.upstream = upstream;
       upstream.on("error", () => {});
       upstream.on("drain", () => client.resume());
-      // A reset from the gateway is passed on as one; an orderly end has been piped already.
+      // An error on the gateway's side ends the client's connection at once; an orderly end has
+      // been piped already.
       upstream.once("close", (hadError) => (hadError ? client.destroy() : client.end()));
       upstream.pipe(client);
       for (const chunk of early.splice(0)) upstream.write(chunk);
@@ -94,8 +97,8 @@ export async function startTcpProxy(upstreamPort) {
 
   const cut = () => {
     for (const { client, upstream } of [...pairs]) {
-      if (!client.destroyed) client.resetAndDestroy();
-      if (upstream && !upstream.destroyed) upstream.resetAndDestroy();
+      if (!client.destroyed) client.destroy();
+      if (upstream && !upstream.destroyed) upstream.destroy();
     }
   };
 
@@ -125,7 +128,7 @@ export async function startTcpProxy(upstreamPort) {
       });
       return Promise.race([arrived, deadline]).finally(() => clearTimeout(timer));
     },
-    /** Resets every current connection (both sides). */
+    /** Destroys every current connection (both sides). */
     cut,
     /** Stops listening (connections are refused) and cuts every current connection. */
     async stop() {
