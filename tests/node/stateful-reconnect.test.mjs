@@ -320,6 +320,9 @@ test("a connection the client stopped cannot be resumed with its token", async (
 
   await within(10_000, client.connection.stop(), "stop()");
   assert.equal(await client.closed.promise, undefined, "stop() closes without an error");
+  // stop() resolves as soon as the client has queued its close frame; an upgrade sent before
+  // the gateway read that frame would be a resume of a connection still open (as after a cut).
+  await metricReaches(gateway, "gateway_connections_active", (active) => active === 0, "the gateway to end the connection");
 
   const reuse = await rawUpgrade(`${gateway.hubUrl}?id=${client.token}`, { authorization: `Bearer ${client.bearer}` });
   assert.equal(reuse.status, 404, reuse.body);

@@ -42,9 +42,12 @@ export async function startTcpProxy(upstreamPort) {
     const pair = { client, upstream: null };
     pairs.add(pair);
     client.on("error", () => {});
-    client.once("close", () => {
+    // An orderly close passes every byte on first (a WebSocket close frame followed at once by
+    // the end of the stream must reach the gateway); only an error cuts the other side.
+    client.once("close", (hadError) => {
       pairs.delete(pair);
-      pair.upstream?.destroy();
+      if (hadError) pair.upstream?.destroy();
+      else pair.upstream?.end();
     });
     // Bytes that arrive before the upstream is dialled (while partitioned) wait here.
     const early = [];
