@@ -1,8 +1,12 @@
 /**
  * `RealtimeClient`: one hub connection, kept up forever, with remembered group memberships.
  *
- * The client connects with its own retry loop (the same capped, jittered backoff for the first
- * start and after every loss), rejoins every remembered group with its last position once
+ * A lost WebSocket is first resumed by the SignalR client itself (stateful reconnect): the
+ * logical connection, its groups and the events sent meanwhile survive, and this client sees
+ * nothing of it, because it listens only to `onclose`, which a resume does not raise. When the
+ * gateway refuses the resume (or stateful reconnect is off or not agreed), the connection closes
+ * and the client's own retry loop (the same capped, jittered backoff for the first start and
+ * after every loss) connects again and rejoins every remembered group with its last position once
  * connected, checks each incoming event against the contract, puts it through the group's
  * sequencer (drop duplicates, flag gaps and new epochs) and calls the app's handlers, each
  * isolated from the others. It does no HTTP of its own: a resync is a signal for the app.
@@ -35,8 +39,13 @@ export interface RealtimeOptions {
   accessTokenFactory: () => string | Promise<string>;
   /** Capped, jittered exponential backoff; forever by default (also for the initial start). */
   reconnect?: ReconnectPolicy;
-  /** Connect the WebSocket directly, without negotiating. */
+  /** Connect the WebSocket directly, without negotiating (which also rules out stateful reconnect). */
   skipNegotiation?: boolean;
+  /**
+   * Ask for SignalR stateful reconnect (default true): a lost WebSocket is reopened on the same
+   * logical connection without a reconnect; rejoining with positions remains the fallback.
+   */
+  statefulReconnect?: boolean;
   /** The SignalR client's log level (default "warning"). */
   logLevel?: RealtimeLogLevel;
 }
@@ -114,12 +123,15 @@ export class RealtimeClient {
       url: options.url,
       accessTokenFactory: options.accessTokenFactory,
       ...(options.skipNegotiation === undefined ? {} : { skipNegotiation: options.skipNegotiation }),
+      statefulReconnect: options.statefulReconnect ?? true,
       ...(options.logLevel === undefined ? {} : { logLevel: options.logLevel }),
     };
     this.#connection = connect(connectionOptions);
     for (const type of EVENT_TYPES) {
       this.#connection.on(type, (...args: unknown[]) => this.#receive(type, args[0], args[1]));
     }
+    // The only connection callback: a stateful resume raises none, so it is no reconnect here
+    // (no state change, no rejoin); onclose means the logical connection is gone.
     this.#connection.onclose((error) => this.#closed(error));
   }
 

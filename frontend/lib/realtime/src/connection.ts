@@ -3,7 +3,10 @@
  * connection, so tests can drive the client with an in-memory fake.
  *
  * The client does its own reconnecting (one policy for the first start and for every loss), so
- * the SignalR connection is built without automatic reconnect and simply started again.
+ * the SignalR connection is built without automatic reconnect and simply started again. It is
+ * built with stateful reconnect unless told otherwise: a WebSocket lost while connected is then
+ * reopened by the SignalR client itself, on the same logical connection, and only a resume the
+ * gateway refuses ends the connection (`onclose`), which is when the client's own loop takes over.
  */
 
 import { HttpTransportType, HubConnectionBuilder, LogLevel } from "@microsoft/signalr";
@@ -31,6 +34,8 @@ export interface ConnectionOptions {
   url: string;
   accessTokenFactory: () => string | Promise<string>;
   skipNegotiation?: boolean;
+  /** Build with `withStatefulReconnect()` (default true). Needs negotiation; ignored without it. */
+  statefulReconnect?: boolean;
   logLevel?: RealtimeLogLevel;
 }
 
@@ -45,15 +50,18 @@ const LOG_LEVELS: Record<RealtimeLogLevel, LogLevel> = {
   debug: LogLevel.Debug,
 };
 
-/** A `@microsoft/signalr` hub connection without automatic reconnect. */
+/**
+ * A `@microsoft/signalr` hub connection without automatic reconnect, with stateful reconnect
+ * unless `statefulReconnect` is false.
+ */
 export const signalRConnection: ConnectionFactory = (options) => {
   const http: IHttpConnectionOptions = { accessTokenFactory: options.accessTokenFactory };
   if (options.skipNegotiation === true) {
     http.skipNegotiation = true;
     http.transport = HttpTransportType.WebSockets;
   }
-  return new HubConnectionBuilder()
-    .withUrl(options.url, http)
-    .configureLogging(LOG_LEVELS[options.logLevel ?? "warning"])
-    .build();
+  const builder = new HubConnectionBuilder().withUrl(options.url, http).configureLogging(LOG_LEVELS[options.logLevel ?? "warning"]);
+  // Stateful reconnect is agreed in negotiate's answer: without negotiation the flag is inert.
+  if (options.statefulReconnect !== false) builder.withStatefulReconnect();
+  return builder.build();
 };

@@ -3,6 +3,7 @@ import { test } from "node:test";
 
 import { RealtimeClient } from "../src/index.js";
 import type { ConnectionState, JobAssigned, Position, RealtimeOptions, RecommendationReady, ResyncReason } from "../src/index.js";
+import type { ConnectionOptions } from "../src/connection.js";
 import { assignment, recommendation } from "./fixtures.js";
 import { FakeHub, factoryOf, settle } from "./fake-hub.js";
 
@@ -307,4 +308,24 @@ test("stop() closes the connection and ends in disconnected without reconnecting
   await settle();
   assert.equal(hub.starts.items.length, 1);
   assert.deepEqual(states.at(-1), ["disconnected", undefined]);
+});
+
+test("the hub connection asks for stateful reconnect unless the option turns it off", () => {
+  const built: ConnectionOptions[] = [];
+  const connect = (options: ConnectionOptions) => {
+    built.push(options);
+    return new FakeHub();
+  };
+  const base = { url: "http://127.0.0.1:1/hub/v1", accessTokenFactory: () => "t", logLevel: "none" } as const;
+  new RealtimeClient(base, { connect });
+  new RealtimeClient({ ...base, statefulReconnect: false }, { connect });
+  new RealtimeClient({ ...base, statefulReconnect: true, skipNegotiation: true }, { connect });
+  assert.deepEqual(
+    built.map((options) => [options.statefulReconnect, options.skipNegotiation]),
+    [
+      [true, undefined],
+      [false, undefined],
+      [true, true],
+    ],
+  );
 });
