@@ -78,6 +78,37 @@ export async function startGateway(name: string, args: string[] = [], ports?: Po
   };
 }
 
+/** A metric's value summed over its label sets, from the gateway's admin /metrics. */
+export async function metric(gateway: Gateway, name: string): Promise<number> {
+  const response = await fetch(`http://127.0.0.1:${gateway.ports.adminPort}/metrics`, { signal: AbortSignal.timeout(5000) });
+  const text = await response.text();
+  return text
+    .split("\n")
+    .filter((line) => line.split(/[{ ]/)[0] === name)
+    .reduce((sum, line) => sum + Number(line.split(" ").at(-1)), 0);
+}
+
+/** test/tcp-proxy.mjs, loaded by path (plain JavaScript, shared with the console's browser tests). */
+export interface TcpProxy {
+  port: number;
+  readonly accepted: number;
+  accepting(n: number): Promise<void>;
+  hold(): void;
+  refuse(): void;
+  release(): void;
+  cut(): number;
+  close(): Promise<void>;
+}
+const { startTcpProxy } = (await import(pathToFileURL(path.resolve(here, "../../test/tcp-proxy.mjs")).href)) as {
+  startTcpProxy(options: { targetPort: number }): Promise<TcpProxy>;
+};
+
+/** A proxy in front of `gateway`'s public port, and the hub URL through it. */
+export async function proxyTo(gateway: Gateway): Promise<{ proxy: TcpProxy; hubUrl: string }> {
+  const proxy = await startTcpProxy({ targetPort: gateway.ports.port });
+  return { proxy, hubUrl: `http://127.0.0.1:${proxy.port}/hub/v1` };
+}
+
 /** An HS256 JWT over `claims`. */
 export function mintJwt(claims: Record<string, unknown>): string {
   const encode = (value: unknown) => Buffer.from(JSON.stringify(value)).toString("base64url");

@@ -1,7 +1,8 @@
 // The client against the real gateway binary and the official @microsoft/signalr client: it is
-// made to lose its connection (token expiry, then a gateway restart), and must come back by
-// itself, rejoin with its positions, and hand on the missed events once and in order, or ask
-// for a resync when the gateway's history was lost.
+// made to lose its connection (token expiry, a gateway restart, a socket reset at a TCP proxy),
+// and must come back by itself, either resuming the same connection (stateful reconnect) or
+// rejoining with its positions, and hand on the missed events once and in order, or ask for a
+// resync when the gateway's history was lost.
 
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
@@ -10,7 +11,7 @@ import { test } from "node:test";
 import { RealtimeClient, groupOfDispatch } from "../src/index.js";
 import type { ConnectionState, Position, RecommendationReady, ResyncReason } from "../src/index.js";
 import { deferred } from "./fake-hub.js";
-import { dispatcherToken, freshRecommendation, publish, startGateway, within } from "./gateway.js";
+import { dispatcherToken, freshRecommendation, metric, proxyTo, publish, startGateway, within } from "./gateway.js";
 
 /** Records what a client hands on, and lets a test await the n-th event, state or resync. */
 function observe(client: RealtimeClient) {
@@ -50,6 +51,15 @@ function observe(client: RealtimeClient) {
 }
 
 const RECONNECT = { initialDelayMs: 50, maxDelayMs: 500 };
+
+/** Polls `condition` every 50 ms until it holds; rejects after `ms`. */
+async function waitFor(condition: () => Promise<boolean>, what: string, ms = 15_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
 
 test("after the gateway closes an expired connection, the client rejoins and gets the missed events once and in order", async (t) => {
   const gateway = await startGateway("token-expiry", ["--jwt-leeway", "0s"]);
@@ -152,5 +162,86 @@ test("after a gateway restart (a new history) the client reconnects by itself an
   await seen.until(() => seen.events.length === 2, "the event published after the restart");
   assert.deepEqual(seen.events[1], [second, { group, epoch: newEpoch, seq: 1 }]);
   assert.deepEqual(seen.resyncs, [[group, "recovery_incomplete"]], "no second resync for the new epoch's first event");
+  assert.deepEqual(seen.errors, []);
+});
+
+test("a socket lost while connected is resumed in place: no reconnect, no rejoin, every event once and in order", async (t) => {
+  const gateway = await startGateway("stateful-resume");
+  t.after(() => gateway.stop());
+  const { proxy, hubUrl } = await proxyTo(gateway);
+  t.after(() => proxy.close());
+  const region = `stateful-${randomUUID().slice(0, 8)}`;
+  const group = groupOfDispatch(region);
+  const sub = `dispatcher-${randomUUID()}`;
+  const client = new RealtimeClient({ url: hubUrl, accessTokenFactory: () => dispatcherToken(sub, [region]), reconnect: RECONNECT, logLevel: "none" });
+  t.after(() => client.stop());
+  const seen = observe(client);
+
+  await within(10_000, client.start(), "start()");
+  const { epoch } = await within(10_000, client.joinDispatch(region), "joinDispatch");
+  const before = [freshRecommendation(region), freshRecommendation(region)];
+  for (const event of before) await publish(gateway, event);
+  await seen.until(() => seen.events.length === 2, "the first two events");
+
+  // The socket is reset under both ends; the SignalR client's one attempt to reopen it is held
+  // at the proxy while more events are published, so they can only arrive through the resume.
+  proxy.hold();
+  const accepted = proxy.accepted;
+  assert.ok(proxy.cut() >= 1, "the proxy carried the connection");
+  await within(10_000, proxy.accepting(accepted + 1), "the client to reopen its socket");
+  const away = [freshRecommendation(region), freshRecommendation(region), freshRecommendation(region)];
+  for (const event of away) await publish(gateway, event);
+  proxy.release();
+
+  const after = [freshRecommendation(region), freshRecommendation(region)];
+  for (const event of after) await publish(gateway, event);
+  await seen.until(() => seen.events.length >= 7, "the events published while away and after");
+
+  const expected = [...before, ...away, ...after].map((event, i) => [event, { group, epoch, seq: i + 1 }]);
+  assert.deepEqual(seen.events, expected, "every event once, in order, with its position");
+  assert.deepEqual(seen.states, ["connecting", "connected"], "a resume is no reconnect");
+  assert.deepEqual(seen.resyncs, []);
+  assert.deepEqual(seen.errors, []);
+  assert.equal(client.lastError, undefined);
+});
+
+test("when the socket cannot be resumed before the gateway's grace ends, the client reconnects and rejoins with its positions", async (t) => {
+  const gateway = await startGateway("stateful-fallback", ["--stateful-reconnect-grace", "1s"]);
+  t.after(() => gateway.stop());
+  const { proxy, hubUrl } = await proxyTo(gateway);
+  t.after(() => proxy.close());
+  const region = `fallback-${randomUUID().slice(0, 8)}`;
+  const group = groupOfDispatch(region);
+  const sub = `dispatcher-${randomUUID()}`;
+  const client = new RealtimeClient({ url: hubUrl, accessTokenFactory: () => dispatcherToken(sub, [region]), reconnect: RECONNECT, logLevel: "none" });
+  t.after(() => client.stop());
+  const seen = observe(client);
+
+  await within(10_000, client.start(), "start()");
+  const { epoch } = await within(10_000, client.joinDispatch(region), "joinDispatch");
+  const before = [freshRecommendation(region), freshRecommendation(region)];
+  for (const event of before) await publish(gateway, event);
+  await seen.until(() => seen.events.length === 2, "the first two events");
+
+  // Down: the resume is refused at the proxy, so the client falls back to its own loop, which
+  // keeps failing until the proxy is back; the gateway lets the logical connection go meanwhile.
+  proxy.refuse();
+  assert.ok(proxy.cut() >= 1, "the proxy carried the connection");
+  await seen.until(() => client.state === "reconnecting", "the client to give up the resume and reconnect");
+  const missed = [freshRecommendation(region), freshRecommendation(region), freshRecommendation(region)];
+  for (const event of missed) await publish(gateway, event);
+  await waitFor(async () => (await metric(gateway, "gateway_connections_active")) === 0, "the gateway to end the lost connection");
+  proxy.release();
+
+  await seen.until(() => seen.events.length === 5, "the missed events after the rejoin", 20_000);
+  assert.equal(client.state, "connected");
+  const after = [freshRecommendation(region)];
+  for (const event of after) await publish(gateway, event);
+  await seen.until(() => seen.events.length >= 6, "the event published after the rejoin");
+
+  const expected = [...before, ...missed, ...after].map((event, i) => [event, { group, epoch, seq: i + 1 }]);
+  assert.deepEqual(seen.events, expected, "every event once, in order, with its position");
+  assert.deepEqual(seen.states, ["connecting", "connected", "reconnecting", "connected"]);
+  assert.deepEqual(seen.resyncs, [], "the gateway's history covered the gap");
   assert.deepEqual(seen.errors, []);
 });
