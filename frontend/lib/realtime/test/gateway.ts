@@ -78,13 +78,17 @@ export async function startGateway(name: string, args: string[] = [], ports?: Po
   };
 }
 
-/** A metric's value summed over its label sets, from the gateway's admin /metrics. */
-export async function metric(gateway: Gateway, name: string): Promise<number> {
+/**
+ * A metric's value from the gateway's admin /metrics, summed over the label sets that carry
+ * every one of `labels` (e.g. `{ outcome: "expired" }`).
+ */
+export async function metric(gateway: Gateway, name: string, labels: Record<string, string> = {}): Promise<number> {
   const response = await fetch(`http://127.0.0.1:${gateway.ports.adminPort}/metrics`, { signal: AbortSignal.timeout(5000) });
   const text = await response.text();
+  const wanted = Object.entries(labels).map(([key, value]) => `${key}="${value}"`);
   return text
     .split("\n")
-    .filter((line) => line.split(/[{ ]/)[0] === name)
+    .filter((line) => line.split(/[{ ]/)[0] === name && wanted.every((label) => line.includes(label)))
     .reduce((sum, line) => sum + Number(line.split(" ").at(-1)), 0);
 }
 

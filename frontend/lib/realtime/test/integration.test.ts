@@ -12,6 +12,7 @@ import { RealtimeClient, groupOfDispatch } from "../src/index.js";
 import type { ConnectionState, Position, RecommendationReady, ResyncReason } from "../src/index.js";
 import { deferred } from "./fake-hub.js";
 import { dispatcherToken, freshRecommendation, metric, proxyTo, publish, startGateway, within } from "./gateway.js";
+import type { Gateway } from "./gateway.js";
 
 /** Records what a client hands on, and lets a test await the n-th event, state or resync. */
 function observe(client: RealtimeClient) {
@@ -200,41 +201,80 @@ test("a socket lost while connected is resumed in place: no reconnect, no rejoin
   const expected = [...before, ...away, ...after].map((event, i) => [event, { group, epoch, seq: i + 1 }]);
   assert.deepEqual(seen.events, expected, "every event once, in order, with its position");
   assert.deepEqual(seen.states, ["connecting", "connected"], "a resume is no reconnect");
+  assert.equal(await metric(gateway, "gateway_stateful_transports_total", { outcome: "resumed" }), 1, "the gateway resumed the connection");
   assert.deepEqual(seen.resyncs, []);
   assert.deepEqual(seen.errors, []);
   assert.equal(client.lastError, undefined);
 });
 
-test("when the socket cannot be resumed before the gateway's grace ends, the client reconnects and rejoins with its positions", async (t) => {
-  const gateway = await startGateway("stateful-fallback", ["--stateful-reconnect-grace", "1s"]);
+/** A client of `region` through a proxy to a gateway with a 1 s grace, joined, two events in. */
+async function joinedBehindProxy(t: { after: (fn: () => unknown) => void }, name: string, region: string) {
+  const gateway = await startGateway(name, ["--stateful-reconnect-grace", "1s"]);
   t.after(() => gateway.stop());
   const { proxy, hubUrl } = await proxyTo(gateway);
   t.after(() => proxy.close());
-  const region = `fallback-${randomUUID().slice(0, 8)}`;
-  const group = groupOfDispatch(region);
   const sub = `dispatcher-${randomUUID()}`;
   const client = new RealtimeClient({ url: hubUrl, accessTokenFactory: () => dispatcherToken(sub, [region]), reconnect: RECONNECT, logLevel: "none" });
   t.after(() => client.stop());
   const seen = observe(client);
-
   await within(10_000, client.start(), "start()");
   const { epoch } = await within(10_000, client.joinDispatch(region), "joinDispatch");
   const before = [freshRecommendation(region), freshRecommendation(region)];
   for (const event of before) await publish(gateway, event);
   await seen.until(() => seen.events.length === 2, "the first two events");
+  return { gateway, proxy, client, seen, epoch, before };
+}
 
-  // Down: the resume is refused at the proxy, so the client falls back to its own loop, which
-  // keeps failing until the proxy is back; the gateway lets the logical connection go meanwhile.
+/** Resolves once the gateway has counted a stateful transport `outcome` (lost, resumed, refused, expired). */
+const counted = (gateway: Gateway, outcome: string) =>
+  waitFor(async () => (await metric(gateway, "gateway_stateful_transports_total", { outcome })) >= 1, `a stateful transport ${outcome}`);
+
+test("a resume that reaches the gateway after its grace is refused, and the client reconnects and rejoins with its positions", async (t) => {
+  const region = `expired-${randomUUID().slice(0, 8)}`;
+  const group = groupOfDispatch(region);
+  const { gateway, proxy, client, seen, epoch, before } = await joinedBehindProxy(t, "stateful-expired", region);
+
+  // The SignalR client's attempt to reopen the socket is held at the proxy until the gateway has
+  // given the connection up; it then reaches the gateway, which answers 404.
+  proxy.hold();
+  const accepted = proxy.accepted;
+  assert.ok(proxy.cut() >= 1, "the proxy carried the connection");
+  await within(10_000, proxy.accepting(accepted + 1), "the client to reopen its socket");
+  const missed = [freshRecommendation(region), freshRecommendation(region), freshRecommendation(region)];
+  for (const event of missed) await publish(gateway, event);
+  await counted(gateway, "expired");
+  assert.equal(client.state, "connected", "nothing has told the client yet");
+  proxy.release();
+
+  await seen.until(() => seen.events.length === 5 && client.state === "connected", "the missed events after the rejoin", 20_000);
+  await counted(gateway, "refused");
+  const after = [freshRecommendation(region)];
+  for (const event of after) await publish(gateway, event);
+  await seen.until(() => seen.events.length >= 6, "the event published after the rejoin");
+
+  const expected = [...before, ...missed, ...after].map((event, i) => [event, { group, epoch, seq: i + 1 }]);
+  assert.deepEqual(seen.events, expected, "every event once, in order, with its position");
+  assert.deepEqual(seen.states, ["connecting", "connected", "reconnecting", "connected"]);
+  assert.deepEqual(seen.resyncs, [], "the gateway's history covered the gap");
+  assert.deepEqual(seen.errors, []);
+});
+
+test("a socket that cannot be reopened at all: the client reconnects once the network is back and rejoins with its positions", async (t) => {
+  const region = `down-${randomUUID().slice(0, 8)}`;
+  const group = groupOfDispatch(region);
+  const { gateway, proxy, client, seen, epoch, before } = await joinedBehindProxy(t, "stateful-down", region);
+
+  // Down: the resume and the client's own attempts are reset at the proxy until the gateway has
+  // given the connection up.
   proxy.refuse();
   assert.ok(proxy.cut() >= 1, "the proxy carried the connection");
   await seen.until(() => client.state === "reconnecting", "the client to give up the resume and reconnect");
   const missed = [freshRecommendation(region), freshRecommendation(region), freshRecommendation(region)];
   for (const event of missed) await publish(gateway, event);
-  await waitFor(async () => (await metric(gateway, "gateway_connections_active")) === 0, "the gateway to end the lost connection");
+  await counted(gateway, "expired");
   proxy.release();
 
-  await seen.until(() => seen.events.length === 5, "the missed events after the rejoin", 20_000);
-  assert.equal(client.state, "connected");
+  await seen.until(() => seen.events.length === 5 && client.state === "connected", "the missed events after the rejoin", 20_000);
   const after = [freshRecommendation(region)];
   for (const event of after) await publish(gateway, event);
   await seen.until(() => seen.events.length >= 6, "the event published after the rejoin");
