@@ -1,9 +1,10 @@
 // Stateful reconnect in Chromium: the dispatcher console connected to a gateway through a TCP
-// proxy (frontend/lib/realtime/test/tcp-proxy.mjs) that resets the socket under both ends while
-// events are published. A resumed connection must look like nothing happened (no reconnecting
-// indicator, no second negotiate, no resync, every event once and in order); a resume that cannot
-// be made before the gateway's grace ends (the gateway answers 404) must fall back to the client's reconnect, which rejoins
-// with the last positions and gets the missed events from the gateway's history.
+// proxy (tests/node/tcp-proxy.mjs) that ends the socket under both ends, without a WebSocket
+// close frame, while events are published. A resumed connection must look like nothing happened
+// (no reconnecting indicator, no second negotiate, no resync, every event once and in order); a
+// resume that cannot be made before the gateway's grace ends (the gateway answers 404) must
+// fall back to the client's reconnect, which rejoins with the last positions and gets the
+// missed events from the gateway's history.
 //
 // The environment is topology.mjs's (Redis, the demo backend serving dist/; its three replicas and
 // nginx are not used here) plus one gateway per test on the same Redis, each behind its own
@@ -19,8 +20,8 @@ import { after, before, test } from "node:test";
 
 import { chromium } from "playwright-core";
 
-import { startTcpProxy } from "../../lib/realtime/test/tcp-proxy.mjs";
 import { startGatewayProcess } from "../../../tests/node/gateway-process.mjs";
+import { startTcpProxy } from "../../../tests/node/tcp-proxy.mjs";
 import { CHROMIUM_BIN, GATEWAY_BIN, JWT_SECRET, checkPrerequisites, startEnvironment, until } from "./topology.mjs";
 
 const SERVICE_KEY = "console-stateful-test-service-key-0123456789";
@@ -76,9 +77,9 @@ async function gatewayBehindProxy(name, args) {
     logFile: path.join(stateDir, "logs", `${name}.log`),
   });
   stops.push(() => gateway.stop());
-  const proxy = await startTcpProxy({ targetPort: gateway.port });
+  const proxy = await startTcpProxy(gateway.port);
   stops.push(() => proxy.close());
-  return { gateway, proxy, hubUrl: `http://127.0.0.1:${proxy.port}/hub/v1` };
+  return { gateway, proxy, hubUrl: proxy.hubUrl };
 }
 
 /**
@@ -164,12 +165,12 @@ after(async () => {
       failures.push(error);
     }
   }
-  if (pageErrors.length) console.log(`page console errors (a reset socket shows as 1006):\n  ${pageErrors.join("\n  ")}`);
+  if (pageErrors.length) console.log(`page console errors (a cut socket shows as 1006, a refused resume as 404):\n  ${pageErrors.join("\n  ")}`);
   if (stateDir && failures.length === 0 && process.env.KEEP_STATE !== "1") rmSync(stateDir, { recursive: true, force: true });
   if (failures.length) throw failures[0];
 });
 
-test("a socket reset while events are published is resumed: no reconnecting, no resync, every event once and in order", async () => {
+test("a socket lost while events are published is resumed: no reconnecting, no resync, every event once and in order", async () => {
   const region = "east";
   const { gateway, proxy, hubUrl } = await gatewayBehindProxy("gateway-stateful", []);
   const { page, seen } = await openDispatcher("dispatcher-east", region, hubUrl);
@@ -180,19 +181,18 @@ test("a socket reset while events are published is resumed: no reconnecting, no 
   const live = await assignSome(region, 2, 0);
   await appliedAtLeast(page, start + 2);
 
-  // Reset the socket; the page's one attempt to reopen it is held at the proxy while more events
+  // End the socket; the page's one attempt to reopen it is held at the proxy while more events
   // are published, so those can only reach the page through the resumed connection.
   const lists = seen.jobLists;
-  proxy.hold();
   const reopened = page.waitForEvent("websocket", { timeout: UPDATE_MS });
   const gaveUp = page.waitForFunction(() => window.__states.includes("reconnecting"), null, { timeout: UPDATE_MS }).then(
     () => Promise.reject(new Error("the page went reconnecting instead of reopening its socket")),
     () => new Promise(() => {}),
   );
-  assert.ok(proxy.cut() >= 1, "the proxy carried the page's socket");
+  proxy.partition();
   await Promise.race([reopened, gaveUp]);
   const away = await assignSome(region, 3, 2);
-  proxy.release();
+  proxy.heal();
   const later = await assignSome(region, 2, 5);
   await appliedAtLeast(page, start + 7);
 
@@ -220,13 +220,12 @@ test("a resume held up past the gateway's grace is refused: the page reconnects 
   // The page's attempt to reopen its socket is held at the proxy while events are published and
   // until the gateway has given the connection up (its grace is 1 s); released, it gets 404.
   const lists = seen.jobLists;
-  proxy.hold();
   const reopened = page.waitForEvent("websocket", { timeout: UPDATE_MS });
-  assert.ok(proxy.cut() >= 1, "the proxy carried the page's socket");
+  proxy.partition();
   await reopened;
   const missed = await assignSome(region, 3, 2);
   await until("the gateway's grace to expire", UPDATE_MS, async () => (await stateful(gateway, "expired")) >= 1, 50);
-  proxy.release();
+  proxy.heal();
 
   await page.waitForFunction(() => window.__states.length >= 3 && window.__states.at(-1) === "connected", null, { timeout: 30_000 });
   await appliedAtLeast(page, start + 5);

@@ -1,7 +1,8 @@
 // Starts the real gateway binary for integration tests with tests/node/gateway-process.mjs, the
 // module tests/node/harness.mjs starts its gateways with: free loopback ports, the in-process
 // broker, an HS256 secret and a service key; readiness is awaited by polling /readyz with a
-// deadline. Also mints tokens and publishes over HTTP.
+// deadline. Also mints tokens, publishes over HTTP, reads /metrics and puts a TCP proxy
+// (tests/node/tcp-proxy.mjs) in front of a gateway.
 //
 // GATEWAY_BIN overrides the binary (default: target/debug/gateway at the repository root, built
 // by `cargo build --workspace --bins`). Each gateway's output goes to dist-test/artifacts/.
@@ -92,25 +93,26 @@ export async function metric(gateway: Gateway, name: string, labels: Record<stri
     .reduce((sum, line) => sum + Number(line.split(" ").at(-1)), 0);
 }
 
-/** test/tcp-proxy.mjs, loaded by path (plain JavaScript, shared with the console's browser tests). */
+/** tests/node/tcp-proxy.mjs, loaded by path like gateway-process.mjs (the subset these tests use). */
 export interface TcpProxy {
-  port: number;
-  readonly accepted: number;
-  accepting(n: number): Promise<void>;
-  hold(): void;
-  refuse(): void;
-  release(): void;
-  cut(): number;
+  hubUrl: string;
+  /** The request lines of the next `count` connections through the proxy. */
+  nextRequests(count: number, ms?: number): Promise<string[]>;
+  /** Ends every connection and holds new ones until heal(). */
+  partition(): void;
+  heal(): void;
+  /** Ends every connection and refuses new ones until start(). */
+  stop(): Promise<void>;
+  start(): Promise<void>;
   close(): Promise<void>;
 }
-const { startTcpProxy } = (await import(pathToFileURL(path.resolve(here, "../../test/tcp-proxy.mjs")).href)) as {
-  startTcpProxy(options: { targetPort: number }): Promise<TcpProxy>;
+const { startTcpProxy } = (await import(pathToFileURL(path.join(REPO, "tests/node/tcp-proxy.mjs")).href)) as {
+  startTcpProxy(upstreamPort: number): Promise<TcpProxy>;
 };
 
-/** A proxy in front of `gateway`'s public port, and the hub URL through it. */
-export async function proxyTo(gateway: Gateway): Promise<{ proxy: TcpProxy; hubUrl: string }> {
-  const proxy = await startTcpProxy({ targetPort: gateway.ports.port });
-  return { proxy, hubUrl: `http://127.0.0.1:${proxy.port}/hub/v1` };
+/** A proxy in front of `gateway`'s public port. */
+export function proxyTo(gateway: Gateway): Promise<TcpProxy> {
+  return startTcpProxy(gateway.ports.port);
 }
 
 /** An HS256 JWT over `claims`. */

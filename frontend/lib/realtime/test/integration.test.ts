@@ -1,5 +1,5 @@
 // The client against the real gateway binary and the official @microsoft/signalr client: it is
-// made to lose its connection (token expiry, a gateway restart, a socket reset at a TCP proxy),
+// made to lose its connection (token expiry, a gateway restart, a socket ended at a TCP proxy),
 // and must come back by itself, either resuming the same connection (stateful reconnect) or
 // rejoining with its positions, and hand on the missed events once and in order, or ask for a
 // resync when the gateway's history was lost.
@@ -169,8 +169,9 @@ test("after a gateway restart (a new history) the client reconnects by itself an
 test("a socket lost while connected is resumed in place: no reconnect, no rejoin, every event once and in order", async (t) => {
   const gateway = await startGateway("stateful-resume");
   t.after(() => gateway.stop());
-  const { proxy, hubUrl } = await proxyTo(gateway);
+  const proxy = await proxyTo(gateway);
   t.after(() => proxy.close());
+  const { hubUrl } = proxy;
   const region = `stateful-${randomUUID().slice(0, 8)}`;
   const group = groupOfDispatch(region);
   const sub = `dispatcher-${randomUUID()}`;
@@ -184,15 +185,16 @@ test("a socket lost while connected is resumed in place: no reconnect, no rejoin
   for (const event of before) await publish(gateway, event);
   await seen.until(() => seen.events.length === 2, "the first two events");
 
-  // The socket is reset under both ends; the SignalR client's one attempt to reopen it is held
-  // at the proxy while more events are published, so they can only arrive through the resume.
-  proxy.hold();
-  const accepted = proxy.accepted;
-  assert.ok(proxy.cut() >= 1, "the proxy carried the connection");
-  await within(10_000, proxy.accepting(accepted + 1), "the client to reopen its socket");
+  // The socket ends under both ends (no close frame); the SignalR client's one attempt to reopen
+  // it is held at the proxy while more events are published, so they can only arrive through
+  // the resume.
+  const reopened = proxy.nextRequests(1);
+  proxy.partition();
+  const [upgrade] = await reopened;
+  assert.match(upgrade ?? "", /^GET \/hub\/v1\?id=/, "the client reopens its socket with its connection token");
   const away = [freshRecommendation(region), freshRecommendation(region), freshRecommendation(region)];
   for (const event of away) await publish(gateway, event);
-  proxy.release();
+  proxy.heal();
 
   const after = [freshRecommendation(region), freshRecommendation(region)];
   for (const event of after) await publish(gateway, event);
@@ -211,10 +213,10 @@ test("a socket lost while connected is resumed in place: no reconnect, no rejoin
 async function joinedBehindProxy(t: { after: (fn: () => unknown) => void }, name: string, region: string) {
   const gateway = await startGateway(name, ["--stateful-reconnect-grace", "1s"]);
   t.after(() => gateway.stop());
-  const { proxy, hubUrl } = await proxyTo(gateway);
+  const proxy = await proxyTo(gateway);
   t.after(() => proxy.close());
   const sub = `dispatcher-${randomUUID()}`;
-  const client = new RealtimeClient({ url: hubUrl, accessTokenFactory: () => dispatcherToken(sub, [region]), reconnect: RECONNECT, logLevel: "none" });
+  const client = new RealtimeClient({ url: proxy.hubUrl, accessTokenFactory: () => dispatcherToken(sub, [region]), reconnect: RECONNECT, logLevel: "none" });
   t.after(() => client.stop());
   const seen = observe(client);
   await within(10_000, client.start(), "start()");
@@ -236,15 +238,14 @@ test("a resume that reaches the gateway after its grace is refused, and the clie
 
   // The SignalR client's attempt to reopen the socket is held at the proxy until the gateway has
   // given the connection up; it then reaches the gateway, which answers 404.
-  proxy.hold();
-  const accepted = proxy.accepted;
-  assert.ok(proxy.cut() >= 1, "the proxy carried the connection");
-  await within(10_000, proxy.accepting(accepted + 1), "the client to reopen its socket");
+  const reopened = proxy.nextRequests(1);
+  proxy.partition();
+  await reopened;
   const missed = [freshRecommendation(region), freshRecommendation(region), freshRecommendation(region)];
   for (const event of missed) await publish(gateway, event);
   await counted(gateway, "expired");
   assert.equal(client.state, "connected", "nothing has told the client yet");
-  proxy.release();
+  proxy.heal();
 
   await seen.until(() => seen.events.length === 5 && client.state === "connected", "the missed events after the rejoin", 20_000);
   await counted(gateway, "refused");
@@ -264,15 +265,14 @@ test("a socket that cannot be reopened at all: the client reconnects once the ne
   const group = groupOfDispatch(region);
   const { gateway, proxy, client, seen, epoch, before } = await joinedBehindProxy(t, "stateful-down", region);
 
-  // Down: the resume and the client's own attempts are reset at the proxy until the gateway has
-  // given the connection up.
-  proxy.refuse();
-  assert.ok(proxy.cut() >= 1, "the proxy carried the connection");
+  // Down: the resume and the client's own attempts are refused at the proxy until the gateway
+  // has given the connection up.
+  await proxy.stop();
   await seen.until(() => client.state === "reconnecting", "the client to give up the resume and reconnect");
   const missed = [freshRecommendation(region), freshRecommendation(region), freshRecommendation(region)];
   for (const event of missed) await publish(gateway, event);
   await counted(gateway, "expired");
-  proxy.release();
+  await proxy.start();
 
   await seen.until(() => seen.events.length === 5 && client.state === "connected", "the missed events after the rejoin", 20_000);
   const after = [freshRecommendation(region)];
