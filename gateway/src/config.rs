@@ -291,7 +291,7 @@ pub struct LimitsConfig {
     pub outbound_queue: usize,
     /// Stateful reconnect: bytes of messages a connection keeps until its client acknowledges
     /// them; past it nothing more is sent until an Ack (`KiB`/`MiB` suffixes accepted).
-    #[arg(long = "stateful-reconnect-buffer", env = "GATEWAY_STATEFUL_RECONNECT_BUFFER", default_value = "100000", value_parser = parse_bytes)]
+    #[arg(long = "stateful-reconnect-buffer", env = "GATEWAY_STATEFUL_RECONNECT_BUFFER", default_value = "1MiB", value_parser = parse_bytes)]
     pub stateful_reconnect_buffer: usize,
     /// Groups one connection may be in at once.
     #[arg(long, env = "GATEWAY_MAX_GROUPS_PER_CONNECTION", default_value_t = DEFAULT_MAX_GROUPS_PER_CONNECTION)]
