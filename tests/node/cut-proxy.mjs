@@ -9,8 +9,8 @@ import net from "node:net";
 import path from "node:path";
 
 /**
- * Starts a proxy to 127.0.0.1:`target` on `port` (0: a free one). Resolves with
- * { port, stats, webSockets(), cut(how), stop(how), start(), close() }; stats counts the
+ * Starts a proxy to 127.0.0.1:`target` on `port` (0: a free one). Resolves with { port, stats,
+ * webSockets(), cut(how), stop(how), start(), retarget(port), close() }; stats counts the
  * connections accepted and dropped. `how` is "fin" (the socket is ended as by a closing peer) or
  * "reset" (the kernel sends RST, as after a crash or a middlebox timing out).
  */
@@ -88,6 +88,10 @@ export async function cutProxy(target, port = 0) {
     stop,
     /** Listens again on the same port. */
     start: () => (server ? Promise.resolve() : listen()),
+    /** Sends the connections it accepts from now on to 127.0.0.1:`port` instead. */
+    retarget(to) {
+      target = to;
+    },
     close: () => stop("fin"),
   };
 }
