@@ -473,14 +473,14 @@ test(
 
     const outcomes = sampleOutcomes(topology);
     const stream = streamFor(t, { redisUrl: topology.redisUrl, regions, rate: RATE, secs: 10 });
-    const path = [];
+    const moves = [];
     let counted;
     try {
       await within(20_000, stream.reached(RATE), "the stream to start");
       for (const [round, replica] of [second, first].entries()) {
         proxy.retarget(replica.port);
         proxy.cut("fin");
-        path.push(replica.name);
+        moves.push(replica.name);
         await transportsBack(clients, `the clients to resume on ${replica.name}`, (all) => all.every((c) => c.lost() === round + 1));
         const queued = stream.progress.queued;
         await within(20_000, stream.reached(queued + RATE / 2), `events after the move to ${replica.name}`);
@@ -491,7 +491,7 @@ test(
     const summary = await stream.done;
     await verdict("stateful-4-there-and-back", "stateful carried there and back", summary, clients, {
       settings: { rate: RATE, clients: clients.length, groups: GROUPS },
-      path: [first.name, ...path],
+      path: [first.name, ...moves],
       outcomes: counted,
     });
   }),
