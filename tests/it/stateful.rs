@@ -228,3 +228,26 @@ async fn a_connection_carried_away_and_back_again_goes_on_each_time() {
         "live on replica a again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_carried_connection_whose_new_token_no_longer_allows_a_group_is_closed_to_start_over() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis, &[]).await;
+    let (client, path) = stateful_client_with_two_events(&a).await;
+    drop(client);
+    // Same user, but the token it comes back with allows only another region.
+    let east_only = b.token(&dispatcher("d-1", &["east"]));
+    let id = path.split('&').next().expect("the path starts with the id");
+    let mut client = WsClient::connect(&format!(
+        "ws://{}{id}&access_token={east_only}",
+        b.public_addr()
+    ))
+    .await;
+    let closed = client.expect_close().await;
+    let close = closed.close_record();
+    assert_eq!(
+        close["error"],
+        "the connection could not be carried over without losing events; reconnect"
+    );
+    assert_eq!(close["allowReconnect"], true);
+}

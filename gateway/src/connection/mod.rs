@@ -552,6 +552,11 @@ impl Connection {
             .await
             .map_err(CloseReason::from)?;
         for (group, sent) in rejoin {
+            // The token presented here decides, as for any join.
+            if crate::auth::may_join(&self.principal, &group).is_err() {
+                tracing::info!(%group, "the resuming token no longer allows a carried group; closing");
+                return Err(CloseReason::ResumeGap);
+            }
             let joining = self.join("JoinGroup", group.clone(), sent.clone(), outbound, joined);
             match Box::pin(joining).await {
                 Ok(rejoined) if sent.is_none() || rejoined.recovered == Some(true) => {
