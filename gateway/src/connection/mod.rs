@@ -397,14 +397,9 @@ impl Connection {
             }
             Opening::Rejoin(rejoin) => {
                 let adopted = self.adopt(socket, outbound, inbox, joined, rejoin, session);
-                match Box::pin(adopted).await {
-                    Ok(()) => {
-                        let buffer = RecordBuffer::new(self.settings.max_message_bytes);
-                        self.run(socket, outbound, inbox, joined, Vec::new(), buffer, session)
-                            .await
-                    }
-                    Err(reason) => Stop::Close(reason),
-                }
+                let started = Box::pin(adopted).await;
+                self.go_on(started, socket, outbound, inbox, joined, session)
+                    .await
             }
         };
         loop {
@@ -480,15 +475,33 @@ impl Connection {
                 "resumed"
             );
             let replayed = replay(socket, inbox, &stateful.ledger, self.settings.write_timeout);
-            stop = match replayed.await {
-                Ok(()) => {
-                    let buffer = RecordBuffer::new(self.settings.max_message_bytes);
-                    self.run(socket, outbound, inbox, joined, Vec::new(), buffer, session)
-                        .await
-                }
-                Err(e) => Stop::Close(e.into()),
-            };
+            let started = replayed.await.map_err(CloseReason::from);
+            stop = self
+                .go_on(started, socket, outbound, inbox, joined, session)
+                .await;
         }
+    }
+
+    /// Serves a transport that `started` (a resume's replay, or an adoption) on a socket whose
+    /// first bytes are the client's Sequence: no records wait, and the record buffer is new.
+    async fn go_on<S>(
+        &self,
+        started: Result<(), CloseReason>,
+        socket: &mut Socket<S>,
+        outbound: &Outbound,
+        inbox: &mut Inbox,
+        joined: &mut Vec<Membership>,
+        session: &mut Session<S>,
+    ) -> Stop<S>
+    where
+        S: AsyncRead + Unpin,
+    {
+        if let Err(reason) = started {
+            return Stop::Close(reason);
+        }
+        let buffer = RecordBuffer::new(self.settings.max_message_bytes);
+        self.run(socket, outbound, inbox, joined, Vec::new(), buffer, session)
+            .await
     }
 
     /// Leaves a stateful connection in Redis for the replica its client comes back to, and
