@@ -145,17 +145,24 @@ async fn handed_over(a: &TestGateway, b: &TestGateway) {
     );
 }
 
+/// A stateful client of replica `a` (with two events) whose replica drained and exited: the
+/// replica left, the client's hub path, and how its socket was closed.
+async fn drained_away(redis: &RedisServer) -> (TestGateway, String, e2e::Closed) {
+    let (a, b) = two_replicas(redis, &["--shutdown-delay", "0s"]).await;
+    let (mut client, path) = stateful_client_with_two_events(&a).await;
+    a.shutdown();
+    let closed = client.expect_close().await;
+    a.wait().await;
+    (b, path, closed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_parks_its_connections_for_the_replica_their_clients_come_back_to() {
     let redis = RedisServer::start().await;
-    let (a, b) = two_replicas(&redis, &["--shutdown-delay", "0s"]).await;
-    let (mut client, path) = stateful_client_with_two_events(&a).await;
-    a.shutdown();
+    let (b, path, closed) = drained_away(&redis).await;
     // No Close message (the client would stop): the socket just closes.
-    let closed = client.expect_close().await;
     assert_eq!(closed.close_record, None, "{closed:?}");
     assert_eq!(closed.code(), 1001);
-    a.wait().await;
     publish(&b, 3, 3).await;
 
     let mut client = resume_and_expect_replay(&b, &path).await;
@@ -169,11 +176,7 @@ async fn a_draining_replica_parks_its_connections_for_the_replica_their_clients_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_nobody_hands_over_is_refused_so_the_client_starts_over() {
     let redis = RedisServer::start().await;
-    let (a, b) = two_replicas(&redis, &["--shutdown-delay", "0s"]).await;
-    let (mut client, path) = stateful_client_with_two_events(&a).await;
-    a.shutdown();
-    client.expect_close().await;
-    a.wait().await;
+    let (b, path, _) = drained_away(&redis).await;
     // As if replica a had died without a word: what it parked is gone, its marker stays.
     let parked = redis.cli(&["--scan", "--pattern", "rt:carried:*"]).await;
     assert_eq!(parked.lines().count(), 1, "one connection parked: {parked}");

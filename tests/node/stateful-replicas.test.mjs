@@ -30,6 +30,7 @@ import { killReplica, metric, publishStream, restartReplica, startTopology } fro
 import { assertEveryEventOnce, report, settled, track } from "./chaos/tracker.mjs";
 import { cutProxy, routeReplicaThrough } from "./cut-proxy.mjs";
 import { pidIn } from "./local-topology.mjs";
+import { startAll } from "./chaos/client.mjs";
 
 const CLIENTS = Number(process.env.STATEFUL_REPLICAS_CLIENTS ?? 30);
 const GROUPS = 3;
@@ -120,19 +121,6 @@ function statefulClient({ hubUrl, regions, name }) {
   client.lost = () => client.transports.length;
   client.reopened = () => client.transports.filter((t) => t.openedAt !== null).length;
   return client;
-}
-
-/** Starts `clients`, a few at a time. */
-async function startAll(clients, concurrency = 10) {
-  let next = 0;
-  const worker = async () => {
-    while (next < clients.length) {
-      const client = clients[next];
-      next += 1;
-      await client.start();
-    }
-  };
-  await Promise.all(Array.from({ length: concurrency }, worker));
 }
 
 /** CLIENTS clients through `hubUrl`, each in two of `regions` (so every carried connection has groups). */
@@ -331,7 +319,7 @@ test(
     const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
     const clients = clientsIn(topology.lb.hubUrl, regions);
     t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients);
+    await startAll(clients, 10);
 
     const outcomes = sampleOutcomes(topology);
     const stream = streamFor(t, { redisUrl: topology.redisUrl, regions, rate: RATE, secs: 30 });
@@ -384,7 +372,7 @@ test(
     const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
     const clients = clientsIn(topology.lb.hubUrl, regions);
     t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients);
+    await startAll(clients, 10);
     const behindProxy = proxy.webSockets();
     assert.ok(behindProxy > 0, "no client reached the replica behind the proxy");
 
@@ -429,7 +417,7 @@ test(
     const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
     const clients = clientsIn(`http://127.0.0.1:${front.port}/hub/v1`, regions);
     t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients);
+    await startAll(clients, 10);
 
     const outcomes = sampleOutcomes(topology);
     const stream = streamFor(t, { redisUrl: topology.redisUrl, regions, rate: RATE, secs: 20 });
@@ -469,7 +457,7 @@ test(
     const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
     const clients = clientsIn(`http://127.0.0.1:${proxy.port}/hub/v1`, regions).slice(0, 3);
     t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients);
+    await startAll(clients, 10);
 
     const outcomes = sampleOutcomes(topology);
     const stream = streamFor(t, { redisUrl: topology.redisUrl, regions, rate: RATE, secs: 10 });

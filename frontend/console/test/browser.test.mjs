@@ -20,7 +20,7 @@ import { fileURLToPath } from "node:url";
 
 import { chromium } from "playwright-core";
 
-import { CHROMIUM_BIN, REPO, checkPrerequisites, redisPublisher, startEnvironment, until } from "./topology.mjs";
+import { CHROMIUM_BIN, REPO, checkPrerequisites, consoleApi, redisPublisher, startEnvironment, until } from "./topology.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const ARTIFACTS = path.join(here, "artifacts");
@@ -55,17 +55,8 @@ const slot = (k) => {
   return { startUtc: start.toISOString().replace(".000Z", "Z"), endUtc: new Date(start.getTime() + 7_200_000).toISOString().replace(".000Z", "Z") };
 };
 
-async function api(method, pathAndQuery, body) {
-  const response = await fetch(`${env.consoleUrl}api/${pathAndQuery}`, {
-    method,
-    headers: body ? { "content-type": "application/json" } : {},
-    body: body ? JSON.stringify(body) : undefined,
-    signal: AbortSignal.timeout(5000),
-  });
-  const json = await response.json();
-  assert.ok(response.ok, `${method} /api/${pathAndQuery}: ${response.status} ${JSON.stringify(json)}`);
-  return json;
-}
+/** Calls the demo backend's API at `/api/<pathAndQuery>`; fails the test on an error answer. */
+const api = (method, pathAndQuery, body) => consoleApi(env.consoleUrl, method, pathAndQuery, body);
 
 /** Opens `hash` in a fresh context; resolves once connected and joined to `groups` groups. */
 async function openPage(name, hash, groups) {

@@ -22,7 +22,7 @@ import { chromium } from "playwright-core";
 
 import { startGatewayProcess } from "../../../tests/node/gateway-process.mjs";
 import { startTcpProxy } from "../../../tests/node/tcp-proxy.mjs";
-import { CHROMIUM_BIN, GATEWAY_BIN, JWT_SECRET, checkPrerequisites, startEnvironment, until } from "./topology.mjs";
+import { CHROMIUM_BIN, GATEWAY_BIN, JWT_SECRET, checkPrerequisites, consoleApi, startEnvironment, until } from "./topology.mjs";
 
 const SERVICE_KEY = "console-stateful-test-service-key-0123456789";
 const UPDATE_MS = 15_000;
@@ -39,17 +39,8 @@ let contractors;
 const stops = [];
 const pageErrors = [];
 
-async function api(method, pathAndQuery, body) {
-  const response = await fetch(`${env.consoleUrl}api/${pathAndQuery}`, {
-    method,
-    headers: body ? { "content-type": "application/json" } : {},
-    body: body ? JSON.stringify(body) : undefined,
-    signal: AbortSignal.timeout(5000),
-  });
-  const json = await response.json();
-  assert.ok(response.ok, `${method} /api/${pathAndQuery}: ${response.status} ${JSON.stringify(json)}`);
-  return json;
-}
+/** Calls the demo backend's API at `/api/<pathAndQuery>`; fails the test on an error answer. */
+const api = (method, pathAndQuery, body) => consoleApi(env.consoleUrl, method, pathAndQuery, body);
 
 /** Assigns the region's jobs in turn; resolves with the assignment ids, in publish order. */
 async function assignSome(region, n, offset) {

@@ -6,6 +6,7 @@
 // tests/node's modules that import nothing outside Node (local-topology.mjs, resp.mjs,
 // stop-on-exit.mjs), so the front-end workspace needs none of tests/node's packages.
 
+import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from "node:fs";
@@ -35,6 +36,20 @@ export function checkPrerequisites() {
   if (!existsSync(path.join(CONSOLE_DIST, "index.html"))) missing.push(`${CONSOLE_DIST}/index.html (npm run build --workspaces at frontend/)`);
   if (!existsSync(CHROMIUM_BIN)) missing.push(`${CHROMIUM_BIN} (apt-get install chromium, or set CHROMIUM_BIN)`);
   if (missing.length) throw new Error(`browser tests: missing prerequisites:\n  ${missing.join("\n  ")}`);
+}
+
+/** Calls the demo backend behind `consoleUrl` (`<consoleUrl>api/<pathAndQuery>`, JSON in and
+ * out, 5 s at most) and fails the test unless it answers 2xx; resolves with the JSON. */
+export async function consoleApi(consoleUrl, method, pathAndQuery, body) {
+  const response = await fetch(`${consoleUrl}api/${pathAndQuery}`, {
+    method,
+    headers: body ? { "content-type": "application/json" } : {},
+    body: body ? JSON.stringify(body) : undefined,
+    signal: AbortSignal.timeout(5000),
+  });
+  const json = await response.json();
+  assert.ok(response.ok, `${method} /api/${pathAndQuery}: ${response.status} ${JSON.stringify(json)}`);
+  return json;
 }
 
 export const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));

@@ -227,6 +227,26 @@ async function joinedBehindProxy(t: { after: (fn: () => unknown) => void }, name
   return { gateway, proxy, client, seen, epoch, before };
 }
 
+/** After a fallback: publishes one more event, then checks the client went through one
+ * reconnect and has every event (before, `missed`, after) once, in order, with no resync. */
+async function rejoinedWithPositions(
+  joined: Awaited<ReturnType<typeof joinedBehindProxy>>,
+  region: string,
+  group: string,
+  missed: ReturnType<typeof freshRecommendation>[],
+) {
+  const { gateway, seen, epoch, before } = joined;
+  const after = [freshRecommendation(region)];
+  for (const event of after) await publish(gateway, event);
+  await seen.until(() => seen.events.length >= 6, "the event published after the rejoin");
+
+  const expected = [...before, ...missed, ...after].map((event, i) => [event, { group, epoch, seq: i + 1 }]);
+  assert.deepEqual(seen.events, expected, "every event once, in order, with its position");
+  assert.deepEqual(seen.states, ["connecting", "connected", "reconnecting", "connected"]);
+  assert.deepEqual(seen.resyncs, [], "the gateway's history covered the gap");
+  assert.deepEqual(seen.errors, []);
+}
+
 /** Resolves once the gateway has counted a stateful transport `outcome` (lost, resumed, refused, expired). */
 const counted = (gateway: Gateway, outcome: string) =>
   waitFor(async () => (await metric(gateway, "gateway_stateful_transports_total", { outcome })) >= 1, `a stateful transport ${outcome}`);
@@ -234,7 +254,8 @@ const counted = (gateway: Gateway, outcome: string) =>
 test("a resume that reaches the gateway after its grace is refused, and the client reconnects and rejoins with its positions", async (t) => {
   const region = `expired-${randomUUID().slice(0, 8)}`;
   const group = groupOfDispatch(region);
-  const { gateway, proxy, client, seen, epoch, before } = await joinedBehindProxy(t, "stateful-expired", region);
+  const joined = await joinedBehindProxy(t, "stateful-expired", region);
+  const { gateway, proxy, client, seen } = joined;
 
   // The SignalR client's attempt to reopen the socket is held at the proxy until the gateway has
   // given the connection up; it then reaches the gateway, which answers 404.
@@ -249,21 +270,14 @@ test("a resume that reaches the gateway after its grace is refused, and the clie
 
   await seen.until(() => seen.events.length === 5 && client.state === "connected", "the missed events after the rejoin", 20_000);
   await counted(gateway, "refused");
-  const after = [freshRecommendation(region)];
-  for (const event of after) await publish(gateway, event);
-  await seen.until(() => seen.events.length >= 6, "the event published after the rejoin");
-
-  const expected = [...before, ...missed, ...after].map((event, i) => [event, { group, epoch, seq: i + 1 }]);
-  assert.deepEqual(seen.events, expected, "every event once, in order, with its position");
-  assert.deepEqual(seen.states, ["connecting", "connected", "reconnecting", "connected"]);
-  assert.deepEqual(seen.resyncs, [], "the gateway's history covered the gap");
-  assert.deepEqual(seen.errors, []);
+  await rejoinedWithPositions(joined, region, group, missed);
 });
 
 test("a socket that cannot be reopened at all: the client reconnects once the network is back and rejoins with its positions", async (t) => {
   const region = `down-${randomUUID().slice(0, 8)}`;
   const group = groupOfDispatch(region);
-  const { gateway, proxy, client, seen, epoch, before } = await joinedBehindProxy(t, "stateful-down", region);
+  const joined = await joinedBehindProxy(t, "stateful-down", region);
+  const { gateway, proxy, client, seen } = joined;
 
   // Down: the resume and the client's own attempts are refused at the proxy until the gateway
   // has given the connection up.
@@ -275,13 +289,5 @@ test("a socket that cannot be reopened at all: the client reconnects once the ne
   await proxy.start();
 
   await seen.until(() => seen.events.length === 5 && client.state === "connected", "the missed events after the rejoin", 20_000);
-  const after = [freshRecommendation(region)];
-  for (const event of after) await publish(gateway, event);
-  await seen.until(() => seen.events.length >= 6, "the event published after the rejoin");
-
-  const expected = [...before, ...missed, ...after].map((event, i) => [event, { group, epoch, seq: i + 1 }]);
-  assert.deepEqual(seen.events, expected, "every event once, in order, with its position");
-  assert.deepEqual(seen.states, ["connecting", "connected", "reconnecting", "connected"]);
-  assert.deepEqual(seen.resyncs, [], "the gateway's history covered the gap");
-  assert.deepEqual(seen.errors, []);
+  await rejoinedWithPositions(joined, region, group, missed);
 });
