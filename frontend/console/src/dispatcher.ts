@@ -119,9 +119,12 @@ export function mountDispatcher(shell: Shell, client: RealtimeClient, regions: s
     button.addEventListener("click", async () => {
       button.disabled = true;
       try {
-        await api.requestRecommendations(job.jobId);
-        // The sheet refreshes when RecommendationReady for this job arrives.
-        if (sheet.dataset.state !== "loaded" || selected !== job.jobId) renderSheet("requested");
+        const { requestId } = await api.requestRecommendations(job.jobId);
+        // The sheet refreshes when RecommendationReady for this job arrives. The backend
+        // publishes before it answers, so the event (and the fetch it starts) may already have
+        // loaded this very request; and the user may have selected another job meanwhile.
+        if (selected !== job.jobId || sheet.dataset.requestId === requestId) return;
+        if (sheet.dataset.state !== "loaded") renderSheet("requested");
         else sheet.dataset.state = "requested";
       } catch (e) {
         shell.showError(e);

@@ -202,6 +202,41 @@ test("two dispatchers and a contractor see the right updates; the contractor onl
   console.log(`updates: sheets loaded ${sheetMs} ms, rows and card ${assignMs} ms after the backend's answer`);
 });
 
+test("the answer to Get recommendations held back until its event has loaded the sheet: the sheet stays loaded", async () => {
+  // The backend publishes RecommendationReady before it answers 202, so the event and the fetch
+  // it starts can beat the answer to the page. Held here until they have, every time.
+  const [job1] = by("west").jobs;
+  await d1.waitForSelector(`${sel.sheet}[data-job-id="${job1}"][data-state=loaded]`, { timeout: 5000 });
+  let loadedFirst;
+  await d1.route("**/api/recommendations", async (route) => {
+    if (route.request().method() !== "POST") return route.fallback();
+    const response = await route.fetch();
+    const { requestId } = await response.json();
+    loadedFirst = d1
+      .waitForSelector(`${sel.sheet}[data-state=loaded][data-request-id="${requestId}"]`, { timeout: UPDATE_MS })
+      .then(() => true, () => false);
+    await loadedFirst;
+    await route.fulfill({ response });
+    return undefined;
+  });
+  try {
+    const answered = d1.waitForResponse((r) => r.url().endsWith("/api/recommendations") && r.request().method() === "POST");
+    // The button clicked: the sheet's re-render replaces it, and the click handler enables this
+    // (now detached) one again when it is done.
+    const button = await d1.$("[data-testid=get-recommendations]");
+    await button.click();
+    const { requestId } = await (await answered).json();
+    await d1.waitForFunction((clicked) => !clicked.disabled, button, { timeout: 5000 });
+    assert.equal(await loadedFirst, true, "the event loaded the sheet while the answer was held");
+    assert.deepEqual(
+      await d1.$eval(sel.sheet, (el) => ({ state: el.dataset.state, requestId: el.dataset.requestId })),
+      { state: "loaded", requestId },
+    );
+  } finally {
+    await d1.unroute("**/api/recommendations");
+  }
+});
+
 test("kill the replica a page is connected to: reconnecting, connected, the events published meanwhile in order, once", async () => {
   const north = by("north");
   const baseline = await env.connections();
