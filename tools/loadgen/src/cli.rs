@@ -66,6 +66,11 @@ pub(crate) struct Target {
     /// Hard deadline for the whole process, in seconds.
     #[arg(long, default_value_t = 600)]
     pub(crate) max_secs: u64,
+    /// Connect as the official client does with `withStatefulReconnect()`: negotiate with
+    /// `useStatefulReconnect=true`, upgrade with the connection token, and acknowledge what
+    /// arrived every second.
+    #[arg(long)]
+    pub(crate) stateful: bool,
 }
 
 /// The gateway process and its admin listener, for /proc and /readyz.

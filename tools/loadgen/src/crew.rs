@@ -217,6 +217,9 @@ impl Child {
         if target.no_spread {
             command.arg("--no-spread");
         }
+        if target.stateful {
+            command.arg("--stateful");
+        }
         let mut process = command.spawn().context("starting a receivers process")?;
         let (Some(stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
             bail!("a receivers process has no pipes");
@@ -318,6 +321,7 @@ fn fleet_config(
         concurrency: target.connect_concurrency,
         connect_timeout: Duration::from_secs(target.connect_timeout_secs),
         token_lifetime: Duration::from_secs(target.max_secs) + TOKEN_SLACK,
+        stateful: target.stateful,
     })
 }
 

@@ -28,6 +28,31 @@ const JOIN_TARGET: &str = "JoinDispatchGroup";
 /// The event the load tool publishes and counts.
 const EVENT_TARGET: &str = "RecommendationReady";
 
+/// The Ack of a stateful connection for every trackable message up to `sequence_id`.
+pub(crate) fn ack(sequence_id: u64) -> String {
+    format!("{{\"type\":8,\"sequenceId\":{sequence_id}}}{RECORD_SEPARATOR}")
+}
+
+/// The connection token of a negotiate answer, provided it granted stateful reconnect.
+///
+/// # Errors
+/// A body that is not a negotiate answer, or one without `"useStatefulReconnect": true`.
+pub(crate) fn stateful_connection_token(body: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Negotiated {
+        connection_token: String,
+        #[serde(default)]
+        use_stateful_reconnect: bool,
+    }
+    let negotiated: Negotiated =
+        serde_json::from_slice(body).map_err(|e| format!("negotiate answer: {e}"))?;
+    if !negotiated.use_stateful_reconnect {
+        return Err("negotiate: stateful reconnect not granted".to_owned());
+    }
+    Ok(negotiated.connection_token)
+}
+
 /// The join invocation for `region` (region names need no JSON escaping: `[A-Za-z0-9_.-]`).
 pub(crate) fn join(region: &str) -> String {
     format!(
@@ -67,6 +92,9 @@ pub(crate) enum Incoming {
     Delivery(Option<Stamp>),
     /// A completion of invocation `id`; `error` when the server refused it.
     Completion { id: String, error: Option<String> },
+    /// Another message a stateful connection acknowledges (types 1 to 5: an invocation of
+    /// another target, a stream item...), not counted as a delivery.
+    Tracked,
     /// A keep-alive ping.
     Ping,
     /// The server closes the connection.
@@ -159,6 +187,14 @@ impl<'de> Deserialize<'de> for MaybePayload {
 }
 
 impl Incoming {
+    /// Whether the server numbered this message on a stateful connection (an Ack counts it).
+    pub(crate) fn is_tracked(&self) -> bool {
+        matches!(
+            self,
+            Self::Delivery(_) | Self::Completion { .. } | Self::Tracked
+        )
+    }
+
     /// Classifies one record (without its separator).
     ///
     /// A delivery written exactly as the gateway frames the publisher's events is read by a
@@ -185,6 +221,7 @@ impl Incoming {
                 id: envelope.invocation_id.unwrap_or_default().into_owned(),
                 error: envelope.error,
             },
+            Some(1..=5) => Self::Tracked,
             Some(6) => Self::Ping,
             Some(7) => Self::Close(envelope.error),
             Some(_) => Self::Other,
@@ -358,7 +395,7 @@ mod tests {
         check("not json", Incoming::Other);
         check(
             r#"{"type":1,"target":"JobAssigned","arguments":[{}]}"#,
-            Incoming::Other,
+            Incoming::Tracked,
         );
     }
 
@@ -502,6 +539,34 @@ mod tests {
             );
             assert_eq!(stamp_fast(&record), Some(stamp), "{record}");
         }
+    }
+
+    #[test]
+    fn an_ack_names_the_last_message_and_counts_only_tracked_ones() {
+        assert_eq!(ack(42), "{\"type\":8,\"sequenceId\":42}\u{1e}");
+        let tracked = |record: &str| Incoming::parse(record).is_tracked();
+        assert!(tracked(&event(r#"{"lg":{"g":1,"n":2,"t":3,"s":4}}"#)));
+        assert!(tracked(r#"{"type":3,"invocationId":"1"}"#));
+        assert!(tracked(
+            r#"{"type":1,"target":"JobAssigned","arguments":[{}]}"#
+        ));
+        for untracked in [
+            r#"{"type":6}"#,
+            r#"{"type":8,"sequenceId":1}"#,
+            r#"{"type":7}"#,
+            "{}",
+        ] {
+            assert!(!tracked(untracked), "{untracked}");
+        }
+    }
+
+    #[test]
+    fn a_negotiate_answer_gives_its_token_only_when_stateful_was_granted() {
+        let granted = br#"{"negotiateVersion":1,"connectionId":"c","connectionToken":"t-1","availableTransports":[],"useStatefulReconnect":true}"#;
+        assert_eq!(stateful_connection_token(granted), Ok("t-1".to_owned()));
+        let refused = br#"{"negotiateVersion":1,"connectionId":"c","connectionToken":"t-1","availableTransports":[]}"#;
+        assert!(stateful_connection_token(refused).is_err());
+        assert!(stateful_connection_token(b"not json").is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A fleet of SignalR connections held by this process, and what they receive.
 //!
 //! Each connection is one task: it binds a loopback source address, upgrades, shakes hands,
-//! joins its group, then reads frames, pings every 10 s and counts each stamped delivery in a
+//! joins its group, then reads frames, pings every 10 s (stateful connections also acknowledge
+//! what arrived every second) and counts each stamped delivery in a
 //! sharded `Ledger` until told to stop. The fleet knows nothing of publishing or of steps
 //! beyond the step index carried in each stamp.
 //!
@@ -47,6 +48,9 @@ const SHARDS: usize = 16;
 /// How often each connection sends a ping (the server closes after 30 s of silence).
 const PING_EVERY: Duration = Duration::from_secs(10);
 
+/// How often a stateful connection acknowledges what it received, as the official client does.
+const ACK_EVERY: Duration = Duration::from_secs(1);
+
 /// Ping cohorts: connection i is in cohort i mod COHORTS, and one cohort pings every
 /// PING_EVERY / COHORTS, so the pings of thousands of connections are spread out.
 const COHORTS: usize = 100;
@@ -80,6 +84,8 @@ pub(crate) struct FleetConfig {
     pub(crate) connect_timeout: Duration,
     /// Lifetime of the minted tokens.
     pub(crate) token_lifetime: Duration,
+    /// Negotiate stateful reconnect and acknowledge deliveries (see `--stateful`).
+    pub(crate) stateful: bool,
 }
 
 /// How opening the connections went.
@@ -130,6 +136,8 @@ struct Shared {
     ends: Mutex<BTreeMap<String, u64>>,
     /// Runtime lag since the last collection, in microseconds.
     lag: Mutex<Histogram<u64>>,
+    /// The HTTP client stateful connections negotiate with.
+    negotiate: Option<reqwest::Client>,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,6 +162,7 @@ impl Fleet {
             live: AtomicU64::new(0),
             ends: Mutex::default(),
             lag: Mutex::new(tally::new_histogram()),
+            negotiate: config.stateful.then(reqwest::Client::new),
         });
         let key = EncodingKey::from_secret(config.jwt_secret.as_bytes());
         let (stop, stopped) = watch::channel(false);
@@ -162,7 +171,16 @@ impl Fleet {
         let permits = Arc::new(Semaphore::new(config.concurrency));
         let (ready_tx, mut ready_rx) = mpsc::channel(1024);
         let mut tasks = JoinSet::new();
-        tasks.spawn(drive_pings(Arc::clone(&cohorts), stopped.clone()));
+        let signal_every = if config.stateful {
+            ACK_EVERY
+        } else {
+            PING_EVERY
+        };
+        tasks.spawn(drive_cohorts(
+            Arc::clone(&cohorts),
+            signal_every,
+            stopped.clone(),
+        ));
         let config = Arc::new(config);
         for index in config.first..config.first + config.count {
             let group = (config.groups > 0).then(|| index % config.groups);
@@ -247,10 +265,15 @@ impl Fleet {
     }
 }
 
-/// Signals one ping cohort after another, so that each connection pings every PING_EVERY,
+/// Signals one cohort after another, so that each connection is signalled every `every`
+/// (PING_EVERY, or ACK_EVERY for stateful connections, which then ping every tenth signal),
 /// until stopped.
-async fn drive_pings(cohorts: Arc<[watch::Sender<bool>]>, mut stopped: watch::Receiver<bool>) {
-    let mut tick = interval(PING_EVERY / COHORTS as u32);
+async fn drive_cohorts(
+    cohorts: Arc<[watch::Sender<bool>]>,
+    every: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tick = interval(every / COHORTS as u32);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await;
     for cohort in cohorts.iter().cycle() {

@@ -41,6 +41,9 @@ thread_local! {
 /// How long a closing connection waits for its close frame to be written.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// A stateful connection is signalled every second to acknowledge, and pings every tenth time.
+const PINGS_EVERY_SIGNALS: u32 = 10;
+
 /// Source addresses used when spreading: 127.0.0.2 ..= 127.0.0.254.
 const SOURCE_HOSTS: std::ops::RangeInclusive<u8> = 2..=254;
 
@@ -118,9 +121,16 @@ impl Session {
         let [m0, m1, m2, m3, ..] = *uuid::Uuid::new_v4().as_bytes();
         let mut wire = Wire::new(stream, [m0, m1, m2, m3]);
         let key = ws::client_key(nonce);
+        let path = match &self.shared.negotiate {
+            None => format!("/hub/v1?access_token={token}"),
+            Some(http) => {
+                let connection = negotiate_stateful(http, target, token).await?;
+                format!("/hub/v1?id={connection}&access_token={token}")
+            }
+        };
         let request = ws::upgrade_request(
             &target.to_string(),
-            &format!("/hub/v1?access_token={token}"),
+            &path,
             &key,
             self.config.origin.as_deref(),
         )?;
@@ -216,6 +226,12 @@ impl Session {
     ) -> Option<String> {
         let shard = &self.shared.shards[self.index % SHARDS];
         let mut order = Order::default();
+        // Stateful connections: what the server numbered (the join's completion so far), what
+        // was acknowledged, and the cohort signals seen (a ping every PINGS_EVERY_SIGNALS).
+        let stateful = self.shared.negotiate.is_some();
+        let mut tracked = u64::from(self.group.is_some());
+        let mut acked = 0;
+        let mut signals: u32 = 0;
         wire.pending.shrink_to_fit();
         loop {
             let event = {
@@ -224,7 +240,9 @@ impl Session {
                 tokio::pin!(signal);
                 poll_fn(|cx| {
                     // The socket first: a wake-up is nearly always for data.
-                    if let Poll::Ready(event) = self.poll_socket(cx, &mut wire, &mut order, shard) {
+                    if let Poll::Ready(event) =
+                        self.poll_socket(cx, &mut wire, &mut order, &mut tracked, shard)
+                    {
                         return Poll::Ready(event);
                     }
                     signal.as_mut().poll(cx).map(|changed| match changed {
@@ -249,6 +267,16 @@ impl Session {
                 let _ = timeout(CLOSE_TIMEOUT, wire.send(ws::OPCODE_CLOSE, &[])).await;
                 return None;
             }
+            if stateful && tracked > acked {
+                if let Err(e) = wire.send_text(&signalr::ack(tracked)).await {
+                    return Some(format!("ack: io {:?}", e.kind()));
+                }
+                acked = tracked;
+            }
+            signals = signals.wrapping_add(1);
+            if stateful && !signals.is_multiple_of(PINGS_EVERY_SIGNALS) {
+                continue;
+            }
             if let Err(e) = wire.send_text(signalr::PING).await {
                 return Some(format!("ping: io {:?}", e.kind()));
             }
@@ -262,6 +290,7 @@ impl Session {
         cx: &mut Context<'_>,
         wire: &mut Wire,
         order: &mut Order,
+        tracked: &mut u64,
         shard: &Mutex<Ledger>,
     ) -> Poll<Event> {
         SCRATCH.with_borrow_mut(|scratch| {
@@ -285,7 +314,7 @@ impl Session {
                     return Poll::Ready(Event::Ended("eof".to_owned()));
                 }
                 let data = &scratch[..carried + got];
-                let (used, outcome) = self.absorb(data, order, shard);
+                let (used, outcome) = self.absorb(data, order, tracked, shard);
                 wire.keep(&data[used..]);
                 match outcome {
                     Ok(None) => {}
@@ -296,13 +325,15 @@ impl Session {
         })
     }
 
-    /// Counts the deliveries of the complete frames at the start of `data`. Returns how many
-    /// bytes they took, and the payload of a WebSocket ping to answer, if one came, or why the
-    /// server ended the connection.
+    /// Counts the deliveries of the complete frames at the start of `data`, and in `tracked`
+    /// the messages a stateful connection acknowledges. Returns how many bytes they took, and
+    /// the payload of a WebSocket ping to answer, if one came, or why the server ended the
+    /// connection.
     fn absorb(
         &self,
         data: &[u8],
         order: &mut Order,
+        tracked: &mut u64,
         shard: &Mutex<Ledger>,
     ) -> (usize, Result<Option<Vec<u8>>, String>) {
         let now = host::now_micros();
@@ -325,7 +356,9 @@ impl Session {
                         return (at, Err("read: text frame not UTF-8".to_owned()));
                     };
                     for record in signalr::records(text) {
-                        match Incoming::parse(record) {
+                        let incoming = Incoming::parse(record);
+                        *tracked += u64::from(incoming.is_tracked());
+                        match incoming {
                             Incoming::Delivery(stamp) => {
                                 let ledger = ledger.get_or_insert_with(|| lock(shard));
                                 match stamp {
@@ -400,4 +433,30 @@ enum Event {
     Pong(Vec<u8>),
     /// The server or the network ended the connection, for this reason.
     Ended(String),
+}
+
+/// Negotiates a stateful connection as the official client does with
+/// `withStatefulReconnect()`; returns its connection token.
+async fn negotiate_stateful(
+    http: &reqwest::Client,
+    target: SocketAddr,
+    token: &str,
+) -> Result<String, String> {
+    let answer = http
+        .post(format!(
+            "http://{target}/hub/v1/negotiate?negotiateVersion=1&useStatefulReconnect=true"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| format!("negotiate: {e}"))?;
+    let status = answer.status();
+    if !status.is_success() {
+        return Err(format!("negotiate: HTTP {}", status.as_u16()));
+    }
+    let body = answer
+        .bytes()
+        .await
+        .map_err(|e| format!("negotiate: {e}"))?;
+    signalr::stateful_connection_token(&body)
 }

@@ -55,12 +55,14 @@ async fn connected() -> (Session, Wire, TcpStream) {
         concurrency: 1,
         connect_timeout: Duration::from_secs(1),
         token_lifetime: Duration::from_secs(60),
+        stateful: false,
     };
     let shared = Arc::new(Shared {
         shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         members: (0..2).map(|_| AtomicU32::new(0)).collect(),
         live: AtomicU64::new(0),
         ends: Mutex::default(),
+        negotiate: None,
         lag: Mutex::new(tally::new_histogram()),
     });
     let session = Session {
