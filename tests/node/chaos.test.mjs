@@ -19,6 +19,7 @@ import { cuttingProxy } from "./chaos/proxy.mjs";
 import { groupHistory, redisCommand, redisInfo } from "./chaos/redis.mjs";
 import { killReplica, metric, publishStream, restartRedis, restartReplica, topologyForFile } from "./chaos/topology.mjs";
 import { report, track } from "./chaos/tracker.mjs";
+import { withLogTails } from "./local-topology.mjs";
 
 const RATE = Number(process.env.CHAOS_RATE ?? 200);
 const SECS = Number(process.env.CHAOS_SECS ?? 20);
@@ -145,8 +146,7 @@ async function scenario(t, file, title, hooks = {}) {
     if (hooks.check) await hooks.check(result, ctx, summary, record);
     return result;
   } catch (error) {
-    error.message += `\n${topology.logTails()}`;
-    throw error;
+    throw withLogTails(error, topology);
   }
 }
 

@@ -230,3 +230,19 @@ export async function metric(replica, name) {
     .filter((line) => line.split(/[{ ]/)[0] === name)
     .reduce((sum, line) => sum + Number(line.split(" ").at(-1)), 0);
 }
+
+/**
+ * `error` with `topology`'s log tails added to its message, for a failing test to rethrow. An
+ * error whose message cannot be written (the DOMException of a timed-out fetch) or a value that
+ * is not an error is wrapped in a new Error that keeps it as its cause, instead of the append
+ * throwing a TypeError that hides it.
+ */
+export function withLogTails(error, topology) {
+  const tails = topology.logTails();
+  if (error instanceof Error && Object.getOwnPropertyDescriptor(error, "message")?.writable) {
+    error.message += `\n${tails}`;
+    return error;
+  }
+  const what = error instanceof Object && "message" in error ? `${error.name}: ${error.message}` : String(error);
+  return new Error(`${what}\n${tails}`, { cause: error });
+}

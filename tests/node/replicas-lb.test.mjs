@@ -38,7 +38,7 @@ import {
   uniqueRegion,
   within,
 } from "./harness.mjs";
-import { killReplica, startTopology } from "./local-topology.mjs";
+import { killReplica, startTopology, withLogTails } from "./local-topology.mjs";
 
 const RETRY_DELAYS = [0, 200, 500, 1000, 1000, 2000];
 
@@ -96,8 +96,7 @@ function withLogs(body) {
     try {
       await body(t);
     } catch (error) {
-      error.message += `\n${topology.logTails()}`;
-      throw error;
+      throw withLogTails(error, topology);
     }
   };
 }

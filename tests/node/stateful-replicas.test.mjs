@@ -29,7 +29,7 @@ import { dispatcherToken, uniqueRegion, within } from "./harness.mjs";
 import { killReplica, metric, publishStream, restartReplica, startTopology } from "./chaos/topology.mjs";
 import { assertEveryEventOnce, report, settled, track } from "./chaos/tracker.mjs";
 import { cutProxy, routeReplicaThrough } from "./cut-proxy.mjs";
-import { pidIn } from "./local-topology.mjs";
+import { pidIn, withLogTails } from "./local-topology.mjs";
 import { startAll } from "./chaos/client.mjs";
 
 const CLIENTS = Number(process.env.STATEFUL_REPLICAS_CLIENTS ?? 30);
@@ -277,8 +277,7 @@ function onTopology(name, replicaArgs, body) {
     try {
       await body(t, topology);
     } catch (error) {
-      error.message += `\n${topology.logTails()}`;
-      throw error;
+      throw withLogTails(error, topology);
     }
   };
 }
