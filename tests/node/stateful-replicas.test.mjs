@@ -123,11 +123,18 @@ function statefulClient({ hubUrl, regions, name }) {
   return client;
 }
 
-/** CLIENTS clients through `hubUrl`, each in two of `regions` (so every carried connection has groups). */
-function clientsIn(hubUrl, regions) {
-  return Array.from({ length: CLIENTS }, (_, i) =>
+/**
+ * `count` clients through `hubUrl`, started, each in two of GROUPS fresh regions (so every carried
+ * connection has groups); stopped when the test ends.
+ */
+async function startedClients(t, hubUrl, count = CLIENTS) {
+  const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
+  const clients = Array.from({ length: count }, (_, i) =>
     statefulClient({ hubUrl, regions: [regions[i % regions.length], regions[(i + 1) % regions.length]], name: `client-${i}` }),
   );
+  t.after(() => Promise.all(clients.map((c) => c.stop())));
+  await startAll(clients, 10);
+  return { regions, clients };
 }
 
 /**
@@ -315,10 +322,7 @@ test(
   "stateful clients lose nothing and never reconnect while the three replicas are restarted one after another",
   { timeout: 300_000 },
   onTopology("stateful-rolling", `--shutdown-delay ${SHUTDOWN_DELAY_MS}ms --drain-timeout ${DRAIN_TIMEOUT_MS}ms`, async (t, topology) => {
-    const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
-    const clients = clientsIn(topology.lb.hubUrl, regions);
-    t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients, 10);
+    const { regions, clients } = await startedClients(t, topology.lb.hubUrl);
 
     const outcomes = sampleOutcomes(topology);
     const stream = streamFor(t, { redisUrl: topology.redisUrl, regions, rate: RATE, secs: 30 });
@@ -368,10 +372,7 @@ test(
     t.after(() => proxy.close());
     await routeReplicaThrough(topology, 2, proxy.port, () => proxy.stats.accepted > 0);
 
-    const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
-    const clients = clientsIn(topology.lb.hubUrl, regions);
-    t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients, 10);
+    const { regions, clients } = await startedClients(t, topology.lb.hubUrl);
     const behindProxy = proxy.webSockets();
     assert.ok(behindProxy > 0, "no client reached the replica behind the proxy");
 
@@ -413,10 +414,7 @@ test(
     // The clients reach nginx through a proxy that drops their connections.
     const front = await cutProxy(topology.lb.port);
     t.after(() => front.close());
-    const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
-    const clients = clientsIn(`http://127.0.0.1:${front.port}/hub/v1`, regions);
-    t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients, 10);
+    const { regions, clients } = await startedClients(t, `http://127.0.0.1:${front.port}/hub/v1`);
 
     const outcomes = sampleOutcomes(topology);
     const stream = streamFor(t, { redisUrl: topology.redisUrl, regions, rate: RATE, secs: 20 });
@@ -453,10 +451,7 @@ test(
     const [first, second] = topology.replicas;
     const proxy = await cutProxy(first.port);
     t.after(() => proxy.close());
-    const regions = Array.from({ length: GROUPS }, () => uniqueRegion("stateful"));
-    const clients = clientsIn(`http://127.0.0.1:${proxy.port}/hub/v1`, regions).slice(0, 3);
-    t.after(() => Promise.all(clients.map((c) => c.stop())));
-    await startAll(clients, 10);
+    const { regions, clients } = await startedClients(t, `http://127.0.0.1:${proxy.port}/hub/v1`, 3);
 
     const outcomes = sampleOutcomes(topology);
     const stream = streamFor(t, { redisUrl: topology.redisUrl, regions, rate: RATE, secs: 10 });
