@@ -250,9 +250,11 @@ test("5. a client that stops reading is closed, others are unaffected, and it re
   // The slow client is a raw WebSocket straight to replica 1 that stops reading after its joins.
   // Besides the scenario's groups it joins a flood group of its own (FLOOD_RATE events/s for
   // FLOOD_SECS s), because the kernel buffers about 4 MB for it on loopback before the gateway's
-  // outbound queue fills; the flood group is not tracked and not rejoined.
+  // outbound queue fills; the flood group is not tracked and not rejoined. Measured here, the
+  // close came 9.5-16 s into the flood, so a 15 s flood sometimes ended before it and the client
+  // was never closed: the flood lasts as long as the scenario's stream.
   const FLOOD_RATE = Number(process.env.CHAOS_FLOOD_RATE ?? 1000);
-  const FLOOD_SECS = Number(process.env.CHAOS_FLOOD_SECS ?? 15);
+  const FLOOD_SECS = Number(process.env.CHAOS_FLOOD_SECS ?? 30);
   const replica = topology.replicas[0];
   const floodRegion = uniqueRegion("flood");
   let slow;
