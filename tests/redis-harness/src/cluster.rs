@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::{DEADLINE, free_port, within};
+use crate::{DEADLINE, NotUp, START_ATTEMPTS, free_port, log_file, until_it_answers, within};
 
 /// How long a failover may take: failure detection after `cluster-node-timeout` (2 s), the
 /// replica's election and the news reaching every node, on a loaded machine.
@@ -36,6 +36,16 @@ struct Node {
     port: u16,
     /// `None` once killed.
     child: Option<Child>,
+}
+
+impl Node {
+    /// Kills the process (SIGKILL) and waits for it to exit; nothing if it was killed already.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// One node as the cluster describes it (`CLUSTER NODES`).
@@ -253,10 +263,7 @@ impl RedisCluster {
             .iter_mut()
             .find(|n| n.port == port)
             .unwrap_or_else(|| panic!("no node on port {port}"));
-        if let Some(mut child) = node.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        node.kill();
     }
 
     /// Moves `slot`, keys and all, from the master serving it to the master on `to`, the way
@@ -387,10 +394,50 @@ impl RedisCluster {
         true
     }
 
-    /// Starts one cluster-enabled node on free ports and waits until it answers PING.
+    /// Starts one cluster-enabled node on free ports and waits until it answers PING; on other
+    /// ports again if the process exits first (a port was taken in the meantime), up to
+    /// [`START_ATTEMPTS`] times.
     async fn spawn_node(&mut self) -> u16 {
-        let port = free_port();
-        let bus_port = free_port();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = free_port();
+            let bus_port = free_port();
+            let mut child = self.node_command(port, bus_port);
+            let log = self.dir.join(format!("node-{port}.log"));
+            let output = log_file(&log);
+            let child = child
+                .stdout(output.try_clone().expect("share the log file"))
+                .stderr(output)
+                .spawn()
+                .expect("redis-server is installed (.ci/run installs it)");
+            let mut node = Node {
+                port,
+                child: Some(child),
+            };
+            let tls = self.tls.as_deref();
+            let started = until_it_answers(
+                node.child.as_mut().expect("just started"),
+                &log,
+                "a cluster node to answer PING",
+                || async move { cli(tls, port, &["PING"]).await.starts_with("PONG") },
+            )
+            .await;
+            match started {
+                Ok(()) => {
+                    self.nodes.push(node);
+                    return port;
+                }
+                Err(NotUp::Exited(log)) if attempt == START_ATTEMPTS => panic!(
+                    "a cluster node exited before it answered, {attempt} times on other \
+                     ports; the last log ends with:\n{log}"
+                ),
+                Err(NotUp::Exited(_)) => node.kill(),
+            }
+        }
+        unreachable!("the last attempt returns or fails the test")
+    }
+
+    /// The command line of a cluster-enabled node on `port`, its cluster bus on `bus_port`.
+    fn node_command(&self, port: u16, bus_port: u16) -> Command {
         let mut command = Command::new("redis-server");
         match &self.tls {
             None => command.args(["--port", &port.to_string()]),
@@ -404,7 +451,7 @@ impl RedisCluster {
                 dir,
             ),
         };
-        let child = command
+        command
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--cluster-enabled", "yes"])
@@ -424,26 +471,8 @@ impl RedisCluster {
             ])
             .arg("--dir")
             .arg(&self.dir)
-            .args(["--dbfilename", &format!("dump-{port}.rdb")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (.ci/run installs it)");
-        self.nodes.push(Node {
-            port,
-            child: Some(child),
-        });
-        within(
-            DEADLINE,
-            async {
-                while !self.cli(port, &["PING"]).await.starts_with("PONG") {
-                    poll_interval().await;
-                }
-            },
-            "a cluster node to answer PING",
-        )
-        .await;
-        port
+            .args(["--dbfilename", &format!("dump-{port}.rdb")]);
+        command
     }
 }
 
@@ -549,10 +578,7 @@ impl SlotMigration {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            node.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -2,9 +2,8 @@
 //! loopback ports (never the server on 6379), killed when dropped.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use crate::{DEADLINE, free_port, within};
+use crate::{NotUp, START_ATTEMPTS, free_port, log_file, until_it_answers};
 
 /// A `redis-server` started for one test on a free loopback port, killed when dropped. Never the
 /// server on 6379.
@@ -28,41 +27,44 @@ impl RedisServer {
 
     /// Starts a server without persistence with `extra` arguments, e.g. `--replicaof`.
     pub async fn start_with(extra: &[&str]) -> Self {
-        let mut server = Self {
-            port: free_port(),
+        Self {
+            port: 0,
             child: None,
             tls: None,
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             sentinel_config: None,
-        };
-        server.spawn().await;
-        server
+        }
+        .start_on_a_free_port(|_| {})
+        .await
     }
 
     /// Starts a Sentinel that monitors the master at `master_port` as `primary` (quorum 1,
     /// down after 1 s), its configuration file in `dir`.
     pub async fn start_sentinel(dir: &std::path::Path, master_port: u16) -> Self {
-        let port = free_port();
-        let config = dir.join(format!("sentinel-{port}.conf"));
-        std::fs::write(
-            &config,
-            format!(
-                "port {port}\nbind 127.0.0.1\n\
-                 sentinel monitor primary 127.0.0.1 {master_port} 1\n\
-                 sentinel down-after-milliseconds primary 1000\n\
-                 sentinel failover-timeout primary 5000\n"
-            ),
-        )
-        .expect("write the sentinel configuration");
-        let mut server = Self {
-            port,
+        let dir = dir.to_owned();
+        Self {
+            port: 0,
             child: None,
             tls: None,
             extra: Vec::new(),
-            sentinel_config: Some(config),
-        };
-        server.spawn().await;
-        server
+            sentinel_config: None,
+        }
+        .start_on_a_free_port(move |server| {
+            let port = server.port;
+            let config = dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\n\
+                     sentinel monitor primary 127.0.0.1 {master_port} 1\n\
+                     sentinel down-after-milliseconds primary 1000\n\
+                     sentinel failover-timeout primary 5000\n"
+                ),
+            )
+            .expect("write the sentinel configuration");
+            server.sentinel_config = Some(config);
+        })
+        .await
     }
 
     /// Runs `redis-cli` against this server and returns its standard output.
@@ -80,15 +82,34 @@ impl RedisServer {
     /// authority generated in `dir` (`ca.pem` is what clients must trust).
     pub async fn start_tls(dir: &std::path::Path) -> Self {
         make_certificates(dir);
-        let mut server = Self {
-            port: free_port(),
+        Self {
+            port: 0,
             child: None,
             tls: Some(dir.to_owned()),
             extra: Vec::new(),
             sentinel_config: None,
-        };
-        server.spawn().await;
-        server
+        }
+        .start_on_a_free_port(|_| {})
+        .await
+    }
+
+    /// Starts the server on a free port, after `prepare` (which may write files naming the
+    /// port); on other ports again if the process exits before it answers (its port was
+    /// taken in the meantime), up to [`START_ATTEMPTS`] times.
+    async fn start_on_a_free_port(mut self, mut prepare: impl FnMut(&mut Self)) -> Self {
+        for attempt in 1..=START_ATTEMPTS {
+            self.port = free_port();
+            prepare(&mut self);
+            match self.spawn().await {
+                Ok(()) => return self,
+                Err(NotUp::Exited(log)) if attempt == START_ATTEMPTS => panic!(
+                    "redis-server exited before it answered, {attempt} times on other ports; \
+                     the last log ends with:\n{log}"
+                ),
+                Err(NotUp::Exited(_)) => self.kill(),
+            }
+        }
+        unreachable!("the last attempt returns or fails the test")
     }
 
     /// The server's port.
@@ -126,12 +147,17 @@ impl RedisServer {
     /// Starts the server again on the same port.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        self.start_again().await;
     }
 
     /// Starts the server again on the same port after it was killed.
     pub async fn start_again(&mut self) {
-        self.spawn().await;
+        if let Err(NotUp::Exited(log)) = self.spawn().await {
+            panic!(
+                "redis-server exited when started again on port {}; its log ends with:\n{log}",
+                self.port
+            );
+        }
     }
 
     /// Kills the server and starts it again on the same port with `extra` arguments instead of
@@ -139,10 +165,11 @@ impl RedisServer {
     pub async fn restart_with(&mut self, extra: &[&str]) {
         self.kill();
         self.extra = extra.iter().map(|a| (*a).to_owned()).collect();
-        self.spawn().await;
+        self.start_again().await;
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the process on `self.port` and waits until it answers PING.
+    async fn spawn(&mut self) -> Result<(), NotUp> {
         let port = self.port.to_string();
         let mut command = std::process::Command::new("redis-server");
         if let Some(config) = &self.sentinel_config {
@@ -161,28 +188,24 @@ impl RedisServer {
             None => command.args(["--port", &port]),
             Some(dir) => crate::tls_only(command.args(["--tls-port", &port]), dir),
         };
+        let log = self.log();
+        let output = log_file(&log);
         let child = command
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(output.try_clone().expect("share the log file"))
+            .stderr(output)
             .spawn()
             .expect("redis-server is installed (.ci/run installs it)");
-        self.child = Some(child);
-        let tls = self.tls.clone();
-        within(
-            DEADLINE,
-            async move {
-                loop {
-                    if answers_ping(&port, tls.as_deref()).await {
-                        return;
-                    }
-                    // Polling interval of a condition checked on the server, not a
-                    // synchronisation sleep: readiness is decided by PING answering.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            },
-            "redis-server to answer PING",
-        )
-        .await;
+        let child = self.child.insert(child);
+        let tls = self.tls.as_deref();
+        until_it_answers(child, &log, "redis-server to answer PING", || {
+            answers_ping(&port, tls)
+        })
+        .await
+    }
+
+    /// Where the process writes its log: the run's temporary folder, named by the port.
+    fn log(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("e2e-redis-{}.log", self.port))
     }
 }
 
@@ -263,5 +286,6 @@ async fn answers_ping(port: &str, tls: Option<&std::path::Path>) -> bool {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(self.log());
     }
 }
