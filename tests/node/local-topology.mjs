@@ -22,16 +22,46 @@ const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 // ---------------------------------------------------------------------------------------------
 // Ports and processes
 
-/** A port that was free a moment ago (listen on port 0, read it, close). */
-export async function freePort() {
+/** The lowest port freePort chooses: above the well-known and most registered ones. */
+const FIRST_TEST_PORT = 10000;
+
+/** The first port of the kernel's ephemeral range (Linux's default when it cannot be read). */
+function ephemeralRangeStart() {
+  try {
+    const low = Number(readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/)[0]);
+    return Number.isInteger(low) ? low : 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+/** Does listening on `port` (0: any) at 127.0.0.1 work now? Resolves the port that was bound, or null. */
+async function bindable(port) {
   const server = net.createServer();
-  await new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", resolve);
+  const bound = await new Promise((resolve) => {
+    server.once("error", () => resolve(null));
+    server.listen(port, "127.0.0.1", () => resolve(server.address().port));
   });
-  const { port } = server.address();
-  await new Promise((resolve) => server.close(resolve));
-  return port;
+  if (bound !== null) await new Promise((resolve) => server.close(resolve));
+  return bound;
+}
+
+/**
+ * A port that was free a moment ago, chosen at random below the kernel's ephemeral range (never
+ * 6379): there, no outgoing connection (the tests open thousands) can take it as its local port
+ * between this check and the bind of the process it is meant for.
+ */
+export async function freePort() {
+  const below = ephemeralRangeStart();
+  const span = below - FIRST_TEST_PORT;
+  for (let attempt = 0; attempt < 200; attempt += 1) {
+    // An unusual range with no room below it: let the kernel choose.
+    const candidate = span > 1000 ? FIRST_TEST_PORT + Math.floor(Math.random() * span) : 0;
+    if (candidate === 6379) continue;
+    const port = await bindable(candidate);
+    if (port !== null) return port;
+  }
+  throw new Error(`no free port below ${below} after 200 tries`);
 }
 
 /** `count` distinct ports that were free a moment ago. */
