@@ -11,10 +11,15 @@
 //! await.
 //!
 //! Direct writes: once the connection has attached a writer handle ([`Wire`]), a push
-//! that finds nothing queued and the connection task not writing writes the frame to the socket
-//! at once, without waking the task. Only what the socket does not take (it would block, or took
-//! part) is queued for the task. The decision is made under the queue's lock, so frames never
-//! interleave and keep their order.
+//! that finds nothing queued and the connection task neither writing nor holding direct writes
+//! off writes the frame to the socket at once, without waking the task. Only what the socket
+//! does not take (it would block, or took part) is queued for the task. The decision is made
+//! under the queue's lock, so frames never interleave and keep their order.
+//!
+//! A stateful connection's [`Ledger`] lives here, under the same lock: every event frame is
+//! numbered and kept at the moment its first byte is written, whether a push writes it directly
+//! or the connection task takes it from the queue, so the ids the client counts and the ledger's
+//! always agree. While the ledger is full, nothing more goes out (or is taken) until an Ack.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -24,6 +29,8 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use publisher_lib::contract::{Group, Position};
+
+use crate::connection::Ledger;
 
 /// Queue capacity kept after a burst drains; larger buffers are released.
 const RETAINED_CAPACITY: usize = 16;
@@ -38,6 +45,8 @@ pub struct Frame(Arc<FrameData>);
 struct FrameData {
     bytes: Bytes,
     tag: Option<Tag>,
+    /// The rest of a frame whose start was written directly: the ledger counted it already.
+    rest: bool,
 }
 
 /// The group and position of the event a frame carries.
@@ -52,7 +61,11 @@ pub struct Tag {
 impl Frame {
     /// Wraps bytes to write as they are.
     pub fn new(bytes: Bytes) -> Self {
-        Self(Arc::new(FrameData { bytes, tag: None }))
+        Self(Arc::new(FrameData {
+            bytes,
+            tag: None,
+            rest: false,
+        }))
     }
 
     /// Wraps an event's frame with the group and position it carries.
@@ -60,6 +73,7 @@ impl Frame {
         Self(Arc::new(FrameData {
             bytes,
             tag: Some(tag),
+            rest: false,
         }))
     }
 
@@ -85,7 +99,16 @@ impl Frame {
 
     /// What is left to write after the first `written` bytes went out.
     fn tail(&self, written: usize) -> Frame {
-        Frame::new(self.0.bytes.slice(written..))
+        Frame(Arc::new(FrameData {
+            bytes: self.0.bytes.slice(written..),
+            tag: None,
+            rest: true,
+        }))
+    }
+
+    /// Whether this is the rest of a frame already begun (and counted).
+    fn is_rest(&self) -> bool {
+        self.0.rest
     }
 }
 
@@ -157,6 +180,38 @@ struct State {
     wire: Option<Arc<dyn Wire>>,
     /// The connection task is writing (or about to): no direct writes meanwhile.
     writing: bool,
+    /// The connection task is acting on its client's records (a join, a leave, a
+    /// completion): no direct writes meanwhile, so its ledger sees them in order.
+    held: bool,
+    /// A stateful connection's ledger: what was sent and not acknowledged.
+    ledger: Option<Ledger>,
+}
+
+impl State {
+    /// Whether the task may take the next queued frame: always the rest of a frame begun,
+    /// otherwise only while the ledger (if any) has room.
+    fn may_take(&self) -> bool {
+        match (&self.ledger, self.frames.front()) {
+            (Some(ledger), Some(front)) => front.is_rest() || ledger.has_room(),
+            _ => true,
+        }
+    }
+
+    /// Takes the next queued frame, numbering it in the ledger.
+    fn take(&mut self) -> Option<Frame> {
+        if !self.may_take() {
+            return None;
+        }
+        let frame = self.frames.pop_front()?;
+        self.backlog = self.backlog.saturating_sub(1);
+        self.taken += 1;
+        if let Some(ledger) = &mut self.ledger
+            && !frame.is_rest()
+        {
+            ledger.sent(&frame);
+        }
+        Some(frame)
+    }
 }
 
 /// How a frame reaches the socket.
@@ -201,6 +256,8 @@ pub fn channel_within(capacity: usize, budget: usize) -> (Outbound, Inbox) {
         waker: None,
         wire: None,
         writing: false,
+        held: false,
+        ledger: None,
     }));
     (
         Outbound {
@@ -225,19 +282,26 @@ impl Outbound {
         if mode == WriteMode::DirectIfIdle
             && state.frames.is_empty()
             && !state.writing
+            && !state.held
+            && state.ledger.as_ref().is_none_or(Ledger::has_room)
             && let Some(wire) = &state.wire
         {
             let bytes: &[u8] = &frame.0.bytes;
             match wire.try_write(bytes) {
-                Ok(written) if written == bytes.len() => return Ok(()),
+                // Would block, or the socket failed: the task writes it, or finds the error.
+                Ok(0) | Err(_) => {}
                 Ok(written) => {
+                    if let Some(ledger) = &mut state.ledger {
+                        ledger.sent(frame);
+                    }
+                    if written == bytes.len() {
+                        return Ok(());
+                    }
                     let rest = frame.tail(written);
                     state.frames.push_back(rest);
                     wake(state);
                     return Ok(());
                 }
-                // Would block, or the socket failed: the task writes it, or finds the error.
-                Err(_) => {}
             }
         }
         if state.frames.len() >= state.capacity + state.backlog {
@@ -304,7 +368,8 @@ impl Outbound {
 }
 
 impl Inbox {
-    /// The next frame, or the order to close.
+    /// The next frame (numbered in the ledger, if any), or the order to close. While the
+    /// ledger is full only the order to close comes.
     ///
     /// # Cancel safety
     /// Cancel-safe: nothing is taken from the queue unless it is returned.
@@ -314,13 +379,13 @@ impl Inbox {
             if let Some(closing) = state.closing {
                 return Poll::Ready(Delivery::Close(closing));
             }
-            match state.frames.pop_front() {
+            match state.take() {
                 Some(frame) => {
-                    state.backlog = state.backlog.saturating_sub(1);
-                    state.taken += 1;
                     state.writing = true;
                     Poll::Ready(Delivery::Frame(frame))
                 }
+                // Nothing queued, or the ledger is full: the task acts on the client's Ack
+                // itself and looks again.
                 None => {
                     if !state
                         .waker
@@ -336,18 +401,15 @@ impl Inbox {
         .await
     }
 
-    /// A frame already queued, if any and if the connection is not closing (to batch writes).
+    /// A frame already queued (numbered in the ledger, if any), if the connection is not
+    /// closing and the ledger has room (to batch writes).
     pub fn try_recv(&mut self) -> Option<Frame> {
         let mut state = lock(&self.shared);
         if state.closing.is_some() {
             return None;
         }
-        let frame = state.frames.pop_front();
-        if frame.is_some() {
-            state.backlog = state.backlog.saturating_sub(1);
-            state.taken += 1;
-        }
-        if frame.is_none() && state.frames.capacity() > RETAINED_CAPACITY {
+        let frame = state.take();
+        if state.frames.is_empty() && state.frames.capacity() > RETAINED_CAPACITY {
             state.frames.shrink_to(RETAINED_CAPACITY);
         }
         frame
@@ -379,6 +441,48 @@ impl Inbox {
     /// Lets pushes write straight to `wire` while the task is not writing.
     pub fn attach(&self, wire: Arc<dyn Wire>) {
         lock(&self.shared).wire = Some(wire);
+    }
+
+    /// Stops direct writes to the socket attached (a stateful connection's transport ended),
+    /// and drops the rest of a frame begun on it: the ledger sends the whole frame again on
+    /// the next transport.
+    pub fn detach(&self) {
+        let mut state = lock(&self.shared);
+        state.wire = None;
+        if state.frames.front().is_some_and(Frame::is_rest) {
+            state.frames.pop_front();
+        }
+    }
+
+    /// Makes this a stateful connection's queue: `ledger` numbers and keeps every frame from
+    /// now on.
+    pub(crate) fn track(&self, ledger: Ledger) {
+        lock(&self.shared).ledger = Some(ledger);
+    }
+
+    /// Runs `f` on the ledger, for a stateful connection.
+    pub(crate) fn ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> Option<R> {
+        lock(&self.shared).ledger.as_mut().map(f)
+    }
+
+    /// Numbers `frame` (a completion the task writes itself) in the ledger, if any, and marks
+    /// the task as writing: no direct write comes between its number and its bytes.
+    pub fn begin_writing_counted(&self, frame: &Frame) {
+        let mut state = lock(&self.shared);
+        state.writing = true;
+        if let Some(ledger) = &mut state.ledger {
+            ledger.sent(frame);
+        }
+    }
+
+    /// The task acts on its client's records until [`Inbox::release`]: pushes queue meanwhile.
+    pub fn hold(&self) {
+        lock(&self.shared).held = true;
+    }
+
+    /// Ends [`Inbox::hold`]; direct writes resume once nothing is queued.
+    pub fn release(&self) {
+        lock(&self.shared).held = false;
     }
 
     /// The task is about to write: pushes queue instead of writing directly.
@@ -421,3 +525,7 @@ fn wake(mut state: MutexGuard<'_, State>) {
         waker.wake();
     }
 }
+
+#[cfg(test)]
+#[path = "outbound_tests.rs"]
+mod tests;

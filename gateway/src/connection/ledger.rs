@@ -14,7 +14,7 @@ use crate::outbound::Frame;
 
 /// What the client did not acknowledge yet, and what the server received.
 #[derive(Debug)]
-pub(super) struct Ledger {
+pub(crate) struct Ledger {
     /// Sent and not acknowledged: (sequence id, frame), oldest first.
     unacked: VecDeque<(u64, Frame)>,
     /// Bytes of `unacked`.
@@ -38,16 +38,16 @@ pub(super) struct Ledger {
 /// A ledger's counters and kept messages, to carry a connection to another replica.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct Counters {
-    pub(super) next_out: u64,
-    pub(super) next_in: u64,
-    pub(super) processed: u64,
-    pub(super) acked_in: u64,
+pub(crate) struct Counters {
+    pub(crate) next_out: u64,
+    pub(crate) next_in: u64,
+    pub(crate) processed: u64,
+    pub(crate) acked_in: u64,
 }
 
 /// What to do with a trackable message from the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Incoming {
+pub(crate) enum Incoming {
     /// New: process it.
     Process,
     /// Already processed before the resume: drop it silently.
@@ -57,11 +57,11 @@ pub(super) enum Incoming {
 /// The client's Sequence named an id past what the server received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("Sequence ID greater than amount of messages we've received.")]
-pub(super) struct SequenceTooFar;
+pub(crate) struct SequenceTooFar;
 
 impl Ledger {
     /// An empty ledger keeping at most about `limit` bytes of unacknowledged messages.
-    pub(super) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             unacked: VecDeque::new(),
             unacked_bytes: 0,
@@ -75,7 +75,7 @@ impl Ledger {
     }
 
     /// A ledger continuing `counters`, keeping `unacked` (id, frame), within `limit` bytes.
-    pub(super) fn carried(limit: usize, counters: &Counters, unacked: Vec<(u64, Frame)>) -> Self {
+    pub(crate) fn carried(limit: usize, counters: &Counters, unacked: Vec<(u64, Frame)>) -> Self {
         let unacked_bytes = unacked.iter().map(|(_, frame)| frame.len()).sum();
         Self {
             unacked: unacked.into(),
@@ -90,7 +90,7 @@ impl Ledger {
     }
 
     /// The counters, to carry the connection elsewhere.
-    pub(super) fn counters(&self) -> Counters {
+    pub(crate) fn counters(&self) -> Counters {
         Counters {
             next_out: self.next_out,
             next_in: self.next_in,
@@ -100,33 +100,33 @@ impl Ledger {
     }
 
     /// The kept messages with their ids, oldest first.
-    pub(super) fn unacked_with_ids(&self) -> impl Iterator<Item = (u64, &Frame)> {
+    pub(crate) fn unacked_with_ids(&self) -> impl Iterator<Item = (u64, &Frame)> {
         self.unacked.iter().map(|(id, frame)| (*id, frame))
     }
 
     /// `group` was joined: the client has everything up to `position`.
-    pub(super) fn joined(&mut self, group: &Group, position: Position) {
+    pub(crate) fn joined(&mut self, group: &Group, position: Position) {
         self.positions.insert(group.clone(), position);
     }
 
     /// `group` was left.
-    pub(super) fn left(&mut self, group: &Group) {
+    pub(crate) fn left(&mut self, group: &Group) {
         self.positions.remove(group);
     }
 
     /// How far `group` has been sent.
-    pub(super) fn position(&self, group: &Group) -> Option<&Position> {
+    pub(crate) fn position(&self, group: &Group) -> Option<&Position> {
         self.positions.get(group)
     }
 
     /// Whether another message may be sent now: below the bound, or nothing kept at all (one
     /// message larger than the bound still goes out, alone).
-    pub(super) fn has_room(&self) -> bool {
+    pub(crate) fn has_room(&self) -> bool {
         self.unacked.is_empty() || self.unacked_bytes < self.limit
     }
 
     /// Records a trackable message being sent; returns its sequence id.
-    pub(super) fn sent(&mut self, frame: &Frame) -> u64 {
+    pub(crate) fn sent(&mut self, frame: &Frame) -> u64 {
         let id = self.next_out;
         self.next_out += 1;
         if let Some(tag) = frame.tag()
@@ -141,7 +141,7 @@ impl Ledger {
     }
 
     /// The client processed everything up to `id`: forget it.
-    pub(super) fn acked(&mut self, id: u64) {
+    pub(crate) fn acked(&mut self, id: u64) {
         while let Some((first, frame)) = self.unacked.front() {
             if *first > id {
                 break;
@@ -153,17 +153,17 @@ impl Ledger {
 
     /// The Sequence id a resumed transport starts with: the oldest kept message, or the next
     /// id when nothing is kept.
-    pub(super) fn resume_from(&self) -> u64 {
+    pub(crate) fn resume_from(&self) -> u64 {
         self.unacked.front().map_or(self.next_out, |(id, _)| *id)
     }
 
     /// The kept messages, oldest first, to send again after the Sequence.
-    pub(super) fn unacked(&self) -> impl Iterator<Item = &Frame> {
+    pub(crate) fn unacked(&self) -> impl Iterator<Item = &Frame> {
         self.unacked.iter().map(|(_, frame)| frame)
     }
 
     /// Counts a trackable message from the client.
-    pub(super) fn received(&mut self) -> Incoming {
+    pub(crate) fn received(&mut self) -> Incoming {
         let id = self.next_in;
         self.next_in += 1;
         if id <= self.processed {
@@ -178,7 +178,7 @@ impl Ledger {
     ///
     /// # Errors
     /// [`SequenceTooFar`] when `id` skips messages the server never received.
-    pub(super) fn client_sequence(&mut self, id: u64) -> Result<(), SequenceTooFar> {
+    pub(crate) fn client_sequence(&mut self, id: u64) -> Result<(), SequenceTooFar> {
         if id > self.processed + 1 {
             return Err(SequenceTooFar);
         }
@@ -187,17 +187,17 @@ impl Ledger {
     }
 
     /// The id to acknowledge to the client, when it processed something not yet acknowledged.
-    pub(super) fn ack_due(&self) -> Option<u64> {
+    pub(crate) fn ack_due(&self) -> Option<u64> {
         (self.processed > self.acked_in).then_some(self.processed)
     }
 
     /// The Ack for `id` went out.
-    pub(super) fn ack_sent(&mut self, id: u64) {
+    pub(crate) fn ack_sent(&mut self, id: u64) {
         self.acked_in = self.acked_in.max(id);
     }
 
     /// Bytes kept for the client.
-    pub(super) fn unacked_bytes(&self) -> usize {
+    pub(crate) fn unacked_bytes(&self) -> usize {
         self.unacked_bytes
     }
 }

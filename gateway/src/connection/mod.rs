@@ -21,7 +21,8 @@ use tokio::io::AsyncRead;
 use tokio::time::{Instant, timeout, timeout_at};
 
 pub use handover::{Carried, CarryError};
-use ledger::{Incoming as Counted, Ledger};
+use ledger::Incoming as Counted;
+pub(crate) use ledger::Ledger;
 use rate::{Rates, TokenBucket, Verdict};
 pub use resume::{Claim, Resumable, ResumeSlot, Resumed, Transport};
 use socket::ReadError;
@@ -83,7 +84,8 @@ pub struct Settings {
     /// Whether fan-out may write frames straight to an idle connection's socket. It saves the
     /// connection task a wake-up per frame; with several runtime threads the connection tasks
     /// spread writes over the cores instead, so it is on only for a single-threaded runtime.
-    /// Never for a stateful connection, whose task numbers every frame it sends.
+    /// A stateful connection's frames are numbered in its ledger as they are written, by
+    /// fan-out or by the task alike.
     pub direct_writes: bool,
     /// Stateful reconnect: how long a lost connection waits to be resumed (zero: not offered).
     pub stateful_grace: Duration,
@@ -158,8 +160,8 @@ enum Opening {
 }
 
 /// What a connection task carries besides its socket and queue: the user token's expiry (a
-/// resume may bring a fresh one) and, for a stateful connection, its ledger and the slot new
-/// transports arrive through.
+/// resume may bring a fresh one) and, for a stateful connection, the slot new transports arrive
+/// through (its ledger lives with its queue: [`Inbox::ledger`]).
 struct Session<S> {
     valid_until: u64,
     /// Boxed: most connections are not stateful, and an idle one should stay small.
@@ -168,21 +170,8 @@ struct Session<S> {
 
 struct StatefulState<S> {
     slot: ResumeSlot<S>,
-    ledger: Ledger,
     /// When to acknowledge what the client sent, if something is waiting for an Ack.
     ack_at: Option<Instant>,
-}
-
-impl<S> Session<S> {
-    fn ledger(&mut self) -> Option<&mut Ledger> {
-        self.stateful.as_mut().map(|s| &mut s.ledger)
-    }
-
-    /// Whether the connection may send event frames now (a stateful one waits for an Ack once
-    /// its buffer is full).
-    fn may_send(&self) -> bool {
-        self.stateful.as_ref().is_none_or(|s| s.ledger.has_room())
-    }
 }
 
 /// How one transport of a connection ended.
@@ -240,19 +229,13 @@ impl Connection {
                         (Opening::Rejoin(groups), ledger)
                     }
                 };
+                if resume.is_some() {
+                    inbox.track(ledger);
+                }
                 let mut session = Session {
                     valid_until: self.principal.valid_until,
-                    stateful: resume.map(|slot| {
-                        Box::new(StatefulState {
-                            slot,
-                            ledger,
-                            ack_at: None,
-                        })
-                    }),
+                    stateful: resume.map(|slot| Box::new(StatefulState { slot, ack_at: None })),
                 };
-                if self.settings.direct_writes && session.stateful.is_none() {
-                    inbox.attach(socket.wire());
-                }
                 let joined = &mut registration.joined;
                 let transports = self.transports(
                     &mut socket,
@@ -403,11 +386,13 @@ impl Connection {
             }
         };
         loop {
+            // This transport is over: fan-out stops writing to its socket.
+            inbox.detach();
             let resumed = match stop {
                 Stop::Resumed(resumed) => resumed,
                 Stop::HandOver => {
                     return self
-                        .hand_over(joined, session, CloseReason::TransportLost)
+                        .hand_over(joined, inbox, session, CloseReason::TransportLost)
                         .await;
                 }
                 Stop::Close(reason) => {
@@ -416,7 +401,7 @@ impl Connection {
                     };
                     if reason == CloseReason::ServerShutdown {
                         // Draining: the client comes back to another replica.
-                        return self.hand_over(joined, session, reason).await;
+                        return self.hand_over(joined, inbox, session, reason).await;
                     }
                     if !matches!(
                         reason,
@@ -450,31 +435,29 @@ impl Connection {
                         Ok(Transport::Resumed(resumed)) => resumed,
                         Ok(Transport::HandOver) => {
                             return self
-                                .hand_over(joined, session, CloseReason::TransportLost)
+                                .hand_over(joined, inbox, session, CloseReason::TransportLost)
                                 .await;
                         }
                         Err(CloseReason::ServerShutdown) => {
                             return self
-                                .hand_over(joined, session, CloseReason::ServerShutdown)
+                                .hand_over(joined, inbox, session, CloseReason::ServerShutdown)
                                 .await;
                         }
                         Err(reason) => return reason,
                     }
                 }
             };
-            let Some(stateful) = session.stateful.as_mut() else {
+            if session.stateful.is_none() {
                 return CloseReason::ServerShutdown;
-            };
+            }
             // The old socket (if still open) closes as it is dropped here.
             *socket = resumed.socket;
             session.valid_until = resumed.valid_until;
             metrics::stateful_transport("resumed");
-            tracing::debug!(
-                from = stateful.ledger.resume_from(),
-                unacked.bytes = stateful.ledger.unacked_bytes(),
-                "resumed"
-            );
-            let replayed = replay(socket, inbox, &stateful.ledger, self.settings.write_timeout);
+            if let Some((from, unacked)) = inbox.ledger(|l| (l.resume_from(), l.unacked_bytes())) {
+                tracing::debug!(from, unacked.bytes = unacked, "resumed");
+            }
+            let replayed = replay(socket, inbox, self.settings.write_timeout);
             let started = replayed.await.map_err(CloseReason::from);
             stop = self
                 .go_on(started, socket, outbound, inbox, joined, session)
@@ -509,6 +492,7 @@ impl Connection {
     async fn hand_over<S>(
         &self,
         joined: &[Membership],
+        inbox: &Inbox,
         session: &Session<S>,
         otherwise: CloseReason,
     ) -> CloseReason {
@@ -516,11 +500,16 @@ impl Connection {
         else {
             return otherwise;
         };
-        let carried = Carried::new(
-            &self.principal.subject,
-            joined.iter().map(|m| &m.group),
-            &stateful.ledger,
-        );
+        let carried = inbox.ledger(|ledger| {
+            Carried::new(
+                &self.principal.subject,
+                joined.iter().map(|m| &m.group),
+                ledger,
+            )
+        });
+        let Some(carried) = carried else {
+            return otherwise;
+        };
         let parked = redis
             .park(
                 stateful.slot.id(),
@@ -557,11 +546,11 @@ impl Connection {
     where
         S: AsyncRead + Unpin,
     {
-        let Some(stateful) = session.stateful.as_mut() else {
+        if session.stateful.is_none() {
             return Err(CloseReason::ResumeGap);
-        };
+        }
         metrics::stateful_transport("adopted");
-        replay(socket, inbox, &stateful.ledger, self.settings.write_timeout)
+        replay(socket, inbox, self.settings.write_timeout)
             .await
             .map_err(CloseReason::from)?;
         for (group, sent) in rejoin {
@@ -573,7 +562,7 @@ impl Connection {
             let joining = self.join("JoinGroup", group.clone(), sent.clone(), outbound, joined);
             match Box::pin(joining).await {
                 Ok(rejoined) if sent.is_none() || rejoined.recovered == Some(true) => {
-                    stateful.ledger.joined(&group, sent_from(sent, &rejoined));
+                    inbox.ledger(|l| l.joined(&group, sent_from(sent, &rejoined)));
                 }
                 _ => {
                     tracing::info!(%group, "a carried group could not be picked up; closing");
@@ -606,6 +595,11 @@ impl Connection {
         let token_expires = token_deadline(session.valid_until);
         // Made at the first invocation: many connections make one or two.
         let mut rates: Option<Box<Rates>> = None;
+        if settings.direct_writes {
+            inbox.attach(socket.wire());
+        }
+        // Direct writes wait while the client's records are acted on (see `Inbox::hold`).
+        inbox.hold();
         for record in pending {
             let handled = self.on_record(
                 socket, inbox, &record, outbound, joined, &mut rates, session,
@@ -614,6 +608,7 @@ impl Connection {
                 return Stop::Close(reason);
             }
         }
+        inbox.release();
         let timer = tokio::time::sleep_until(next_tick(
             last_sent,
             last_received,
@@ -626,15 +621,14 @@ impl Connection {
         // close) arrives through the inbox, so a delivery wakes one queue, not a shutdown token
         // shared by every connection.
         loop {
-            let may_send = session.may_send();
             tokio::select! {
                 biased;
-                delivery = next_delivery(inbox, may_send) => {
+                delivery = inbox.recv() => {
                     let frame = match delivery {
                         Delivery::Frame(frame) => frame,
                         Delivery::Close(closing) => return Stop::Close(closing.into()),
                     };
-                    let written = write_batch(socket, frame, inbox, settings.write_timeout, session.ledger());
+                    let written = write_batch(socket, frame, inbox, settings.write_timeout);
                     if let Err(e) = written.await {
                         return Stop::Close(e.into());
                     }
@@ -656,11 +650,11 @@ impl Connection {
                         && stateful.ack_at.is_some_and(|at| now >= at)
                     {
                         stateful.ack_at = None;
-                        if let Some(id) = stateful.ledger.ack_due() {
+                        if let Some(id) = inbox.ledger(|l| l.ack_due()).flatten() {
                             if let Err(e) = send(socket, inbox, &codec::encode_ack(id), settings.write_timeout).await {
                                 return Stop::Close(e.into());
                             }
-                            stateful.ledger.ack_sent(id);
+                            inbox.ledger(|l| l.ack_sent(id));
                             last_sent = Instant::now();
                         }
                     }
@@ -697,6 +691,7 @@ impl Connection {
                         Ok(records) => records,
                         Err(e) => return Stop::Close(CloseReason::Protocol(e)),
                     };
+                    inbox.hold();
                     for record in records {
                         // Boxed: joins and their broker round trip are rare, and an idle
                         // connection should not carry their state.
@@ -705,6 +700,7 @@ impl Connection {
                             return Stop::Close(reason);
                         }
                     }
+                    inbox.release();
                     // A message from the client may now wait for its Ack.
                     if session.stateful.as_ref().is_some_and(|s| s.ack_at.is_some()) {
                         timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings, session));
@@ -732,13 +728,16 @@ impl Connection {
         let message = codec::decode(record).map_err(CloseReason::Protocol)?;
         if let Some(stateful) = session.stateful.as_mut() {
             match &message {
-                Message::Ack(id) => stateful.ledger.acked(*id),
-                Message::Sequence(id) => stateful
-                    .ledger
-                    .client_sequence(*id)
-                    .map_err(|e| CloseReason::Protocol(ProtocolError::Malformed(e.to_string())))?,
+                Message::Ack(id) => {
+                    inbox.ledger(|l| l.acked(*id));
+                }
+                Message::Sequence(id) => inbox
+                    .ledger(|l| l.client_sequence(*id))
+                    .transpose()
+                    .map_err(|e| CloseReason::Protocol(ProtocolError::Malformed(e.to_string())))?
+                    .unwrap_or(()),
                 m if m.is_trackable() => {
-                    if stateful.ledger.received() == Counted::Repeat {
+                    if inbox.ledger(|l| l.received()) == Some(Counted::Repeat) {
                         return Ok(());
                     }
                     stateful
@@ -764,15 +763,9 @@ impl Connection {
             };
             let error = frames::hub_exception(&invocation.target, reason);
             let completion = frames::error_completion(&id, &error);
-            return reply(
-                socket,
-                inbox,
-                &completion,
-                self.settings.write_timeout,
-                session,
-            )
-            .await
-            .map_err(CloseReason::from);
+            return reply(socket, inbox, &completion, self.settings.write_timeout)
+                .await
+                .map_err(CloseReason::from);
         }
         let mut result = None;
         let error = match action.outcome {
@@ -782,9 +775,7 @@ impl Connection {
                 let joining = self.join(&invocation.target, group, after.clone(), outbound, joined);
                 match Box::pin(joining).await {
                     Ok(joined) => {
-                        if let Some(ledger) = session.ledger() {
-                            ledger.joined(&joined.group, sent_from(after, &joined));
-                        }
+                        inbox.ledger(|l| l.joined(&joined.group, sent_from(after, &joined)));
                         result = Some(joined);
                         None
                     }
@@ -795,9 +786,7 @@ impl Connection {
                 if let Some(at) = joined.iter().position(|m| m.group == group) {
                     joined.swap_remove(at);
                     self.groups.leave_now(self.id, &group);
-                    if let Some(ledger) = session.ledger() {
-                        ledger.left(&group);
-                    }
+                    inbox.ledger(|l| l.left(&group));
                     tracing::debug!(%group, "left");
                 }
                 None
@@ -818,15 +807,9 @@ impl Connection {
             (None, Some(error)) => frames::error_completion(&id, &error),
             (None, None) => frames::ok_completion(&id),
         };
-        reply(
-            socket,
-            inbox,
-            &completion,
-            self.settings.write_timeout,
-            session,
-        )
-        .await
-        .map_err(CloseReason::from)
+        reply(socket, inbox, &completion, self.settings.write_timeout)
+            .await
+            .map_err(CloseReason::from)
     }
 
     /// Takes this invocation from the connection's rate limits: `None` within them, the limit's
@@ -1020,29 +1003,13 @@ async fn reply<S>(
     inbox: &Inbox,
     text: &str,
     limit: Duration,
-    session: &mut Session<S>,
 ) -> Result<(), WriteError>
 where
     S: AsyncRead + Unpin,
 {
-    match session.ledger() {
-        None => send(socket, inbox, text, limit).await,
-        Some(ledger) => {
-            let frame = Frame::new(ws_frame::server::text_frame(text.as_bytes()));
-            ledger.sent(&frame);
-            write_alone(inbox, limit, socket.send_frame(&frame.bytes())).await
-        }
-    }
-}
-
-/// The next frame to write, or the order to close; a stateful connection waiting for an Ack
-/// (`may_send` false) waits only for the order to close.
-async fn next_delivery(inbox: &mut Inbox, may_send: bool) -> Delivery {
-    if may_send {
-        inbox.recv().await
-    } else {
-        Delivery::Close(inbox.closed().await)
-    }
+    let frame = Frame::new(ws_frame::server::text_frame(text.as_bytes()));
+    inbox.begin_writing_counted(&frame);
+    write_alone(inbox, limit, socket.send_frame(&frame.bytes())).await
 }
 
 /// The next transport of a stateful connection; never ready for a connection that is not.
@@ -1054,19 +1021,20 @@ async fn next_transport<S>(session: &mut Session<S>) -> Option<Transport<S>> {
 }
 
 /// Starts a resumed transport: the Sequence, then every message the client has not
-/// acknowledged, in order and with their ids, in as few writes as the kernel allows.
-async fn replay<S>(
-    socket: &Socket<S>,
-    inbox: &Inbox,
-    ledger: &Ledger,
-    limit: Duration,
-) -> Result<(), WriteError>
+/// acknowledged, in order and with their ids, in as few writes as the kernel allows. (No
+/// socket is attached for direct writes meanwhile: [`Connection::run`] attaches it.)
+async fn replay<S>(socket: &Socket<S>, inbox: &Inbox, limit: Duration) -> Result<(), WriteError>
 where
     S: AsyncRead + Unpin,
 {
-    let sequence = codec::encode_sequence(ledger.resume_from());
-    let mut frames = vec![ws_frame::server::text_frame(sequence.as_bytes())];
-    frames.extend(ledger.unacked().map(Frame::bytes));
+    let frames = inbox
+        .ledger(|ledger| {
+            let sequence = codec::encode_sequence(ledger.resume_from());
+            let mut frames = vec![ws_frame::server::text_frame(sequence.as_bytes())];
+            frames.extend(ledger.unacked().map(Frame::bytes));
+            frames
+        })
+        .unwrap_or_default();
     write_alone(inbox, limit, socket.send_frames(&frames)).await
 }
 
@@ -1124,32 +1092,19 @@ fn write_outcome(
 }
 
 /// Writes `first` and whatever else is queued, in one vectored write where the kernel takes it.
-/// With a ledger (a stateful connection) each frame is numbered and kept first, and the batch
-/// stops where the ledger is full.
+/// The queue numbers each frame in a stateful connection's ledger as it hands it over, and
+/// hands none over while that ledger is full.
 async fn write_batch<S>(
     socket: &Socket<S>,
     first: Frame,
     inbox: &mut Inbox,
     limit: Duration,
-    mut ledger: Option<&mut Ledger>,
 ) -> Result<(), WriteError>
 where
     S: AsyncRead + Unpin,
 {
-    if let Some(ledger) = ledger.as_deref_mut() {
-        ledger.sent(&first);
-    }
-    let mut next = |inbox: &mut Inbox| match ledger.as_deref_mut() {
-        None => inbox.try_recv(),
-        Some(ledger) if ledger.has_room() => {
-            let frame = inbox.try_recv()?;
-            ledger.sent(&frame);
-            Some(frame)
-        }
-        Some(_) => None,
-    };
     let write = async {
-        match next(inbox) {
+        match inbox.try_recv() {
             // The common case at moderate load: one frame, no batch to build.
             None => socket.send_frame(&first.bytes()).await,
             Some(second) => {
@@ -1157,7 +1112,7 @@ where
                 batch.push(first.bytes());
                 batch.push(second.bytes());
                 while batch.len() < MAX_BATCH {
-                    let Some(frame) = next(inbox) else {
+                    let Some(frame) = inbox.try_recv() else {
                         break;
                     };
                     batch.push(frame.bytes());

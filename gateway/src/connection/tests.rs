@@ -518,6 +518,8 @@ async fn a_connection_task_that_panics_leaves_its_groups_unregisters_and_counts_
 struct WireState {
     budget: usize,
     waker: Option<std::task::Waker>,
+    /// Every write fails from now on, as on a socket whose peer is gone.
+    broken: bool,
 }
 
 /// A socket write side the test controls: it takes at most its budget (then would block until
@@ -534,6 +536,7 @@ impl ScriptedWire {
             state: std::sync::Mutex::new(WireState {
                 budget: usize::MAX,
                 waker: None,
+                broken: false,
             }),
             taken: tokio::sync::watch::Sender::new(Vec::new()),
         })
@@ -548,6 +551,11 @@ impl ScriptedWire {
         {
             waker.wake();
         }
+    }
+
+    /// Every write fails from now on.
+    fn break_pipe(&self) {
+        self.state.lock().unwrap().broken = true;
     }
 
     /// Every byte taken so far.
@@ -569,6 +577,9 @@ impl crate::outbound::Wire for ScriptedWire {
 
     fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
         let mut state = self.state.lock().unwrap();
+        if state.broken {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
         if state.budget == 0 {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
@@ -591,7 +602,7 @@ impl crate::outbound::Wire for ScriptedWire {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let mut state = self.state.lock().unwrap();
-        if state.budget > 0 {
+        if state.budget > 0 || state.broken {
             return std::task::Poll::Ready(Ok(()));
         }
         state.waker = Some(cx.waker().clone());
@@ -865,6 +876,16 @@ fn start_stateful(
     id: &str,
     settings: Settings,
 ) -> Harness {
+    start_stateful_with(registry, id, settings, |writer| Arc::new(writer))
+}
+
+/// [`start_stateful`] writing through the wire `wire` makes of the socket's write half.
+fn start_stateful_with(
+    registry: &Arc<Resumable<tokio::net::unix::OwnedReadHalf>>,
+    id: &str,
+    settings: Settings,
+    wire: impl FnOnce(tokio::net::unix::OwnedWriteHalf) -> Arc<dyn crate::outbound::Wire>,
+) -> Harness {
     let Claim::New(slot) = registry.claim(id, 0, u64::MAX) else {
         panic!("a new connection id");
     };
@@ -872,7 +893,7 @@ fn start_stateful(
     spawn_connection(
         dispatcher(Duration::from_secs(3600)),
         settings,
-        |writer| Arc::new(writer),
+        wire,
         subscriptions,
         Some(requests),
         Some(slot),
@@ -1047,4 +1068,44 @@ async fn a_full_stateful_buffer_holds_events_back_until_the_client_acknowledges(
         assert!(text.contains("RecommendationReady"), "{text}");
         seen += 1;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_written_directly_in_part_before_the_socket_broke_is_replayed_whole_once() {
+    let registry = Arc::default();
+    let wire = ScriptedWire::new();
+    let server_side = Arc::clone(&wire);
+    let mut h = start_stateful_with(&registry, "c-5", settings(), |_| server_side);
+    h.client.send(HANDSHAKE).await;
+    wire.wait_for(|bytes| bytes == ACCEPTED_FRAME).await;
+    h.client.send(JOIN_WEST).await;
+    wire.wait_for(|bytes| bytes.ends_with(b"\x1e") && bytes.len() > ACCEPTED_FRAME.len())
+        .await;
+    let before = wire.bytes().len();
+
+    // Fan-out writes the first 5 bytes of the event to the idle connection's socket, which
+    // then breaks before the connection task can write the rest.
+    wire.set_budget(5);
+    publish_west(&h.groups, b"{\"n\":1}");
+    assert_eq!(wire.bytes().len(), before + 5, "written directly, in part");
+    wire.break_pipe();
+
+    // The client comes back: the join's completion (message 1) and the event (message 2),
+    // whole, then what is published next, written directly to the new socket.
+    let mut client = resume(&registry, "c-5").await;
+    assert_eq!(client.text().await, "{\"type\":9,\"sequenceId\":1}\u{1e}");
+    assert_joined(&client.text().await, "1", "/dispatch/west");
+    assert_eq!(client.text().await, event("{\"n\":1}"));
+    publish_west(&h.groups, b"{\"n\":2}");
+    assert_eq!(client.text().await, event("{\"n\":2}"));
+    // The client acknowledges those three messages and invokes once more (answered by
+    // message 4: once that answer is read, the Ack was processed). On the next resume only
+    // that answer is replayed: the event was numbered once, not once more for its rest.
+    client.send("{\"type\":8,\"sequenceId\":3}\u{1e}").await;
+    client.send(&leave("2", "east")).await;
+    assert_eq!(completion(&client.text().await)["invocationId"], "2");
+    drop(client);
+    let mut client = resume(&registry, "c-5").await;
+    assert_eq!(client.text().await, "{\"type\":9,\"sequenceId\":4}\u{1e}");
+    assert_eq!(completion(&client.text().await)["invocationId"], "2");
 }
