@@ -181,7 +181,7 @@ enum Stop<S> {
     Close(CloseReason),
     /// A stateful connection's client came back on a new transport while the old one was
     /// still open here.
-    Resumed(Resumed<S>),
+    Resumed(Box<Resumed<S>>),
     /// Another replica asked for the connection.
     HandOver,
 }

@@ -911,10 +911,10 @@ async fn resume(registry: &Arc<Resumable<tokio::net::unix::OwnedReadHalf>>, id: 
     let socket = Socket::new(reader, Arc::new(writer), Bytes::new(), 32 * 1024);
     let valid_until = dispatcher(Duration::from_secs(3600)).valid_until;
     transports
-        .send(Transport::Resumed(Resumed {
+        .send(Transport::Resumed(Box::new(Resumed {
             socket,
             valid_until,
-        }))
+        })))
         .await
         .expect("the connection takes its new transport");
     Client { stream: client }

@@ -304,10 +304,10 @@ fn resume_upgrade(
         let Some(socket) = upgraded_socket(on_upgrade, max_message).await else {
             return;
         };
-        let resumed = Transport::Resumed(Resumed {
+        let resumed = Transport::Resumed(Box::new(Resumed {
             socket,
             valid_until,
-        });
+        }));
         // Refused when the connection ended meanwhile: the socket is dropped, and the client
         // starts over.
         if transports.send_timeout(resumed, wait).await.is_err() {
