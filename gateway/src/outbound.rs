@@ -16,10 +16,11 @@
 //! does not take (it would block, or took part) is queued for the task. The decision is made
 //! under the queue's lock, so frames never interleave and keep their order.
 //!
-//! A stateful connection's [`Ledger`] lives here, under the same lock: every event frame is
-//! numbered and kept at the moment its first byte is written, whether a push writes it directly
-//! or the connection task takes it from the queue, so the ids the client counts and the ledger's
-//! always agree. While the ledger is full, nothing more goes out (or is taken) until an Ack.
+//! A stateful connection's ledger (`connection::Ledger`) lives here, under the same lock: every
+//! frame is numbered and kept at the moment its first byte is written, whether a push writes it
+//! directly or the connection task takes it from the queue, so the ids the client counts and the
+//! ledger's always agree. While the ledger is full, nothing more goes out (or is taken) until an
+//! Ack.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -183,8 +184,9 @@ struct State {
     /// The connection task is acting on its client's records (a join, a leave, a
     /// completion): no direct writes meanwhile, so its ledger sees them in order.
     held: bool,
-    /// A stateful connection's ledger: what was sent and not acknowledged.
-    ledger: Option<Ledger>,
+    /// A stateful connection's ledger: what was sent and not acknowledged. Boxed: most
+    /// connections are not stateful, and an idle one should stay small.
+    ledger: Option<Box<Ledger>>,
 }
 
 impl State {
@@ -283,7 +285,7 @@ impl Outbound {
             && state.frames.is_empty()
             && !state.writing
             && !state.held
-            && state.ledger.as_ref().is_none_or(Ledger::has_room)
+            && state.ledger.as_deref().is_none_or(Ledger::has_room)
             && let Some(wire) = &state.wire
         {
             let bytes: &[u8] = &frame.0.bytes;
@@ -457,12 +459,12 @@ impl Inbox {
     /// Makes this a stateful connection's queue: `ledger` numbers and keeps every frame from
     /// now on.
     pub(crate) fn track(&self, ledger: Ledger) {
-        lock(&self.shared).ledger = Some(ledger);
+        lock(&self.shared).ledger = Some(Box::new(ledger));
     }
 
     /// Runs `f` on the ledger, for a stateful connection.
     pub(crate) fn ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> Option<R> {
-        lock(&self.shared).ledger.as_mut().map(f)
+        lock(&self.shared).ledger.as_deref_mut().map(f)
     }
 
     /// Numbers `frame` (a completion the task writes itself) in the ledger, if any, and marks
