@@ -263,13 +263,16 @@ function streamFor(t, options) {
 
 /**
  * A fresh topology for one test, stopped (and its state removed unless KEEP_CHAOS_STATE is set)
- * when the test ends. STATEFUL_REPLICAS_LOG sets the replicas' --log filter (e.g.
+ * when the test ends. Its replicas run one worker thread, as replicas pinned to a core do: then
+ * fan-out writes stateful frames straight to idle sockets and numbers them itself, the path whose
+ * numbering and positions a hand-over carries (the Rust system tests run several threads and
+ * cover the queued path). STATEFUL_REPLICAS_LOG sets the replicas' --log filter (e.g.
  * "info,gateway=debug", to see each connection's hand-overs in their logs).
  */
 async function topologyFor(t, name, replicaArgs = "") {
   const stateDir = mkdtempSync(path.join(os.tmpdir(), `realtime-${name}-`));
   const log = process.env.STATEFUL_REPLICAS_LOG ? ` --log ${process.env.STATEFUL_REPLICAS_LOG}` : "";
-  const topology = await startTopology(stateDir, `${replicaArgs}${log}`);
+  const topology = await startTopology(stateDir, `--worker-threads 1 ${replicaArgs}${log}`);
   t.after(async () => {
     await topology.stop();
     if (!process.env.KEEP_CHAOS_STATE) rmSync(stateDir, { recursive: true, force: true });
