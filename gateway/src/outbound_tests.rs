@@ -70,6 +70,15 @@ fn attached(wire: &Arc<TestWire>) -> (Outbound, Inbox) {
     (outbound, inbox)
 }
 
+/// A stateful connection's queue (its ledger keeping `limit` bytes) on a socket that takes
+/// `room` bytes.
+fn stateful(room: usize, limit: usize) -> (Arc<TestWire>, Outbound, Inbox) {
+    let wire = TestWire::with_room(room);
+    let (outbound, inbox) = attached(&wire);
+    inbox.track(Ledger::new(limit));
+    (wire, outbound, inbox)
+}
+
 #[test]
 fn an_idle_connection_gets_frames_written_directly_and_a_busy_one_queued() {
     let wire = TestWire::with_room(usize::MAX);
@@ -118,9 +127,7 @@ fn frames_pushed_while_the_task_acts_on_records_wait_in_the_queue() {
 
 #[test]
 fn a_stateful_connection_numbers_what_is_written_directly_and_what_the_task_takes_in_order() {
-    let wire = TestWire::with_room(usize::MAX);
-    let (outbound, mut inbox) = attached(&wire);
-    inbox.track(Ledger::new(1_000));
+    let (wire, outbound, mut inbox) = stateful(usize::MAX, 1_000);
     outbound
         .try_push(&frame("one"), WriteMode::DirectIfIdle)
         .unwrap();
@@ -150,9 +157,7 @@ fn a_stateful_connection_numbers_what_is_written_directly_and_what_the_task_take
 
 #[test]
 fn the_rest_of_a_frame_cut_short_is_not_numbered_again_and_is_dropped_with_its_socket() {
-    let wire = TestWire::with_room(2);
-    let (outbound, mut inbox) = attached(&wire);
-    inbox.track(Ledger::new(1_000));
+    let (wire, outbound, mut inbox) = stateful(2, 1_000);
     outbound
         .try_push(&frame("hello"), WriteMode::DirectIfIdle)
         .unwrap();
@@ -179,12 +184,11 @@ fn the_rest_of_a_frame_cut_short_is_not_numbered_again_and_is_dropped_with_its_s
 
 #[test]
 fn the_rest_of_a_frame_is_taken_and_not_numbered_while_the_socket_stays() {
-    let wire = TestWire::with_room(2);
-    let (outbound, mut inbox) = attached(&wire);
-    inbox.track(Ledger::new(1_000));
+    let (wire, outbound, mut inbox) = stateful(2, 1_000);
     outbound
         .try_push(&frame("hello"), WriteMode::DirectIfIdle)
         .unwrap();
+    assert_eq!(wire.written(), b"he");
     let rest = inbox.try_recv().unwrap();
     assert_eq!(rest.bytes(), "llo");
     assert_eq!(inbox.ledger(|l| l.resume_from()), Some(1));
@@ -197,9 +201,7 @@ fn the_rest_of_a_frame_is_taken_and_not_numbered_while_the_socket_stays() {
 
 #[test]
 fn a_full_ledger_stops_direct_writes_and_takes_until_an_ack_but_not_the_rest_of_a_frame() {
-    let wire = TestWire::with_room(3);
-    let (outbound, mut inbox) = attached(&wire);
-    inbox.track(Ledger::new(4));
+    let (wire, outbound, mut inbox) = stateful(3, 4);
     // Written in part: the ledger (4 bytes at most) is now full with its 5 bytes.
     outbound
         .try_push(&frame("hello"), WriteMode::DirectIfIdle)
@@ -227,10 +229,8 @@ fn a_full_ledger_stops_direct_writes_and_takes_until_an_ack_but_not_the_rest_of_
 
 #[test]
 fn a_failed_direct_write_queues_the_frame_unnumbered_for_the_task() {
-    let wire = TestWire::with_room(usize::MAX);
+    let (wire, outbound, mut inbox) = stateful(usize::MAX, 1_000);
     wire.state.lock().unwrap().broken = true;
-    let (outbound, mut inbox) = attached(&wire);
-    inbox.track(Ledger::new(1_000));
     outbound
         .try_push(&frame("a"), WriteMode::DirectIfIdle)
         .unwrap();

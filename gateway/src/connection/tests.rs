@@ -638,6 +638,17 @@ async fn a_client_that_pings_and_never_reads_is_closed_as_a_slow_consumer_after_
     assert_eq!(sample(&recorder, &closed("slow_consumer")), Some(1.0));
 }
 
+/// The handshake and a join of west, answered through `wire`; returns how many bytes the wire
+/// took by then.
+async fn handshake_and_join_west_through(h: &mut Harness, wire: &ScriptedWire) -> usize {
+    h.client.send(HANDSHAKE).await;
+    wire.wait_for(|bytes| bytes == ACCEPTED_FRAME).await;
+    h.client.send(JOIN_WEST).await;
+    wire.wait_for(|bytes| bytes.ends_with(b"\x1e") && bytes.len() > ACCEPTED_FRAME.len())
+        .await;
+    wire.bytes().len()
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_direct_fan_out_write_never_lands_inside_a_half_written_pong() {
     let wire = ScriptedWire::new();
@@ -645,12 +656,7 @@ async fn a_direct_fan_out_write_never_lands_inside_a_half_written_pong() {
     let mut h = start_with(dispatcher(Duration::from_secs(3600)), settings(), |_| {
         server_side
     });
-    h.client.send(HANDSHAKE).await;
-    wire.wait_for(|bytes| bytes == ACCEPTED_FRAME).await;
-    h.client.send(JOIN_WEST).await;
-    wire.wait_for(|bytes| bytes.ends_with(b"\x1e") && bytes.len() > ACCEPTED_FRAME.len())
-        .await;
-    let before = wire.bytes().len();
+    let before = handshake_and_join_west_through(&mut h, &wire).await;
 
     // The socket takes three bytes of the pong, then is full.
     wire.set_budget(3);
@@ -1076,12 +1082,7 @@ async fn an_event_written_directly_in_part_before_the_socket_broke_is_replayed_w
     let wire = ScriptedWire::new();
     let server_side = Arc::clone(&wire);
     let mut h = start_stateful_with(&registry, "c-5", settings(), |_| server_side);
-    h.client.send(HANDSHAKE).await;
-    wire.wait_for(|bytes| bytes == ACCEPTED_FRAME).await;
-    h.client.send(JOIN_WEST).await;
-    wire.wait_for(|bytes| bytes.ends_with(b"\x1e") && bytes.len() > ACCEPTED_FRAME.len())
-        .await;
-    let before = wire.bytes().len();
+    let before = handshake_and_join_west_through(&mut h, &wire).await;
 
     // Fan-out writes the first 5 bytes of the event to the idle connection's socket, which
     // then breaks before the connection task can write the rest.
