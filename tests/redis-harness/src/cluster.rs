@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::{DEADLINE, NotUp, START_ATTEMPTS, free_port, log_file, until_it_answers, within};
+use crate::{DEADLINE, NotUp, START_ATTEMPTS, free_port, spawn_logged, until_it_answers, within};
 
 /// How long a failover may take: failure detection after `cluster-node-timeout` (2 s), the
 /// replica's election and the news reaching every node, on a loaded machine.
@@ -401,17 +401,10 @@ impl RedisCluster {
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
             let bus_port = free_port();
-            let mut child = self.node_command(port, bus_port);
             let log = self.dir.join(format!("node-{port}.log"));
-            let output = log_file(&log);
-            let child = child
-                .stdout(output.try_clone().expect("share the log file"))
-                .stderr(output)
-                .spawn()
-                .expect("redis-server is installed (.ci/run installs it)");
             let mut node = Node {
                 port,
-                child: Some(child),
+                child: Some(spawn_logged(&mut self.node_command(port, bus_port), &log)),
             };
             let tls = self.tls.as_deref();
             let started = until_it_answers(

@@ -131,9 +131,15 @@ fn log_tail(log: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// A file for a server's standard output and error (its log, with `--logfile` left empty).
-fn log_file(path: &std::path::Path) -> std::fs::File {
-    std::fs::File::create(path).expect("create the server's log file")
+/// Starts `command` (a `redis-server`) with its standard output and error in the file `log`
+/// (its log, with `--logfile` left empty).
+fn spawn_logged(command: &mut std::process::Command, log: &std::path::Path) -> std::process::Child {
+    let output = std::fs::File::create(log).expect("create the server's log file");
+    command
+        .stdout(output.try_clone().expect("share the log file"))
+        .stderr(output)
+        .spawn()
+        .expect("redis-server is installed (.ci/run installs it)")
 }
 
 /// Makes `command` (a `redis-server`) serve TLS only: no plain port, the certificate, key and
@@ -179,16 +185,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("redis-harness-taken-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a folder");
         let log = dir.join("server.log");
-        let output = log_file(&log);
-        let mut child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(output.try_clone().expect("share the log file"))
-            .stderr(output)
-            .spawn()
-            .expect("redis-server is installed");
+        let mut child = spawn_logged(
+            std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir),
+            &log,
+        );
         // What answers on the port is the test's listener, not a Redis: never PONG.
         let result = until_it_answers(&mut child, &log, "the server", || async { false }).await;
         let _ = child.kill();

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::{NotUp, START_ATTEMPTS, free_port, log_file, until_it_answers};
+use crate::{NotUp, START_ATTEMPTS, free_port, spawn_logged, until_it_answers};
 
 /// A `redis-server` started for one test on a free loopback port, killed when dropped. Never the
 /// server on 6379.
@@ -189,13 +189,7 @@ impl RedisServer {
             Some(dir) => crate::tls_only(command.args(["--tls-port", &port]), dir),
         };
         let log = self.log();
-        let output = log_file(&log);
-        let child = command
-            .stdout(output.try_clone().expect("share the log file"))
-            .stderr(output)
-            .spawn()
-            .expect("redis-server is installed (.ci/run installs it)");
-        let child = self.child.insert(child);
+        let child = self.child.insert(spawn_logged(&mut command, &log));
         let tls = self.tls.as_deref();
         until_it_answers(child, &log, "redis-server to answer PING", || {
             answers_ping(&port, tls)
