@@ -63,6 +63,13 @@ fn frame(text: &'static str) -> Frame {
     Frame::new(Bytes::from_static(text.as_bytes()))
 }
 
+/// Pushes `text` as fan-out does, writing it directly if the connection is idle.
+fn push(outbound: &Outbound, text: &'static str) {
+    outbound
+        .try_push(&frame(text), WriteMode::DirectIfIdle)
+        .unwrap();
+}
+
 /// A queue with `wire` attached for direct writes.
 fn attached(wire: &Arc<TestWire>) -> (Outbound, Inbox) {
     let (outbound, inbox) = channel(8);
@@ -83,24 +90,18 @@ fn stateful(room: usize, limit: usize) -> (Arc<TestWire>, Outbound, Inbox) {
 fn an_idle_connection_gets_frames_written_directly_and_a_busy_one_queued() {
     let wire = TestWire::with_room(usize::MAX);
     let (outbound, mut inbox) = attached(&wire);
-    outbound
-        .try_push(&frame("a"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "a");
     assert_eq!(wire.written(), b"a");
     assert!(inbox.try_recv().is_none(), "nothing queued");
 
     inbox.begin_writing();
-    outbound
-        .try_push(&frame("b"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "b");
     outbound.try_push(&frame("c"), WriteMode::Queue).unwrap();
     assert_eq!(wire.written(), b"a", "the task is writing: queued");
     assert_eq!(inbox.try_recv().unwrap().bytes(), "b");
     assert_eq!(inbox.try_recv().unwrap().bytes(), "c");
     inbox.finish_writing();
-    outbound
-        .try_push(&frame("d"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "d");
     assert_eq!(wire.written(), b"ad");
 }
 
@@ -109,13 +110,9 @@ fn frames_pushed_while_the_task_acts_on_records_wait_in_the_queue() {
     let wire = TestWire::with_room(usize::MAX);
     let (outbound, mut inbox) = attached(&wire);
     inbox.hold();
-    outbound
-        .try_push(&frame("a"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "a");
     inbox.release();
-    outbound
-        .try_push(&frame("b"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "b");
     assert_eq!(
         wire.written(),
         b"",
@@ -128,19 +125,13 @@ fn frames_pushed_while_the_task_acts_on_records_wait_in_the_queue() {
 #[test]
 fn a_stateful_connection_numbers_what_is_written_directly_and_what_the_task_takes_in_order() {
     let (wire, outbound, mut inbox) = stateful(usize::MAX, 1_000);
-    outbound
-        .try_push(&frame("one"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "one");
     inbox.begin_writing();
-    outbound
-        .try_push(&frame("two"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "two");
     assert_eq!(inbox.ledger(|l| l.resume_from()), Some(1));
     assert_eq!(inbox.try_recv().unwrap().bytes(), "two");
     inbox.finish_writing();
-    outbound
-        .try_push(&frame("three"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "three");
     let kept = inbox
         .ledger(|l| {
             l.unacked_with_ids()
@@ -158,13 +149,9 @@ fn a_stateful_connection_numbers_what_is_written_directly_and_what_the_task_take
 #[test]
 fn the_rest_of_a_frame_cut_short_is_not_numbered_again_and_is_dropped_with_its_socket() {
     let (wire, outbound, mut inbox) = stateful(2, 1_000);
-    outbound
-        .try_push(&frame("hello"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "hello");
     assert_eq!(wire.written(), b"he");
-    outbound
-        .try_push(&frame("next"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "next");
     assert_eq!(
         inbox.ledger(|l| l.unacked().map(Frame::bytes).collect::<Vec<_>>()),
         Some(vec!["hello".into()]),
@@ -185,9 +172,7 @@ fn the_rest_of_a_frame_cut_short_is_not_numbered_again_and_is_dropped_with_its_s
 #[test]
 fn the_rest_of_a_frame_is_taken_and_not_numbered_while_the_socket_stays() {
     let (wire, outbound, mut inbox) = stateful(2, 1_000);
-    outbound
-        .try_push(&frame("hello"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "hello");
     assert_eq!(wire.written(), b"he");
     let rest = inbox.try_recv().unwrap();
     assert_eq!(rest.bytes(), "llo");
@@ -203,13 +188,9 @@ fn the_rest_of_a_frame_is_taken_and_not_numbered_while_the_socket_stays() {
 fn a_full_ledger_stops_direct_writes_and_takes_until_an_ack_but_not_the_rest_of_a_frame() {
     let (wire, outbound, mut inbox) = stateful(3, 4);
     // Written in part: the ledger (4 bytes at most) is now full with its 5 bytes.
-    outbound
-        .try_push(&frame("hello"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "hello");
     wire.set_room(usize::MAX);
-    outbound
-        .try_push(&frame("world"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "world");
     assert_eq!(wire.written(), b"hel", "queued behind the rest");
     assert_eq!(
         inbox.try_recv().unwrap().bytes(),
@@ -220,9 +201,7 @@ fn a_full_ledger_stops_direct_writes_and_takes_until_an_ack_but_not_the_rest_of_
     inbox.ledger(|l| l.acked(1));
     assert_eq!(inbox.try_recv().unwrap().bytes(), "world");
     inbox.finish_writing();
-    outbound
-        .try_push(&frame("again"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "again");
     assert_eq!(wire.written(), b"hel", "full again: queued, not written");
     assert_eq!(inbox.closing(), None);
 }
@@ -231,9 +210,7 @@ fn a_full_ledger_stops_direct_writes_and_takes_until_an_ack_but_not_the_rest_of_
 fn a_failed_direct_write_queues_the_frame_unnumbered_for_the_task() {
     let (wire, outbound, mut inbox) = stateful(usize::MAX, 1_000);
     wire.state.lock().unwrap().broken = true;
-    outbound
-        .try_push(&frame("a"), WriteMode::DirectIfIdle)
-        .unwrap();
+    push(&outbound, "a");
     assert_eq!(inbox.ledger(|l| l.unacked().count()), Some(0));
     assert_eq!(inbox.try_recv().unwrap().bytes(), "a");
     assert_eq!(
