@@ -598,17 +598,12 @@ impl Connection {
         if settings.direct_writes {
             inbox.attach(socket.wire());
         }
-        // Direct writes wait while the client's records are acted on (see `Inbox::hold`).
-        inbox.hold();
-        for record in pending {
-            let handled = self.on_record(
-                socket, inbox, &record, outbound, joined, &mut rates, session,
-            );
-            if let Err(reason) = Box::pin(handled).await {
-                return Stop::Close(reason);
-            }
+        let handled = self.on_records(
+            socket, inbox, pending, outbound, joined, &mut rates, session,
+        );
+        if let Err(reason) = handled.await {
+            return Stop::Close(reason);
         }
-        inbox.release();
         let timer = tokio::time::sleep_until(next_tick(
             last_sent,
             last_received,
@@ -691,16 +686,10 @@ impl Connection {
                         Ok(records) => records,
                         Err(e) => return Stop::Close(CloseReason::Protocol(e)),
                     };
-                    inbox.hold();
-                    for record in records {
-                        // Boxed: joins and their broker round trip are rare, and an idle
-                        // connection should not carry their state.
-                        let handled = Box::pin(self.on_record(socket, inbox, &record, outbound, joined, &mut rates, session));
-                        if let Err(reason) = handled.await {
-                            return Stop::Close(reason);
-                        }
+                    let handled = self.on_records(socket, inbox, records, outbound, joined, &mut rates, session);
+                    if let Err(reason) = handled.await {
+                        return Stop::Close(reason);
                     }
-                    inbox.release();
                     // A message from the client may now wait for its Ack.
                     if session.stateful.as_ref().is_some_and(|s| s.ack_at.is_some()) {
                         timer.as_mut().reset(next_tick(last_sent, last_received, token_expires, settings, session));
@@ -708,6 +697,34 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Acts on the client's records in order. Direct writes from fan-out wait meanwhile
+    /// ([`Inbox::hold`]), so a stateful connection's ledger records a join before any frame of
+    /// its group.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_records<S>(
+        &self,
+        socket: &mut Socket<S>,
+        inbox: &Inbox,
+        records: Vec<String>,
+        outbound: &Outbound,
+        joined: &mut Vec<Membership>,
+        rates: &mut Option<Box<Rates>>,
+        session: &mut Session<S>,
+    ) -> Result<(), CloseReason>
+    where
+        S: AsyncRead + Unpin,
+    {
+        inbox.hold();
+        for record in records {
+            // Boxed: joins and their broker round trip are rare, and an idle connection should
+            // not carry their state.
+            Box::pin(self.on_record(socket, inbox, &record, outbound, joined, rates, session))
+                .await?;
+        }
+        inbox.release();
+        Ok(())
     }
 
     /// Acts on one record from the client.
@@ -731,11 +748,13 @@ impl Connection {
                 Message::Ack(id) => {
                     inbox.ledger(|l| l.acked(*id));
                 }
-                Message::Sequence(id) => inbox
-                    .ledger(|l| l.client_sequence(*id))
-                    .transpose()
-                    .map_err(|e| CloseReason::Protocol(ProtocolError::Malformed(e.to_string())))?
-                    .unwrap_or(()),
+                Message::Sequence(id) => {
+                    if let Some(Err(e)) = inbox.ledger(|l| l.client_sequence(*id)) {
+                        return Err(CloseReason::Protocol(ProtocolError::Malformed(
+                            e.to_string(),
+                        )));
+                    }
+                }
                 m if m.is_trackable() => {
                     if inbox.ledger(|l| l.received()) == Some(Counted::Repeat) {
                         return Ok(());

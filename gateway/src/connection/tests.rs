@@ -1110,3 +1110,26 @@ async fn an_event_written_directly_in_part_before_the_socket_broke_is_replayed_w
     assert_eq!(client.text().await, "{\"type\":9,\"sequenceId\":4}\u{1e}");
     assert_eq!(completion(&client.text().await)["invocationId"], "2");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sequence_past_what_the_gateway_received_closes_the_stateful_connection() {
+    let registry = Arc::default();
+    let mut h = start_stateful(&registry, "c-6", settings());
+    handshake_and_join_west(&mut h).await;
+    // The client's join was its message 1: a Sequence naming 3 skips message 2.
+    h.client.send("{\"type\":9,\"sequenceId\":3}\u{1e}").await;
+    let text = loop {
+        let text = h.client.text().await;
+        if text.contains("\"type\":7") {
+            break text;
+        }
+    };
+    let record = close_record(&text);
+    assert!(
+        record["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Sequence ID greater")),
+        "{record}"
+    );
+    h.task.await.unwrap();
+}
